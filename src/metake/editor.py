@@ -1,0 +1,263 @@
+"""The editing session: validate, plan (Stage I), solve (Stage II), apply atomically, undo, save.
+
+Everything that persists across sequential ``edit()`` calls of one session lives on the
+:class:`Editor` instance (original weights, context prefixes, statistics); nothing is global, so
+two sessions never share state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from metake.corpus import TextCorpus, load_corpus
+from metake.errors import MetakeError
+from metake.hparams import MemitHparams, memit_hparams
+from metake.models.adapters import get_adapter
+from metake.planners.standard import compute_targets, context_templates
+from metake.requests import EditRequest, parse_requests
+from metake.solvers.memit import apply_memit
+from metake.stats import StatsCache, get_second_moments
+from metake.tokens import encode_request
+
+log = logging.getLogger(__name__)
+
+METHODS = ("memit",)
+DELTA_FILE = "metake_deltas.safetensors"
+EDITS_FILE = "metake_edits.json"
+
+
+@dataclass
+class EditReport:
+    """What one ``edit()`` call did: timings, Stage I log, per-layer update norms."""
+
+    method: str
+    preset: str
+    layers: list[int]
+    num_requests: int
+    seconds: float
+    seconds_stage1: float
+    seconds_stage2: float
+    stage1_steps: int
+    stage1_history: list[dict[str, float]]
+    stage1_target_prob: list[float]  # per request: P(target) with v* in place (Stage I's view)
+    delta_norms: dict[int, float]
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict."""
+        d = asdict(self)
+        d["delta_norms"] = {str(k): v for k, v in self.delta_norms.items()}
+        return d
+
+
+@dataclass
+class EditResult:
+    """The weight changes of one ``edit()`` call (``{module name: Delta [d_out, d_in]}``)."""
+
+    deltas: dict[str, torch.Tensor]
+    report: EditReport
+    requests: list[EditRequest]
+
+
+class Editor:
+    """An editing session over one model: ``Editor(model, tokenizer).edit(requests)``.
+
+    ``method`` is ``"memit"``; hyper-parameters come from the model's preset (or the fallback),
+    then ``hparams`` (a full :class:`MemitHparams`) or keyword ``overrides`` such as
+    ``layers=[4, 5]``, ``v_lr=0.5``. Statistics (C0 per edit layer) are computed once over
+    ``corpus`` (default: the built-in Wikipedia intros) and cached on disk.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        method: str = "memit",
+        *,
+        hparams: MemitHparams | None = None,
+        preset: str | None = None,
+        model_id: str | None = None,
+        corpus: TextCorpus | str | Path | None = None,
+        stats_cache: StatsCache | None = None,
+        use_stats_cache: bool = True,
+        seed: int = 0,
+        progress: bool = True,
+        **overrides: Any,
+    ) -> None:
+        if method not in METHODS:
+            raise MetakeError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.method = method
+        self.adapter = get_adapter(model)
+        if hparams is None:
+            hparams = memit_hparams(model.config, preset, **overrides)
+        elif overrides:
+            hparams = hparams.with_overrides(**overrides)
+        for layer in hparams.layers:
+            self.adapter.mlp_out(model, layer)  # raises for a layer out of range
+        self.hparams = hparams
+        self.model_id = model_id or getattr(model.config, "name_or_path", "") or "model"
+        self._corpus_spec = corpus
+        self.stats_cache = stats_cache
+        self.use_stats_cache = use_stats_cache
+        self.seed = seed
+        self.progress = progress
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self._originals: dict[int, torch.Tensor] = {}
+        self._mom2: dict[int, torch.Tensor] = {}
+        self.stats_tokens: dict[int, int] = {}
+        self._contexts: list[str] | None = None
+        self.history: list[EditRequest] = []
+
+    # ----- lazily computed, once per session -----------------------------------------------
+    @property
+    def contexts(self) -> list[str]:
+        """Context prefixes (computed once from the model as it was at the first edit)."""
+        if self._contexts is None:
+            self._contexts = context_templates(
+                self.model, self.tokenizer, self.hparams.context_count, self.hparams.context_length
+            )
+            log.info("context prefixes: %s", self._contexts)
+        return self._contexts
+
+    def second_moment(self, layer: int) -> torch.Tensor:
+        """C0 = E[k k^T] of layer ``layer`` (``[d_in, d_in]``, float64)."""
+        if layer not in self._mom2:
+            self.load_statistics([layer])
+        return self._mom2[layer]
+
+    def load_statistics(self, layers: Iterable[int] | None = None) -> None:
+        """Load or compute C0 for ``layers`` (default: all edit layers) in one corpus pass."""
+        missing = [l for l in (layers or self.hparams.layers) if l not in self._mom2]
+        if not missing:
+            return
+        if self._originals:
+            raise MetakeError(
+                "statistics must come from the unedited model: call load_statistics() before "
+                "the first edit, or restore() first"
+            )
+        corpus = self._corpus_spec
+        if not isinstance(corpus, TextCorpus):
+            corpus = load_corpus(corpus)
+        hp = self.hparams
+        moments = get_second_moments(
+            self.model,
+            self.tokenizer,
+            missing,
+            corpus,
+            model_id=self.model_id,
+            num_samples=hp.mom2_samples,
+            max_length=hp.mom2_max_length,
+            batch_size=hp.mom2_batch_size,
+            accum_dtype=getattr(torch, hp.mom2_dtype),
+            cache=self.stats_cache,
+            use_cache=self.use_stats_cache,
+            progress=self.progress,
+        )
+        for layer, moment in moments.items():
+            self._mom2[layer] = moment.mom2
+            self.stats_tokens[layer] = moment.num_tokens
+
+    # ----- editing ---------------------------------------------------------------------------
+    def prepare(self, requests: Iterable[Mapping[str, Any] | EditRequest]) -> list[EditRequest]:
+        """Parse and validate requests, including tokenisation; raises before any change."""
+        parsed = parse_requests(requests)
+        for request in parsed:
+            encode_request(self.tokenizer, request)
+            encode_request(self.tokenizer, request, with_target=False,
+                           prompt_template=self.hparams.kl_prompt)  # fmt: skip
+        return parsed
+
+    def edit(self, requests: Iterable[Mapping[str, Any] | EditRequest]) -> EditResult:
+        """Edit all ``requests`` as one batch; the batch applies completely or not at all."""
+        parsed = self.prepare(requests)
+        hp = self.hparams
+        torch.manual_seed(self.seed)
+        start = time.perf_counter()
+        self.load_statistics()
+        contexts = self.contexts
+        plan = compute_targets(self.model, self.tokenizer, parsed, hp, contexts)
+        stage1_done = time.perf_counter()
+        snapshot = {layer: self.adapter.weight(self.model, layer).detach().clone()
+                    for layer in hp.layers}  # fmt: skip
+        try:
+            deltas = apply_memit(self.model, self.tokenizer, parsed, plan.v_target, hp.layers,
+                                 self.second_moment, hp.mom2_update_weight, contexts)  # fmt: skip
+        except BaseException:
+            for layer, weight in snapshot.items():
+                self.adapter.set_weight(self.model, layer, weight)
+            log.error("edit failed; the batch was rolled back")
+            raise
+        end = time.perf_counter()
+        for layer, weight in snapshot.items():
+            self._originals.setdefault(layer, weight)
+        self.history.extend(parsed)
+        report = EditReport(
+            method=self.method,
+            preset=hp.preset,
+            layers=list(hp.layers),
+            num_requests=len(parsed),
+            seconds=end - start,
+            seconds_stage1=stage1_done - start,
+            seconds_stage2=end - stage1_done,
+            stage1_steps=plan.steps_run,
+            stage1_history=plan.history,
+            stage1_target_prob=[float(torch.exp(torch.tensor(-x))) for x in plan.final_nll],
+            delta_norms={layer: float(d.norm()) for layer, d in deltas.items()},
+            hparams=hp.to_dict(),
+        )
+        log.info("edited %d requests in %.1fs", len(parsed), report.seconds)
+        named = {self.adapter.mlp_out_name(layer): d for layer, d in deltas.items()}
+        return EditResult(deltas=named, report=report, requests=parsed)
+
+    # ----- undo and save ---------------------------------------------------------------------
+    def accumulated_deltas(self) -> dict[str, torch.Tensor]:
+        """``{module name: W_now - W_original}`` (``[d_out, d_in]``) over every edit so far."""
+        return {
+            self.adapter.mlp_out_name(layer): (self.adapter.weight(self.model, layer) - orig)
+            .detach()
+            .float()
+            .cpu()
+            .contiguous()
+            for layer, orig in self._originals.items()
+        }
+
+    def restore(self) -> None:
+        """Put the original weights back (bit-identical) and forget the edit history."""
+        for layer, weight in self._originals.items():
+            self.adapter.set_weight(self.model, layer, weight)
+        self._originals.clear()
+        self.history.clear()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the edited model (safetensors), its tokenizer, the deltas and the edit list."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if getattr(self.model, "hf_quantizer", None) is not None:
+            raise MetakeError("a quantised model cannot be saved; load it de-quantised")
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        deltas = self.accumulated_deltas()
+        meta = {"method": self.method, "model_id": self.model_id}
+        save_file(deltas, str(path / DELTA_FILE), metadata=meta)
+        edits = {
+            "method": self.method,
+            "model_id": self.model_id,
+            "hparams": self.hparams.to_dict(),
+            "requests": [r.to_dict() for r in self.history],
+        }
+        (path / EDITS_FILE).write_text(json.dumps(edits, indent=2), encoding="utf-8")
+        return path

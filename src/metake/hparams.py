@@ -1,0 +1,118 @@
+"""Hyper-parameters of an editing method, with per-model presets and a documented fallback."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field, fields, replace
+from importlib.resources import files
+from typing import Any
+
+from transformers import PretrainedConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MemitHparams:
+    """MEMIT's hyper-parameters: Stage I (target optimisation) and Stage II (spread solve)."""
+
+    layers: tuple[int, ...]
+    # Stage I: optimise a residual delta at the last edit layer (MEMIT's compute_z)
+    v_lr: float = 0.5
+    v_steps: int = 25
+    v_loss_threshold: float = 5e-2
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    kl_prompt: str = "{} is a"
+    context_count: int = 5  # deterministic (greedy) context prefixes, plus the empty one
+    context_length: int = 10
+    # Stage II: Delta = R K^T (lambda C0 + K K^T)^-1 per layer
+    mom2_update_weight: float = 15000.0
+    mom2_samples: int = 10033
+    mom2_max_length: int = 256
+    mom2_batch_size: int = 8
+    mom2_dtype: str = "float64"
+    preset: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("hparams: 'layers' must name at least one layer")
+        if sorted(set(self.layers)) != list(self.layers):
+            raise ValueError(f"hparams: 'layers' must be ascending and distinct, got {self.layers}")
+        if self.mom2_dtype not in ("float32", "float64"):
+            raise ValueError("hparams: 'mom2_dtype' must be 'float32' or 'float64'")
+        positive = ("v_lr", "mom2_update_weight", "mom2_samples", "mom2_max_length")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"hparams: {name!r} must be positive")
+        if self.v_steps < 0:
+            raise ValueError("hparams: 'v_steps' must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form (lists instead of tuples), for reports and JSON."""
+        d = asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    def with_overrides(self, **overrides: Any) -> MemitHparams:
+        """A copy with some fields replaced; unknown names raise ``ValueError``."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown hyper-parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        if "layers" in overrides:
+            overrides["layers"] = tuple(int(x) for x in overrides["layers"])
+        return replace(self, **overrides)
+
+
+def _load_presets() -> dict[str, dict[str, Any]]:
+    text = files("metake").joinpath("presets/memit.json").read_text(encoding="utf-8")
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped MEMIT presets."""
+    return sorted(_load_presets())
+
+
+def find_preset(config: PretrainedConfig) -> str | None:
+    """Name of the preset whose ``match`` fields all equal the config's, or ``None``."""
+    for name, preset in _load_presets().items():
+        if all(getattr(config, k, None) == v for k, v in preset["match"].items()):
+            return name
+    return None
+
+
+def fallback_layers(num_layers: int) -> tuple[int, ...]:
+    """Early-middle MLP layers (15-30% of depth, at most 5) for a model without a preset."""
+    first = max(1, round(0.15 * num_layers))
+    last = max(first, min(first + 4, round(0.30 * num_layers)))
+    return tuple(range(first, last + 1))
+
+
+def memit_hparams(config: PretrainedConfig, preset: str | None = None, **overrides: Any):
+    """MEMIT hyper-parameters for a model: a named or matching preset, else the fallback."""
+    presets = _load_presets()
+    if preset is None:
+        preset = find_preset(config)
+    if preset is not None:
+        if preset not in presets:
+            raise ValueError(f"unknown preset {preset!r}; known: {', '.join(sorted(presets))}")
+        values = {k: v for k, v in presets[preset].items() if k != "match"}
+        values["layers"] = tuple(values["layers"])
+        base = MemitHparams(**values, preset=preset)
+    else:
+        num_layers = int(config.num_hidden_layers)
+        base = MemitHparams(layers=fallback_layers(num_layers), preset="fallback")
+        log.warning(
+            "no MEMIT preset for %s (%d layers): using the fallback (layers %s, MEMIT's defaults); "
+            "check edits on this model before trusting them",
+            config.model_type,
+            num_layers,
+            list(base.layers),
+        )
+    return base.with_overrides(**overrides) if overrides else base

@@ -1,0 +1,158 @@
+"""Architecture adapters: where each model family keeps the modules that editing touches.
+
+One table, keyed by ``config.model_type``. An adapter knows, for layer ``i``:
+
+* the decoder layer module (its output is the residual stream after layer ``i``),
+* the MLP output projection (its *input* is the key ``k``, its weight ``W`` maps keys to values),
+* the weight of that projection in ``[out, in]`` orientation (GPT-2's ``Conv1D`` stores it
+  transposed as ``[in, out]``; the adapter hides that),
+* the final norm and the unembedding.
+
+Nothing here matches on module-name substrings: every path is written down per model type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from metake.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class ArchAdapter:
+    """Module paths and weight orientation of one model family."""
+
+    model_type: str
+    layers_path: str  # the ModuleList of decoder layers, e.g. "model.layers"
+    mlp_out_path: str  # relative to one decoder layer, e.g. "mlp.down_proj"
+    final_norm_path: str  # e.g. "model.norm"
+    weight_is_transposed: bool = False  # True for GPT-2's Conv1D ([in, out] storage)
+    note: str = ""
+
+    # ----- module lookup -------------------------------------------------------------------
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The model's list of decoder layers."""
+        return model.get_submodule(self.layers_path)
+
+    def num_layers(self, model: nn.Module) -> int:
+        """Number of decoder layers."""
+        return len(self.layers(model))
+
+    def layer_name(self, layer: int) -> str:
+        """Full module name of decoder layer ``layer`` (its output is the residual stream)."""
+        return f"{self.layers_path}.{layer}"
+
+    def mlp_out_name(self, layer: int) -> str:
+        """Full module name of the MLP output projection of layer ``layer``."""
+        return f"{self.layers_path}.{layer}.{self.mlp_out_path}"
+
+    def layer_module(self, model: nn.Module, layer: int) -> nn.Module:
+        """Decoder layer ``layer``."""
+        self._check_layer(model, layer)
+        return model.get_submodule(self.layer_name(layer))
+
+    def mlp_out(self, model: nn.Module, layer: int) -> nn.Module:
+        """The MLP output projection module of layer ``layer``."""
+        self._check_layer(model, layer)
+        return model.get_submodule(self.mlp_out_name(layer))
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """The norm applied to the last hidden state before the unembedding."""
+        return model.get_submodule(self.final_norm_path)
+
+    def unembed(self, model: nn.Module) -> nn.Module:
+        """The unembedding (LM head) module."""
+        head = model.get_output_embeddings()
+        if head is None:
+            raise UnsupportedModelError(f"{type(model).__name__} has no output embeddings")
+        return head
+
+    # ----- weights ---------------------------------------------------------------------------
+    def weight(self, model: nn.Module, layer: int) -> torch.Tensor:
+        """Weight of the MLP output projection as ``[d_out, d_in]`` (a view, not a copy)."""
+        w = self.mlp_out(model, layer).weight
+        return w.T if self.weight_is_transposed else w
+
+    def add_to_weight(self, model: nn.Module, layer: int, delta: torch.Tensor) -> None:
+        """In place: ``W[out, in] += delta[out, in]`` (cast to the weight's dtype and device)."""
+        self._check_shape(model, layer, delta)
+        param = self.mlp_out(model, layer).weight
+        d = delta.T if self.weight_is_transposed else delta
+        with torch.no_grad():
+            param.add_(d.to(device=param.device, dtype=param.dtype))
+
+    def set_weight(self, model: nn.Module, layer: int, value: torch.Tensor) -> None:
+        """In place: set the stored weight of layer ``layer`` to ``value`` given as ``[out, in]``."""
+        self._check_shape(model, layer, value)
+        param = self.mlp_out(model, layer).weight
+        v = value.T if self.weight_is_transposed else value
+        with torch.no_grad():
+            param.copy_(v.to(device=param.device, dtype=param.dtype))
+
+    def logits(self, model: nn.Module, normed_hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``[..., vocab]`` from hidden states ``[..., d]`` that already passed the final norm."""
+        logits = self.unembed(model)(normed_hidden)
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _check_shape(self, model: nn.Module, layer: int, value: torch.Tensor) -> None:
+        expected = tuple(self.weight(model, layer).shape)
+        if tuple(value.shape) != expected:
+            raise ValueError(
+                f"shape {tuple(value.shape)} does not fit layer {layer}'s weight {expected} "
+                "([d_out, d_in])"
+            )
+
+    def _check_layer(self, model: nn.Module, layer: int) -> None:
+        n = self.num_layers(model)
+        if not 0 <= layer < n:
+            raise ValueError(f"layer {layer} out of range: this model has layers 0..{n - 1}")
+
+
+_LLAMA_LIKE = dict(layers_path="model.layers", mlp_out_path="mlp.down_proj",
+                   final_norm_path="model.norm")  # fmt: skip
+
+ADAPTERS: dict[str, ArchAdapter] = {
+    a.model_type: a
+    for a in [
+        ArchAdapter("gpt2", "transformer.h", "mlp.c_proj", "transformer.ln_f", True),
+        ArchAdapter("gptj", "transformer.h", "mlp.fc_out", "transformer.ln_f"),
+        ArchAdapter(
+            "gpt_neox", "gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm"
+        ),
+        ArchAdapter("llama", **_LLAMA_LIKE),
+        ArchAdapter("mistral", **_LLAMA_LIKE),
+        ArchAdapter("qwen2", **_LLAMA_LIKE),
+        ArchAdapter("qwen3", **_LLAMA_LIKE),
+        ArchAdapter(
+            "gemma3_text",
+            **_LLAMA_LIKE,
+            note="Gemma3 normalises the MLP output (post_feedforward_layernorm) before the "
+            "residual add, so a change of the projection's output reaches the residual stream "
+            "through that norm; MEMIT's layer-by-layer recomputation of the residual absorbs it.",
+        ),
+        ArchAdapter(
+            "gemma3",
+            layers_path="model.language_model.layers",
+            mlp_out_path="mlp.down_proj",
+            final_norm_path="model.language_model.norm",
+            note="Gemma3 multimodal wrapper; the text decoder is edited.",
+        ),
+    ]
+}
+
+
+def get_adapter(model: nn.Module) -> ArchAdapter:
+    """The adapter for ``model``, chosen by ``model.config.model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS:
+        raise UnsupportedModelError(
+            f"unsupported model type {model_type!r}; supported: {', '.join(sorted(ADAPTERS))}. "
+            "Add an ArchAdapter entry in metake/models/adapters.py for a new family."
+        )
+    return ADAPTERS[model_type]

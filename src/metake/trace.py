@@ -1,0 +1,110 @@
+"""Activation tracing: read a module's input/output, or add a vector to its output.
+
+Both are context managers over ``register_forward_hook`` and always remove their hooks, also
+when the forward raises. Decoder layers of transformers 5 return a tensor, older versions a tuple
+whose first element is the hidden state: :func:`main_tensor` handles both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass early (everything needed was captured)."""
+
+
+def main_tensor(output: object) -> torch.Tensor:
+    """The hidden-state tensor of a module output (tensor, or first element of a tuple)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find a hidden-state tensor in a module output of type {type(output)}")
+
+
+def _replace_main_tensor(output: object, new: torch.Tensor) -> object:
+    if isinstance(output, torch.Tensor):
+        return new
+    return (new, *output[1:]) if isinstance(output, tuple) else [new, *output[1:]]
+
+
+@dataclass
+class Trace:
+    """What :func:`capture` recorded: ``inputs[name]``, ``outputs[name]`` (``[batch, seq, d]``)."""
+
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@contextmanager
+def capture(
+    model: nn.Module,
+    names: Sequence[str],
+    *,
+    inputs: bool = True,
+    outputs: bool = True,
+    detach: bool = True,
+    stop_after: str | None = None,
+) -> Iterator[Trace]:
+    """Record the first positional input and/or main output of each named module.
+
+    With ``stop_after`` set to a module name, the forward ends right after that module runs
+    (a :class:`StopForward` raised by its hook is swallowed by this context manager), which saves
+    the layers above it when only lower activations are needed.
+    """
+    trace = Trace()
+    handles = []
+
+    def make_hook(name: str):
+        def hook(_module, args, output):
+            if inputs:
+                x = args[0]
+                trace.inputs[name] = x.detach() if detach else x
+            if outputs:
+                y = main_tensor(output)
+                trace.outputs[name] = y.detach() if detach else y
+            if name == stop_after:
+                raise StopForward
+
+        return hook
+
+    wanted = list(names) + ([stop_after] if stop_after and stop_after not in names else [])
+    try:
+        for name in wanted:
+            handles.append(model.get_submodule(name).register_forward_hook(make_hook(name)))
+        try:
+            yield trace
+        except StopForward:
+            pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def add_at_positions(
+    module: nn.Module, rows: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor
+) -> Iterator[None]:
+    """Add ``vectors[j]`` (``[n, d]``) to the module's output at ``(rows[j], positions[j])``.
+
+    ``rows`` and ``positions`` are ``[n]`` integer tensors indexing batch row and sequence
+    position. Gradients flow into ``vectors`` (the addition is out of place).
+    """
+
+    def hook(_module, _args, output):
+        hidden = main_tensor(output)
+        index = (rows.to(hidden.device), positions.to(hidden.device))
+        patched = hidden.index_put(index, vectors.to(hidden.dtype), accumulate=True)
+        return _replace_main_tensor(output, patched)
+
+    handle = module.register_forward_hook(hook, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
