@@ -141,7 +141,7 @@ class Editor:
 
     def load_statistics(self, layers: Iterable[int] | None = None) -> None:
         """Load or compute C0 for ``layers`` (default: all edit layers) in one corpus pass."""
-        missing = [l for l in (layers or self.hparams.layers) if l not in self._mom2]
+        missing = [i for i in (layers or self.hparams.layers) if i not in self._mom2]
         if not missing:
             return
         if self._originals:

@@ -62,7 +62,8 @@ class MemitHparams:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(
-                f"unknown hyper-parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+                f"unknown hyper-parameter(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
             )
         if "layers" in overrides:
             overrides["layers"] = tuple(int(x) for x in overrides["layers"])

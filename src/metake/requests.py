@@ -42,7 +42,7 @@ _ZSRE_KEYS = {"subject", "src", "rephrase", "answers", "alt", "loc", "loc_ans", 
 
 @dataclass(frozen=True)
 class EditRequest:
-    """One fact to write: ``prompt`` (a template with one ``{}`` for the subject) → ``target_new``."""
+    """One fact to write: ``prompt`` (template, one ``{}`` for the subject) → ``target_new``."""
 
     prompt: str
     subject: str

@@ -8,7 +8,7 @@ whose first element is the hidden state: :func:`main_tensor` handles both.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 import torch
@@ -78,10 +78,8 @@ def capture(
     try:
         for name in wanted:
             handles.append(model.get_submodule(name).register_forward_hook(make_hook(name)))
-        try:
+        with suppress(StopForward):
             yield trace
-        except StopForward:
-            pass
     finally:
         for h in handles:
             h.remove()

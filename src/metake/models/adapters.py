@@ -85,7 +85,7 @@ class ArchAdapter:
             param.add_(d.to(device=param.device, dtype=param.dtype))
 
     def set_weight(self, model: nn.Module, layer: int, value: torch.Tensor) -> None:
-        """In place: set the stored weight of layer ``layer`` to ``value`` given as ``[out, in]``."""
+        """In place: set layer ``layer``'s stored weight to ``value`` given as ``[out, in]``."""
         self._check_shape(model, layer, value)
         param = self.mlp_out(model, layer).weight
         v = value.T if self.weight_is_transposed else value
@@ -93,7 +93,7 @@ class ArchAdapter:
             param.copy_(v.to(device=param.device, dtype=param.dtype))
 
     def logits(self, model: nn.Module, normed_hidden: torch.Tensor) -> torch.Tensor:
-        """Logits ``[..., vocab]`` from hidden states ``[..., d]`` that already passed the final norm."""
+        """Logits ``[..., vocab]`` from final-normed hidden states ``[..., d]``."""
         logits = self.unembed(model)(normed_hidden)
         cap = getattr(model.config, "final_logit_softcapping", None)
         if cap:

@@ -192,7 +192,7 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load ``(model, tokenizer)``: a built-in name, a local HF folder, a ``.gguf`` file or a hub id.
+    """Load ``(model, tokenizer)``: built-in name, local HF folder, ``.gguf`` file or hub id.
 
     The model is in eval mode with ``requires_grad`` off for every parameter; the tokenizer has a
     pad token (the EOS token where it had none).
