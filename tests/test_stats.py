@@ -5,13 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import string
 
 import pytest
 import torch
-from tiny_models import MODEL_TYPES, tiny_model
-from tokenizers import Tokenizer, models
-from transformers import PreTrainedTokenizerFast
+from tiny_models import MODEL_TYPES, tiny_model, tiny_tokenizer
 
 from metake.corpus import TextCorpus, load_corpus
 from metake.errors import CorpusError
@@ -40,21 +37,9 @@ MAX_LEN = 24
 
 
 # ----- fixtures ------------------------------------------------------------------------------
-def _char_tokenizer(with_pad: bool) -> PreTrainedTokenizerFast:
-    """A character-level tokenizer (ids < 100) built offline; GPT-2-like: no pad token."""
-    vocab = {"[UNK]": 0, "[PAD]": 1, "[EOS]": 2}
-    for c in sorted(set(string.printable) - set("\x0b\x0c\r")):
-        vocab[c] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
-    extra = {"pad_token": "[PAD]"} if with_pad else {}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", **extra
-    )
-
-
 @pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    return _char_tokenizer(with_pad=False)
+def tokenizer():
+    return tiny_tokenizer(with_pad=False)
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +167,7 @@ def test_float32_accumulation_close_to_float64(llama, tokenizer, corpus):
 @pytest.mark.parametrize("model_name", ["gpt2", "llama"])
 def test_padding_excluded(model_name, with_pad, request, corpus):
     model = request.getfixturevalue(model_name)
-    tok = _char_tokenizer(with_pad)
+    tok = tiny_tokenizer(with_pad)
     before = (tok.pad_token, tok.pad_token_id, tok.padding_side)
     kw = dict(num_samples=100, max_length=MAX_LEN, progress=False)
     one = compute_second_moments(model, tok, [0, 1], corpus, batch_size=1, **kw)

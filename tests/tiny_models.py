@@ -7,7 +7,10 @@ Nothing is downloaded: every model is built from a config with ``from_config``.
 
 from __future__ import annotations
 
+import string
+
 import torch
+from tokenizers import Tokenizer, models
 from transformers import (
     AutoModelForCausalLM,
     Gemma3Config,
@@ -20,6 +23,7 @@ from transformers import (
     MistralConfig,
     PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     SiglipVisionConfig,
 )
@@ -117,3 +121,15 @@ def hidden_and_intermediate(model: PreTrainedModel) -> tuple[int, int]:
     hidden = cfg.hidden_size
     inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None)
     return hidden, inter or 4 * hidden
+
+
+def tiny_tokenizer(with_pad: bool = True) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer (ids < 100) built offline; GPT-2-like: no pad token."""
+    vocab = {"[UNK]": 0, "[PAD]": 1, "[EOS]": 2}
+    for c in sorted(set(string.printable) - set("\x0b\x0c\r")):
+        vocab[c] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    extra = {"pad_token": "[PAD]"} if with_pad else {}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]", **extra
+    )

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from metake.corpus import TextCorpus
 from metake.errors import CorpusError
 from metake.models.adapters import get_adapter
+from metake.tokens import right_pad
 from metake.trace import capture
 
 log = logging.getLogger("metake.stats")
@@ -91,12 +92,12 @@ def compute_second_moments(
     try:
         with torch.no_grad():
             texts = itertools.islice(corpus.iter_texts(), num_samples)
-            for batch in _batches(texts, batch_size):
-                input_ids, mask = _encode(tokenizer, batch, max_length, pad_id)
-                num_texts += len(batch)
-                bar.update(len(batch))
-                if input_ids is None:
+            for consumed, rows in _token_batches(tokenizer, texts, batch_size, max_length):
+                num_texts += consumed
+                bar.update(consumed)
+                if not rows:
                     continue
+                input_ids, mask = right_pad(rows, pad_id)  # real tokens at 0..n-1 in every row
                 input_ids, mask = input_ids.to(device), mask.to(device)
                 with capture(
                     model, list(names.values()), inputs=True, outputs=False, stop_after=stop_after
@@ -189,31 +190,24 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-def _batches(texts: Iterator[str], size: int) -> Iterator[list[str]]:
-    while batch := list(itertools.islice(texts, size)):
-        yield batch
+_SORT_WINDOW = 16  # batches whose texts are sorted by length together (less padding)
 
 
-def _encode(
-    tokenizer, texts: list[str], max_length: int, pad_id: int
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Tokenise without padding, then right-pad here: ``([b, t] ids, [b, t] mask)``.
+def _token_batches(
+    tokenizer, texts: Iterator[str], batch_size: int, max_length: int
+) -> Iterator[tuple[int, list[list[int]]]]:
+    """``(number of texts consumed, token rows)`` per batch; rows of similar length together.
 
-    Padding by hand leaves the caller's tokenizer untouched (no pad token is set on it) and keeps
-    real tokens at positions ``0..n-1`` whatever the tokenizer's ``padding_side``.
+    Texts are tokenised a window of ``_SORT_WINDOW`` batches at a time and sorted by length
+    inside the window, which cuts padding (and forward time) without changing the statistics:
+    they are a sum over tokens, and each text is still its own row. Empty rows are dropped.
     """
-    enc = tokenizer(texts, truncation=True, max_length=max_length)
-    rows = [list(ids)[:max_length] for ids in enc["input_ids"]]
-    rows = [r for r in rows if r]
-    if not rows:
-        return None, None
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
+    while window := list(itertools.islice(texts, batch_size * _SORT_WINDOW)):
+        enc = tokenizer(window, truncation=True, max_length=max_length)
+        rows = sorted((list(ids)[:max_length] for ids in enc["input_ids"]), key=len)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            yield len(chunk), [r for r in chunk if r]
 
 
 # ----- fingerprints and cache ----------------------------------------------------------------

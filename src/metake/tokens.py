@@ -29,6 +29,22 @@ def special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return []
 
 
+def document_start(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Tokens that open a document: the tokenizer's own prefix, else its end-of-text token.
+
+    Tokenizers without a BOS (GPT-2 style, SmolLM2) were trained on documents separated by an
+    end-of-text token; generating from a bare one-word prompt without it can give degenerate
+    text ("The-the-world-is-a-world" on SmolLM2), with it the continuation is ordinary prose.
+    """
+    prefix = special_prefix(tokenizer)
+    if prefix:
+        return prefix
+    vocab = tokenizer.get_vocab()
+    if "<|endoftext|>" in vocab:
+        return [vocab["<|endoftext|>"]]
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
 def _plain_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -123,15 +139,22 @@ class PromptBatch:
         return PromptBatch(*(t.to(device) for t in vars(self).values()))
 
 
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token rows: ``(input_ids [B, S], attention_mask [B, S])``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
 def pad_batch(encoded: Sequence[EncodedPrompt], pad_id: int) -> PromptBatch:
     """Right-pad encoded prompts into one :class:`PromptBatch`."""
-    width = max(len(e.input_ids) for e in encoded)
-    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    ids, mask = right_pad([e.input_ids for e in encoded], pad_id)
     rows, positions, targets = [], [], []
     for row, e in enumerate(encoded):
-        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        mask[row, : len(e.input_ids)] = 1
         rows += [row] * len(e.target_ids)
         positions += e.target_positions
         targets += e.target_ids

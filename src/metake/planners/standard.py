@@ -28,7 +28,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from metake.hparams import MemitHparams
 from metake.models.adapters import ArchAdapter, get_adapter
 from metake.requests import EditRequest
-from metake.tokens import PromptBatch, encode_request, pad_batch
+from metake.tokens import PromptBatch, document_start, encode_request, pad_batch
 from metake.trace import add_at_positions, capture
 
 log = logging.getLogger(__name__)
@@ -43,19 +43,22 @@ def context_templates(
     """Context prefixes: ``""`` plus ``count`` greedy continuations of MEMIT's seed words.
 
     Greedy decoding (one prompt at a time, so no padding is involved) makes them deterministic;
-    each prefix ends with ". " and is prepended to the filled prompt.
+    generation starts from a document-start token (see :func:`metake.tokens.document_start`).
+    Each prefix ends with ". " and is prepended to the filled prompt.
     """
     device = next(model.parameters()).device
+    start = document_start(tokenizer)
     prefixes = [""]
     for word in CONTEXT_SEEDS[:count]:
-        ids = tokenizer(word, return_tensors="pt").to(device)
+        ids = torch.tensor([start + tokenizer(word, add_special_tokens=False)["input_ids"]])
         out = model.generate(
-            **ids,
+            input_ids=ids.to(device),
+            attention_mask=torch.ones_like(ids).to(device),
             max_new_tokens=length,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
         )
-        text = tokenizer.decode(out[0], skip_special_tokens=True)
+        text = tokenizer.decode(out[0, len(start) :], skip_special_tokens=True)
         text = re.sub(r"\s+", " ", text.replace("{", " ").replace("}", " ")).strip()
         prefixes.append(f"{text}. ")
     return prefixes
