@@ -1,0 +1,189 @@
+"""The editing session on tiny models: restore, determinism, atomicity, validation, saving."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+import metake.solvers.memit as memit_module
+from metake import Editor, InvalidRequestError, MetakeError
+from metake.corpus import TextCorpus
+from metake.editor import DELTA_FILE, EDITS_FILE
+from metake.stats import StatsCache
+
+TEXTS = [
+    "The river runs through the old town and meets the sea.",
+    "A small library opened near the station last spring.",
+    "Music and painting were taught at the village school.",
+    "The bridge was rebuilt after the flood of that year.",
+] * 5
+
+REQUESTS = [
+    {"prompt": "{} lives in", "subject": "Anna Berg", "target_new": "Oslo"},
+    {"prompt": "The home of {} is", "subject": "Carl Dunn", "target_new": "Lima"},
+]
+
+
+def _editor(model, tmp_path, **overrides) -> Editor:
+    settings = dict(
+        layers=[0, 1],
+        v_steps=4,
+        mom2_samples=20,
+        mom2_update_weight=10.0,
+        context_count=2,
+        context_length=3,
+    )
+    settings.update(overrides)
+    return Editor(
+        model,
+        tiny_tokenizer(),
+        corpus=TextCorpus.from_texts(TEXTS, name="editor test texts"),
+        stats_cache=StatsCache(tmp_path / "stats"),
+        progress=False,
+        **settings,
+    )
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(model, state) -> None:
+    now = model.state_dict()
+    assert set(now) == set(state)
+    for name, value in state.items():
+        assert torch.equal(now[name], value), name
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_edit_then_restore_is_bit_identical(model_type, tmp_path):
+    model = tiny_model(model_type)
+    original = _state(model)
+    editor = _editor(model, tmp_path)
+    result = editor.edit(REQUESTS)
+    adapter = editor.adapter
+    assert set(result.deltas) == {adapter.mlp_out_name(0), adapter.mlp_out_name(1)}
+    assert all(d.abs().max() > 0 for d in result.deltas.values())
+    # the returned deltas are exactly what changed (up to float32 rounding of the addition)
+    for layer in (0, 1):
+        stored = original[adapter.mlp_out_name(layer) + ".weight"]
+        before = stored.T if adapter.weight_is_transposed else stored
+        change = adapter.weight(model, layer) - before
+        torch.testing.assert_close(change, result.deltas[adapter.mlp_out_name(layer)])
+    assert result.report.num_requests == 2 and result.report.stage1_history
+    editor.restore()
+    _assert_same_state(model, original)
+
+
+def test_same_seed_gives_identical_deltas(tmp_path):
+    base = tiny_model("llama")
+    first = _editor(copy.deepcopy(base), tmp_path, seed=3).edit(REQUESTS)
+    second = _editor(copy.deepcopy(base), tmp_path, seed=3).edit(REQUESTS)
+    for name, delta in first.deltas.items():
+        assert torch.equal(delta, second.deltas[name]), name
+    assert first.report.stage1_history == second.report.stage1_history
+
+
+def test_sequential_edits_accumulate_and_restore(tmp_path):
+    model = tiny_model("llama")
+    original = _state(model)
+    editor = _editor(model, tmp_path)
+    one = editor.edit(REQUESTS[:1])
+    two = editor.edit(REQUESTS[1:])
+    total = editor.accumulated_deltas()
+    for name, delta in total.items():
+        torch.testing.assert_close(delta, one.deltas[name] + two.deltas[name], atol=1e-5, rtol=0)
+    assert len(editor.history) == 2
+    editor.restore()
+    _assert_same_state(model, original)
+    assert editor.history == []
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"prompt": "lives in", "subject": "Anna Berg", "target_new": "Oslo"}, "placeholder"),
+        ({"prompt": "{} lives in", "subject": "  ", "target_new": "Oslo"}, "subject"),
+        ({"prompt": "{} lives in", "subject": "Anna Berg", "target_new": ""}, "target_new"),
+        ({"prompt": "{} lives", "subject": "A", "target_new": "B", "colour": 1}, "colour"),
+        ({"src": "Where does Anna live?", "subject": "Bob", "answers": ["Oslo"]}, "subject"),
+    ],
+)
+def test_bad_requests_fail_before_any_change(bad, message, tmp_path):
+    model = tiny_model("llama")
+    original = _state(model)
+    editor = _editor(model, tmp_path)
+    with pytest.raises(InvalidRequestError, match=message):
+        editor.edit([REQUESTS[0], bad])
+    _assert_same_state(model, original)
+    assert editor.history == []
+
+
+def test_failing_solve_rolls_the_batch_back(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    editor = _editor(model, tmp_path)
+    editor.edit(REQUESTS[:1])
+    after_first = _state(model)
+    real = memit_module.memit_delta
+    calls = []
+
+    def fail_on_second_layer(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure in the second layer's solve")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(memit_module, "memit_delta", fail_on_second_layer)
+    with pytest.raises(RuntimeError, match="simulated"):
+        editor.edit(REQUESTS[1:])
+    assert len(calls) == 2  # the first layer had been changed before the failure
+    _assert_same_state(model, after_first)
+    assert len(editor.history) == 1
+
+
+def test_save_writes_model_deltas_and_edits(tmp_path):
+    model = tiny_model("llama")
+    editor = _editor(model, tmp_path)
+    editor.edit(REQUESTS)
+    out = editor.save(tmp_path / "edited")
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    for name, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], value), name
+    deltas = load_file(str(out / DELTA_FILE))
+    for name, delta in editor.accumulated_deltas().items():
+        assert torch.equal(deltas[name], delta)
+    edits = json.loads((out / EDITS_FILE).read_text())
+    assert [r["subject"] for r in edits["requests"]] == ["Anna Berg", "Carl Dunn"]
+    assert edits["hparams"]["layers"] == [0, 1]
+
+
+def test_statistics_come_from_the_unedited_model(tmp_path):
+    model = tiny_model("llama")
+    editor = _editor(model, tmp_path, layers=[1])
+    editor.edit(REQUESTS[:1])
+    with pytest.raises(MetakeError, match="unedited"):
+        editor.load_statistics([0])
+
+
+def test_unknown_method_and_bad_layers_are_clear_errors(tmp_path):
+    model = tiny_model("llama")
+    with pytest.raises(MetakeError, match="unknown method"):
+        Editor(model, tiny_tokenizer(), method="magic")
+    with pytest.raises(ValueError, match="out of range"):
+        _editor(model, tmp_path, layers=[7])
+    with pytest.raises(ValueError, match="unknown hyper-parameter"):
+        _editor(model, tmp_path, learning_rate=0.1)
+
+
+def test_sessions_do_not_share_state(tmp_path):
+    base = tiny_model("llama")
+    a = _editor(copy.deepcopy(base), tmp_path)
+    b = _editor(copy.deepcopy(base), tmp_path)
+    a.edit(REQUESTS[:1])
+    assert b.history == [] and b.accumulated_deltas() == {}

@@ -1,0 +1,84 @@
+"""MEMIT's Stage II: the closed form against independent solves, and the layer loop on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_model, tiny_tokenizer
+
+from metake.models.adapters import get_adapter
+from metake.requests import EditRequest
+from metake.solvers.memit import apply_memit, keys_and_values, memit_delta
+
+
+def _random_problem(n=5, d_in=12, d_out=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+    resid = torch.randn(n, d_out, generator=g, dtype=torch.float64)
+    a = torch.randn(d_in, 3 * d_in, generator=g, dtype=torch.float64)
+    mom2 = a @ a.T / a.shape[1]  # a positive-definite second moment
+    return keys, resid, mom2
+
+
+@pytest.mark.parametrize("lam", [1e-3, 1.0, 1e4])
+def test_memit_delta_equals_least_squares(lam):
+    """Delta minimises ||Delta K^T - R^T||^2 + lam * tr(Delta C0 Delta^T): an augmented lstsq."""
+    keys, resid, mom2 = _random_problem()
+    chol = torch.linalg.cholesky(mom2)  # C0 = L L^T
+    design = torch.cat([keys, lam**0.5 * chol.T])  # [n + d_in, d_in]
+    rhs = torch.cat([resid, torch.zeros(chol.shape[0], resid.shape[1], dtype=torch.float64)])
+    expected = torch.linalg.lstsq(design, rhs).solution.T  # [d_out, d_in]
+    got = memit_delta(keys, resid, mom2, lam)
+    assert got.dtype == torch.float64 and got.shape == (resid.shape[1], keys.shape[1])
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-10)
+
+
+def test_memit_delta_satisfies_normal_equations():
+    keys, resid, mom2 = _random_problem(n=7, d_in=20, d_out=6, seed=1)
+    lam = 15.0
+    delta = memit_delta(keys.float(), resid.float(), mom2, lam)
+    lhs = delta @ (lam * mom2 + keys.T @ keys)
+    torch.testing.assert_close(lhs, resid.T @ keys, rtol=1e-6, atol=1e-6)
+
+
+def test_memit_delta_small_lambda_hits_the_residuals():
+    keys, resid, mom2 = _random_problem(n=4, d_in=16, d_out=8, seed=2)
+    delta = memit_delta(keys, resid, mom2, 1e-9)
+    torch.testing.assert_close(keys @ delta.T, resid, rtol=1e-5, atol=1e-5)
+
+
+REQUESTS = [
+    EditRequest("{} lives in", "Anna Berg", "Oslo"),
+    EditRequest("The home of {} is", "Carl Dunn", "Lima"),
+]
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gpt_neox"])
+@pytest.mark.parametrize("layers", [(1,), (0, 1)])
+def test_apply_memit_reaches_the_targets(model_type, layers):
+    """With a tiny lambda and no context prefixes, the last layer's values become the targets."""
+    torch.manual_seed(0)
+    model, tok = tiny_model(model_type), tiny_tokenizer()
+    contexts = [""]
+    last = layers[-1]
+    _, values = keys_and_values(model, tok, REQUESTS, contexts, last, last)
+    targets = values + 0.5 * torch.randn_like(values)
+    d_in = get_adapter(model).weight(model, 0).shape[1]
+    identity = torch.eye(d_in, dtype=torch.float64)
+    deltas = apply_memit(
+        model, tok, REQUESTS, targets, layers, lambda _layer: identity, 1e-8, contexts
+    )
+    assert sorted(deltas) == list(layers)
+    _, after = keys_and_values(model, tok, REQUESTS, contexts, last, last)
+    torch.testing.assert_close(after, targets, rtol=1e-3, atol=1e-3)
+
+
+def test_apply_memit_changes_only_the_edit_layers():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    contexts = ["", "Some context. "]
+    _, values = keys_and_values(model, tok, REQUESTS, contexts, 1, 1)
+    d_in = get_adapter(model).weight(model, 0).shape[1]
+    apply_memit(model, tok, REQUESTS, values + 1.0, [1], lambda _l: torch.eye(d_in), 1.0, contexts)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed == ["model.layers.1.mlp.down_proj.weight"]
