@@ -1,4 +1,4 @@
-"""MEMIT's Stage II: the closed form against independent solves, and the layer loop on tiny models."""
+"""MEMIT Stage II: the closed form against independent solves; the layer loop on tiny models."""
 
 from __future__ import annotations
 
