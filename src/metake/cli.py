@@ -248,8 +248,9 @@ def _print_edit(out: dict[str, Any], report) -> None:
     print(
         f"{hits}/{len(out['requests'])} completions now start with their target. "
         f"Edited {report.num_requests} request(s) with {report.method} at layers {report.layers} "
-        f"in {out['seconds']:.1f} s (stage I {report.seconds_stage1:.1f} s, stage II "
-        f"{report.seconds_stage2:.1f} s); peak memory {out['peak_memory_mb']:.0f} MiB"
+        f"in {out['seconds']:.1f} s (statistics {report.seconds_statistics:.1f} s, stage I "
+        f"{report.seconds_stage1:.1f} s, stage II {report.seconds_stage2:.1f} s); "
+        f"peak memory {out['peak_memory_mb']:.0f} MiB"
     )
     if "saved_to" in out:
         print(f"saved the edited model to {out['saved_to']}")

@@ -45,7 +45,8 @@ class EditReport:
     preset: str
     layers: list[int]
     num_requests: int
-    seconds: float
+    seconds: float  # Stage I + Stage II (statistics and context prefixes not included)
+    seconds_statistics: float  # loading/computing C0 and the context prefixes (first edit)
     seconds_stage1: float
     seconds_stage2: float
     stage1_steps: int
@@ -186,9 +187,10 @@ class Editor:
         parsed = self.prepare(requests)
         hp = self.hparams
         torch.manual_seed(self.seed)
-        start = time.perf_counter()
+        stats_start = time.perf_counter()
         self.load_statistics()
         contexts = self.contexts
+        start = time.perf_counter()
         plan = compute_targets(self.model, self.tokenizer, parsed, hp, contexts)
         stage1_done = time.perf_counter()
         snapshot = {layer: self.adapter.weight(self.model, layer).detach().clone()
@@ -211,6 +213,7 @@ class Editor:
             layers=list(hp.layers),
             num_requests=len(parsed),
             seconds=end - start,
+            seconds_statistics=start - stats_start,
             seconds_stage1=stage1_done - start,
             seconds_stage2=end - stage1_done,
             stage1_steps=plan.steps_run,

@@ -58,7 +58,13 @@ def last_token_of_span(tokenizer: PreTrainedTokenizerBase, text: str, start: int
         hits = [i for i, (s, e) in enumerate(offsets) if s < end and e > start]
         if hits:
             return hits[-1]
-    return len(_plain_ids(tokenizer, text[:end])) - 1
+    full, cut = _plain_ids(tokenizer, text), _plain_ids(tokenizer, text[:end])
+    common = 0
+    while common < min(len(full), len(cut)) and full[common] == cut[common]:
+        common += 1
+    # cut is a prefix of full: the span ends on a token boundary; otherwise the first token
+    # where they differ runs across the span's end (it merged with what follows)
+    return len(cut) - 1 if common == len(cut) else common
 
 
 @dataclass(frozen=True)
