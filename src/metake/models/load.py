@@ -198,16 +198,20 @@ def load_model(
     pad token (the EOS token where it had none).
     """
     source = resolve_model_source(name_or_path)
+    # read at call time (huggingface_hub reads it once at import): no network tries when set
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=_parse_dtype(dtype))
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=_parse_dtype(dtype), local_files_only=offline
+        )
     except OSError as exc:
         if isinstance(source, str):
             raise ModelNotAvailableError(
                 f"could not load {name_or_path!r} from the Hugging Face hub: it is not a "
                 f"built-in name ({', '.join(BUILTIN_MODELS)}), a local folder or a .gguf file, and "
-                f"the hub is unreachable or has no such model (offline machine? HF_HUB_OFFLINE "
-                f"set?). Original error: {str(exc).splitlines()[0]}"
+                f"the hub is unreachable or has no such model (on an offline machine, set "
+                f"HF_HUB_OFFLINE=1 to fail at once). Original error: {str(exc).splitlines()[0]}"
             ) from exc
         raise ModelNotAvailableError(f"could not load model from {source}: {exc}") from exc
     model.to(device)

@@ -6,8 +6,10 @@ subject's last token; MEMIT's loss is minimised with Adam:
     loss_i = mean over context prefixes of NLL(target tokens)
            + kl_factor * KL(edited || original) of the next-token distribution after
              "{subject} is a" (at the subject's last token; the "essence" term)
-           + v_weight_decay * ||delta_i||^2 / ||v_init_i||^2
+           + v_weight_decay * ||delta_i|| / ||v_init_i||^2
 
+(the decay term is MEMIT's as implemented in its ``compute_z``: the norm of delta, not its
+square, over the squared norm of v_init)
 with ``||delta_i|| <= clamp_norm_factor * ||v_init_i||`` after each step and a per-request early
 stop once ``loss_i < v_loss_threshold``. All requests of a batch and all their prompts go through
 one padded forward/backward per step; each request has its own delta, and Adam's element-wise
@@ -193,7 +195,7 @@ def compute_targets(
         if kl_init is None:
             kl_init = kl_logp.detach()
         kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)  # KL(edited || original), [n]
-        decay = hparams.v_weight_decay * (delta.norm(dim=-1) ** 2) / init_norm2
+        decay = hparams.v_weight_decay * delta.norm(dim=-1) / init_norm2
         loss = nll + hparams.kl_factor * kl + decay  # [n]
         history.append(
             {

@@ -1,0 +1,83 @@
+"""The command line on a tiny model saved to a folder: JSON output, saving, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_models import tiny_model, tiny_tokenizer
+
+from metake.cli import main
+
+FAST = ["--layers", "0,1", "--samples", "8", "--set", "v_steps=2", "--set", "context_count=1",
+        "--set", "mom2_update_weight=10", "--device", "cpu", "--max-new-tokens", "5"]  # fmt: skip
+
+
+@pytest.fixture()
+def model_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAKE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Text number {i} about rivers and towns." for i in range(12)))
+    return folder, corpus
+
+
+def test_edit_json_output_and_save(model_dir, tmp_path, capsys):
+    folder, corpus = model_dir
+    out_dir = tmp_path / "edited"
+    code = main(["edit", "--model", str(folder), "--corpus", str(corpus), *FAST,
+                 "--prompt", "{} lives in", "--subject", "Anna Berg", "--target", "Oslo",
+                 "--check", "The river", "--json", "--save", str(out_dir)])  # fmt: skip
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) >= {"requests", "seconds", "peak_memory_mb", "checks", "report"}
+    (request,) = result["requests"]
+    assert request["prompt"] == "{} lives in" and request["target_new"] == "Oslo"
+    assert request["subject"] == "Anna Berg"
+    for key in ("before", "after", "p_target_before", "p_target_after"):
+        assert key in request
+    assert 0 <= request["p_target_after"] <= 1 and result["peak_memory_mb"] > 0
+    assert result["report"]["layers"] == [0, 1]
+    assert (out_dir / "metake_deltas.safetensors").is_file()
+    assert (out_dir / "config.json").is_file()
+
+
+def test_stats_command_reports_tokens(model_dir, capsys):
+    folder, corpus = model_dir
+    code = main(["stats", "--model", str(folder), "--corpus", str(corpus), "--layers", "0,2",
+                 "--samples", "6", "--device", "cpu"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "layer 0:" in out and "layer 2:" in out and "tokens" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "lives in", "--subject", "Anna", "--target", "Oslo"], "placeholder"),
+        (["--prompt", "{} lives in", "--subject", "Anna"], "--target"),
+        (
+            ["--prompt", "{} x", "--subject", "A", "--target", "B", "--requests", "f.json"],
+            "not both",
+        ),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, message, capsys):
+    assert main(["edit", *args]) == 2
+    err = capsys.readouterr().err
+    assert "metake: error:" in err and message in err and "Traceback" not in err
+
+
+def test_malformed_requests_file(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"prompt": "{} is", "subject": "A", "target_new": "B"},')
+    assert main(["edit", "--requests", str(bad)]) == 2
+    assert "malformed JSON" in capsys.readouterr().err
+
+
+def test_presets_lists_models_and_presets(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2-135m" in out and "gemma3-270m" in out and "gpt2-xl" in out

