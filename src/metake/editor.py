@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -218,7 +219,7 @@ class Editor:
             seconds_stage2=end - stage1_done,
             stage1_steps=plan.steps_run,
             stage1_history=plan.history,
-            stage1_target_prob=[float(torch.exp(torch.tensor(-x))) for x in plan.final_nll],
+            stage1_target_prob=[math.exp(-nll) for nll in plan.final_nll],
             delta_norms={layer: float(d.norm()) for layer, d in deltas.items()},
             hparams=hp.to_dict(),
         )

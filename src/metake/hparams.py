@@ -95,17 +95,24 @@ def fallback_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(range(first, last + 1))
 
 
-def memit_hparams(config: PretrainedConfig, preset: str | None = None, **overrides: Any):
-    """MEMIT hyper-parameters for a model: a named or matching preset, else the fallback."""
+def preset_hparams(name: str) -> MemitHparams:
+    """The hyper-parameters of the shipped preset ``name``."""
     presets = _load_presets()
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(presets))}")
+    values = {k: v for k, v in presets[name].items() if k != "match"}
+    values["layers"] = tuple(values["layers"])
+    return MemitHparams(**values, preset=name)
+
+
+def memit_hparams(
+    config: PretrainedConfig, preset: str | None = None, **overrides: Any
+) -> MemitHparams:
+    """MEMIT hyper-parameters for a model: a named or matching preset, else the fallback."""
     if preset is None:
         preset = find_preset(config)
     if preset is not None:
-        if preset not in presets:
-            raise ValueError(f"unknown preset {preset!r}; known: {', '.join(sorted(presets))}")
-        values = {k: v for k, v in presets[preset].items() if k != "match"}
-        values["layers"] = tuple(values["layers"])
-        base = MemitHparams(**values, preset=preset)
+        base = preset_hparams(preset)
     else:
         num_layers = int(config.num_hidden_layers)
         base = MemitHparams(layers=fallback_layers(num_layers), preset="fallback")

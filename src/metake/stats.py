@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from metake.corpus import TextCorpus
 from metake.errors import CorpusError
@@ -53,7 +54,7 @@ class SecondMoment:
 # ----- computation ---------------------------------------------------------------------------
 def compute_second_moments(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     layers: Sequence[int],
     corpus: TextCorpus,
     *,
@@ -333,7 +334,7 @@ class StatsCache:
 # ----- cached entry point --------------------------------------------------------------------
 def get_second_moments(
     model: nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     layers: Sequence[int],
     corpus: TextCorpus,
     *,
