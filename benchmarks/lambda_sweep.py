@@ -115,6 +115,9 @@ def main() -> int:
         "",
         f"`{command}`",
         "",
+        f"Settings: model {args.model}, requests {args.requests}, lambdas {args.lambdas}, "
+        f"layers {list(hp.layers)}, device {args.device}.",
+        "",
         f"{len(requests)} edits in one batch; Stage I once ({stage1_seconds:.0f} s, median "
         f"P(target) at v* {torch.tensor(result['stage1_target_prob']).median():.3f}); "
         f"held-out KL over {args.heldout_texts} Wikipedia intros (from index "
