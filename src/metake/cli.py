@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     _add_stats_args(edit)
     edit.add_argument("--max-new-tokens", type=int, default=8, help="tokens per completion")
-    edit.add_argument("--seed", type=int, default=0)
+    edit.add_argument("--seed", type=int, default=0, help="torch seed set before editing")
     edit.add_argument("--json", action="store_true", help="print one JSON object instead")
     edit.add_argument("--save", metavar="DIR", help="write the edited model and its deltas here")
     edit.set_defaults(func=cmd_edit)
