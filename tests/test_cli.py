@@ -40,6 +40,7 @@ def test_edit_json_output_and_save(model_dir, tmp_path, capsys):
         assert key in request
     assert 0 <= request["p_target_after"] <= 1 and result["peak_memory_mb"] > 0
     assert result["report"]["layers"] == [0, 1]
+    assert all(n > 0 for n in result["report"]["statistics_tokens"].values())
     assert (out_dir / "metake_deltas.safetensors").is_file()
     assert (out_dir / "config.json").is_file()
 

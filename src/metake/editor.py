@@ -54,12 +54,14 @@ class EditReport:
     stage1_history: list[dict[str, float]]
     stage1_target_prob: list[float]  # per request: P(target) with v* in place (Stage I's view)
     delta_norms: dict[int, float]
+    statistics_tokens: dict[int, int] = field(default_factory=dict)  # corpus tokens behind C0
     hparams: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
         d = asdict(self)
         d["delta_norms"] = {str(k): v for k, v in self.delta_norms.items()}
+        d["statistics_tokens"] = {str(k): v for k, v in self.statistics_tokens.items()}
         return d
 
 
@@ -221,6 +223,7 @@ class Editor:
             stage1_history=plan.history,
             stage1_target_prob=[math.exp(-nll) for nll in plan.final_nll],
             delta_norms={layer: float(d.norm()) for layer, d in deltas.items()},
+            statistics_tokens={layer: self.stats_tokens[layer] for layer in hp.layers},
             hparams=hp.to_dict(),
         )
         log.info("edited %d requests in %.1fs", len(parsed), report.seconds)
