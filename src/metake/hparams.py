@@ -100,8 +100,10 @@ def preset_hparams(name: str) -> MemitHparams:
     presets = _load_presets()
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(presets))}")
-    values = {k: v for k, v in presets[name].items() if k != "match"}
+    values = {k: v for k, v in presets[name].items() if k not in ("match", "experimental")}
     values["layers"] = tuple(values["layers"])
+    if "experimental" in presets[name]:
+        log.warning("preset %s is experimental: %s", name, presets[name]["experimental"])
     return MemitHparams(**values, preset=name)
 
 
