@@ -196,3 +196,29 @@ def test_cuda_edit_matches_cpu(tmp_path):
     on_gpu = _editor(copy.deepcopy(base).to("cuda"), tmp_path).edit(REQUESTS)
     for name, delta in on_cpu.deltas.items():
         torch.testing.assert_close(on_gpu.deltas[name].cpu(), delta, rtol=1e-3, atol=1e-4)
+
+
+def test_alphaedit_session_projects_updates_and_accumulates_keys(tmp_path):
+    model = tiny_model("llama")
+    original = _state(model)
+    # a threshold relative to C0's largest eigenvalue leaves a proper null space on tiny models
+    editor = _editor(
+        model, tmp_path, method="alphaedit", nullspace_threshold=0.05, nullspace_relative=True
+    )
+    first = editor.edit(REQUESTS[:1])
+    for layer in (0, 1):
+        ns = editor.null_space(layer)
+        assert 0 < ns.rank < ns.projector.shape[0]
+        delta = first.deltas[editor.adapter.mlp_out_name(layer)].double()
+        eye = torch.eye(ns.projector.shape[0], dtype=torch.float64)
+        assert (delta @ (eye - ns.projector)).norm() < 1e-5 * delta.norm()
+    ranks = {layer: editor.null_space(layer).rank for layer in (0, 1)}
+    assert first.report.null_space_rank == ranks
+    after_one = {k: v.clone() for k, v in editor._prev_keys_cov.items()}
+    assert set(after_one) == {0, 1} and all(v.abs().sum() > 0 for v in after_one.values())
+    editor.edit(REQUESTS[1:])
+    for layer, cov in editor._prev_keys_cov.items():
+        assert not torch.equal(cov, after_one[layer])  # the second batch's keys were added
+    editor.restore()
+    _assert_same_state(model, original)
+    assert editor._prev_keys_cov == {}

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from metake import __version__
+from metake.editor import METHODS
 from metake.errors import MetakeError
 from metake.hparams import memit_hparams, preset_hparams, preset_names
 from metake.models.load import BUILTIN_MODELS, DEFAULT_MODEL, load_model
@@ -101,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt '{} is located in the city of' --target Rome",
     )
     _add_model_args(edit)
-    edit.add_argument("--method", default="memit", choices=["memit"], help="editing method")
+    edit.add_argument(
+        "--method", default="memit", choices=list(METHODS),
+        help="memit (default) or alphaedit (null-space projected, for sequential editing)",
+    )  # fmt: skip
     edit.add_argument("--prompt", help="prompt with {} where the subject goes")
     edit.add_argument("--subject", help="the subject, e.g. 'The Eiffel Tower'")
     edit.add_argument("--target", help="the new target, e.g. 'Rome'")

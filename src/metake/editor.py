@@ -27,13 +27,14 @@ from metake.hparams import MemitHparams, memit_hparams
 from metake.models.adapters import get_adapter
 from metake.planners.standard import compute_targets, context_templates
 from metake.requests import EditRequest, parse_requests
-from metake.solvers.memit import apply_memit
+from metake.solvers.alphaedit import NullSpace, alphaedit_delta, null_space
+from metake.solvers.memit import apply_memit, apply_spread, keys_and_values
 from metake.stats import StatsCache, get_second_moments
 from metake.tokens import encode_request
 
 log = logging.getLogger(__name__)
 
-METHODS = ("memit",)
+METHODS = ("memit", "alphaedit")
 DELTA_FILE = "metake_deltas.safetensors"
 EDITS_FILE = "metake_edits.json"
 
@@ -55,6 +56,7 @@ class EditReport:
     stage1_target_prob: list[float]  # per request: P(target) with v* in place (Stage I's view)
     delta_norms: dict[int, float]
     statistics_tokens: dict[int, int] = field(default_factory=dict)  # corpus tokens behind C0
+    null_space_rank: dict[int, int] = field(default_factory=dict)  # AlphaEdit's P, per layer
     hparams: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,6 +64,7 @@ class EditReport:
         d = asdict(self)
         d["delta_norms"] = {str(k): v for k, v in self.delta_norms.items()}
         d["statistics_tokens"] = {str(k): v for k, v in self.statistics_tokens.items()}
+        d["null_space_rank"] = {str(k): v for k, v in self.null_space_rank.items()}
         return d
 
 
@@ -77,10 +80,12 @@ class EditResult:
 class Editor:
     """An editing session over one model: ``Editor(model, tokenizer).edit(requests)``.
 
-    ``method`` is ``"memit"``; hyper-parameters come from the model's preset (or the fallback),
-    then ``hparams`` (a full :class:`MemitHparams`) or keyword ``overrides`` such as
-    ``layers=[4, 5]``, ``v_lr=0.5``. Statistics (C0 per edit layer) are computed once over
-    ``corpus`` (default: the built-in Wikipedia intros) and cached on disk.
+    ``method`` is ``"memit"`` or ``"alphaedit"`` (MEMIT's loop with AlphaEdit's null-space
+    projected update and its cache of earlier batches' keys, kept by this session only).
+    Hyper-parameters come from the model's preset (or the fallback), then ``hparams`` (a full
+    :class:`MemitHparams`) or keyword ``overrides`` such as ``layers=[4, 5]``, ``v_lr=0.5``.
+    Statistics (C0 per edit layer) are computed once over ``corpus`` (default: the built-in
+    Wikipedia intros) and cached on disk.
     """
 
     def __init__(
@@ -124,6 +129,8 @@ class Editor:
         self._mom2: dict[int, torch.Tensor] = {}
         self.stats_tokens: dict[int, int] = {}
         self._contexts: list[str] | None = None
+        self._null_spaces: dict[int, NullSpace] = {}
+        self._prev_keys_cov: dict[int, torch.Tensor] = {}  # AlphaEdit: sum of K K^T so far
         self.history: list[EditRequest] = []
 
     # ----- lazily computed, once per session -----------------------------------------------
@@ -142,6 +149,16 @@ class Editor:
         if layer not in self._mom2:
             self.load_statistics([layer])
         return self._mom2[layer]
+
+    def null_space(self, layer: int) -> NullSpace:
+        """AlphaEdit's projector for ``layer`` (from C0 and the null-space threshold)."""
+        if layer not in self._null_spaces:
+            hp = self.hparams
+            ns = null_space(self.second_moment(layer), hp.nullspace_threshold,
+                            hp.nullspace_relative)  # fmt: skip
+            log.info("layer %d: null space of rank %d / %d", layer, ns.rank, ns.projector.shape[0])
+            self._null_spaces[layer] = ns
+        return self._null_spaces[layer]
 
     def load_statistics(self, layers: Iterable[int] | None = None) -> None:
         """Load or compute C0 for ``layers`` (default: all edit layers) in one corpus pass."""
@@ -199,8 +216,8 @@ class Editor:
         snapshot = {layer: self.adapter.weight(self.model, layer).detach().clone()
                     for layer in hp.layers}  # fmt: skip
         try:
-            deltas = apply_memit(self.model, self.tokenizer, parsed, plan.v_target, hp.layers,
-                                 self.second_moment, hp.mom2_update_weight, contexts)  # fmt: skip
+            deltas = self._solve(parsed, plan.v_target, contexts)
+            new_keys_cov = self._accumulated_keys(parsed, contexts)
         except BaseException:
             for layer, weight in snapshot.items():
                 self.adapter.set_weight(self.model, layer, weight)
@@ -209,6 +226,7 @@ class Editor:
         end = time.perf_counter()
         for layer, weight in snapshot.items():
             self._originals.setdefault(layer, weight)
+        self._prev_keys_cov.update(new_keys_cov)
         self.history.extend(parsed)
         report = EditReport(
             method=self.method,
@@ -224,11 +242,45 @@ class Editor:
             stage1_target_prob=[math.exp(-nll) for nll in plan.final_nll],
             delta_norms={layer: float(d.norm()) for layer, d in deltas.items()},
             statistics_tokens={layer: self.stats_tokens[layer] for layer in hp.layers},
+            null_space_rank={layer: ns.rank for layer, ns in self._null_spaces.items()},
             hparams=hp.to_dict(),
         )
         log.info("edited %d requests in %.1fs", len(parsed), report.seconds)
         named = {self.adapter.mlp_out_name(layer): d for layer, d in deltas.items()}
         return EditResult(deltas=named, report=report, requests=parsed)
+
+    def _solve(
+        self, requests: list[EditRequest], targets: torch.Tensor, contexts: list[str]
+    ) -> dict[int, torch.Tensor]:
+        """Stage II with the session's method; edits the model in place."""
+        hp = self.hparams
+        if self.method == "memit":
+            return apply_memit(self.model, self.tokenizer, requests, targets, hp.layers,
+                               self.second_moment, hp.mom2_update_weight, contexts)  # fmt: skip
+
+        def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+            prev = self._prev_keys_cov.get(layer)
+            if prev is None:
+                prev = torch.zeros(keys.shape[1], keys.shape[1], dtype=torch.float64)
+            projector = self.null_space(layer).projector
+            return alphaedit_delta(keys, resid, projector, prev, hp.alphaedit_lambda)
+
+        return apply_spread(self.model, self.tokenizer, requests, targets, hp.layers, contexts,
+                            solve)  # fmt: skip
+
+    def _accumulated_keys(
+        self, requests: list[EditRequest], contexts: list[str]
+    ) -> dict[int, torch.Tensor]:
+        """AlphaEdit: ``C_prev + K K^T`` per layer, keys recomputed on the edited model."""
+        if self.method != "alphaedit":
+            return {}
+        out = {}
+        for layer in self.hparams.layers:
+            keys, _ = keys_and_values(self.model, self.tokenizer, requests, contexts, layer, layer)
+            k = keys.double().cpu()
+            prev = self._prev_keys_cov.get(layer, torch.zeros(k.shape[1], k.shape[1]).double())
+            out[layer] = prev + k.T @ k
+        return out
 
     # ----- undo and save ---------------------------------------------------------------------
     def accumulated_deltas(self) -> dict[str, torch.Tensor]:
@@ -247,6 +299,7 @@ class Editor:
         for layer, weight in self._originals.items():
             self.adapter.set_weight(self.model, layer, weight)
         self._originals.clear()
+        self._prev_keys_cov.clear()
         self.history.clear()
 
     def save(self, path: str | Path) -> Path:

@@ -34,6 +34,10 @@ class MemitHparams:
     mom2_max_length: int = 256
     mom2_batch_size: int = 8
     mom2_dtype: str = "float64"
+    # AlphaEdit (method="alphaedit"): null-space projector of C0 and its own ridge term
+    nullspace_threshold: float = 1e-2
+    nullspace_relative: bool = False  # threshold as a fraction of C0's largest eigenvalue
+    alphaedit_lambda: float = 10.0
     preset: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:

@@ -69,6 +69,37 @@ def keys_and_values(
     return keys.view(n, c, -1).mean(1).float(), values.view(n, c, -1)[:, 0].float()
 
 
+LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(layer, keys [n, d_in], residuals [n, d_out]) -> Delta [d_out, d_in]``."""
+
+
+def apply_spread(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    targets: torch.Tensor,
+    layers: Sequence[int],
+    contexts: Sequence[str],
+    solve: LayerSolve,
+) -> dict[int, torch.Tensor]:
+    """MEMIT's layer loop with any per-layer closed form; returns ``{layer: Delta [d_out, d_in]}``.
+
+    ``targets`` (``[n, d]``) are the values wanted at the last layer of ``layers``. The model is
+    edited in place, layer after layer; the caller undoes a partially applied loop when it raises
+    (see :class:`metake.editor.Editor`).
+    """
+    adapter = get_adapter(model)
+    deltas: dict[int, torch.Tensor] = {}
+    last = layers[-1]
+    for i, layer in enumerate(layers):
+        keys, values = keys_and_values(model, tokenizer, requests, contexts, layer, last)
+        resid = (targets.to(values.device) - values) / (len(layers) - i)
+        delta = solve(layer, keys, resid)
+        adapter.add_to_weight(model, layer, delta)
+        deltas[layer] = delta.float().cpu()
+    return deltas
+
+
 def apply_memit(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -79,19 +110,9 @@ def apply_memit(
     lam: float,
     contexts: Sequence[str],
 ) -> dict[int, torch.Tensor]:
-    """Run MEMIT's layer loop, editing ``model`` in place; returns ``{layer: Delta [d_out, d_in]}``.
+    """MEMIT: :func:`apply_spread` with ``memit_delta``; ``mom2(l)`` is C0 of layer ``l``."""
 
-    ``targets`` (``[n, d]``) are the values wanted at the last layer of ``layers``; ``mom2(l)``
-    returns C0 of layer ``l`` (``[d_in, d_in]``). The caller is responsible for undoing a
-    partially applied loop when it raises (see :class:`metake.editor.Editor`).
-    """
-    adapter = get_adapter(model)
-    deltas: dict[int, torch.Tensor] = {}
-    last = layers[-1]
-    for i, layer in enumerate(layers):
-        keys, values = keys_and_values(model, tokenizer, requests, contexts, layer, last)
-        resid = (targets.to(values.device) - values) / (len(layers) - i)
-        delta = memit_delta(keys, resid, mom2(layer), lam)
-        adapter.add_to_weight(model, layer, delta)
-        deltas[layer] = delta.float().cpu()
-    return deltas
+    def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        return memit_delta(keys, resid, mom2(layer), lam)
+
+    return apply_spread(model, tokenizer, requests, targets, layers, contexts, solve)
