@@ -52,6 +52,7 @@ def test_stats_command_reports_tokens(model_dir, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "layer 0:" in out and "layer 2:" in out and "tokens" in out
+    assert "null space" in out and "rank" in out
 
 
 @pytest.mark.parametrize(

@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--layers", type=_int_list, help="layers (default: the preset's)")
     _add_stats_args(stats)
     stats.add_argument("--batch-size", type=int, default=8)
+    stats.add_argument(
+        "--set", dest="overrides", type=_key_value, action="append", default=[],
+        metavar="KEY=VALUE", help="override a hyper-parameter, e.g. --set nullspace_threshold=0.02",
+    )  # fmt: skip
     stats.set_defaults(func=cmd_stats)
 
     presets = sub.add_parser("presets", help="list built-in models and hyper-parameter presets")
@@ -263,6 +267,7 @@ def _print_edit(out: dict[str, Any], report) -> None:
 def cmd_stats(args: argparse.Namespace) -> int:
     """``metake stats``: compute (or find cached) C0 for the given layers."""
     from metake.corpus import load_corpus
+    from metake.solvers.alphaedit import null_space
     from metake.stats import get_second_moments
 
     device = resolve_device(args.device)
@@ -275,10 +280,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
         num_samples=hp.mom2_samples, max_length=hp.mom2_max_length, batch_size=args.batch_size,
         accum_dtype=getattr(torch, hp.mom2_dtype), use_cache=not args.no_stats_cache,
     )  # fmt: skip
+    kind = "relative" if hp.nullspace_relative else "absolute"
     for layer, m in sorted(moments.items()):
-        trace = float(torch.trace(m.mom2))
+        ns = null_space(m.mom2, hp.nullspace_threshold, hp.nullspace_relative)
         print(
-            f"layer {layer}: C0 {tuple(m.mom2.shape)} over {m.num_tokens} tokens, trace {trace:.4g}"
+            f"layer {layer}: C0 {tuple(m.mom2.shape)} over {m.num_tokens} tokens, trace "
+            f"{float(torch.trace(m.mom2)):.4g}, largest eigenvalue {ns.max_eigenvalue:.4g}; "
+            f"AlphaEdit null space ({kind} threshold {hp.nullspace_threshold:g}): rank "
+            f"{ns.rank}/{m.mom2.shape[0]}"
         )
     print(f"corpus: {corpus.name}; {time.perf_counter() - start:.1f} s")
     return 0
