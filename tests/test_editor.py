@@ -222,3 +222,19 @@ def test_alphaedit_session_projects_updates_and_accumulates_keys(tmp_path):
     editor.restore()
     _assert_same_state(model, original)
     assert editor._prev_keys_cov == {}
+
+
+def test_rome_session_writes_rank_one_updates_at_one_layer(tmp_path):
+    model = tiny_model("llama")
+    original = _state(model)
+    editor = _editor(model, tmp_path, method="rome")
+    assert editor.hparams.layers == (1,)
+    one = editor.edit(REQUESTS[:1])
+    (name,) = one.deltas
+    assert name == editor.adapter.mlp_out_name(1)
+    assert torch.linalg.matrix_rank(one.deltas[name].double(), rtol=1e-6) == 1
+    two = editor.edit(REQUESTS)  # two requests: two rank-one updates, one after the other
+    assert torch.linalg.matrix_rank(two.deltas[name].double(), rtol=1e-6) == 2
+    assert len(two.report.stage1_target_prob) == 2
+    editor.restore()
+    _assert_same_state(model, original)

@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(edit)
     edit.add_argument(
         "--method", default="memit", choices=list(METHODS),
-        help="memit (default) or alphaedit (null-space projected, for sequential editing)",
+        help="memit (default), alphaedit (null-space projected, for sequential editing) or rome "
+        "(rank-one, one layer, one request after another)",
     )  # fmt: skip
     edit.add_argument("--prompt", help="prompt with {} where the subject goes")
     edit.add_argument("--subject", help="the subject, e.g. 'The Eiffel Tower'")

@@ -25,16 +25,17 @@ from metake.corpus import TextCorpus, load_corpus
 from metake.errors import MetakeError
 from metake.hparams import MemitHparams, memit_hparams
 from metake.models.adapters import get_adapter
-from metake.planners.standard import compute_targets, context_templates
+from metake.planners.standard import TargetPlan, compute_targets, context_templates
 from metake.requests import EditRequest, parse_requests
 from metake.solvers.alphaedit import NullSpace, alphaedit_delta, null_space
 from metake.solvers.memit import apply_memit, apply_spread, keys_and_values
+from metake.solvers.rome import rome_delta
 from metake.stats import StatsCache, get_second_moments
 from metake.tokens import encode_request
 
 log = logging.getLogger(__name__)
 
-METHODS = ("memit", "alphaedit")
+METHODS = ("memit", "alphaedit", "rome")
 DELTA_FILE = "metake_deltas.safetensors"
 EDITS_FILE = "metake_edits.json"
 
@@ -80,8 +81,9 @@ class EditResult:
 class Editor:
     """An editing session over one model: ``Editor(model, tokenizer).edit(requests)``.
 
-    ``method`` is ``"memit"`` or ``"alphaedit"`` (MEMIT's loop with AlphaEdit's null-space
-    projected update and its cache of earlier batches' keys, kept by this session only).
+    ``method`` is ``"memit"``, ``"alphaedit"`` (MEMIT's loop with AlphaEdit's null-space
+    projected update and its cache of earlier batches' keys, kept by this session only) or
+    ``"rome"`` (one rank-one update per request at the last edit layer, in order).
     Hyper-parameters come from the model's preset (or the fallback), then ``hparams`` (a full
     :class:`MemitHparams`) or keyword ``overrides`` such as ``layers=[4, 5]``, ``v_lr=0.5``.
     Statistics (C0 per edit layer) are computed once over ``corpus`` (default: the built-in
@@ -114,6 +116,10 @@ class Editor:
             hparams = memit_hparams(model.config, preset, **overrides)
         elif overrides:
             hparams = hparams.with_overrides(**overrides)
+        if method == "rome" and len(hparams.layers) > 1:
+            log.info("ROME edits one layer: using layer %d of %s", hparams.layers[-1],
+                     list(hparams.layers))  # fmt: skip
+            hparams = hparams.with_overrides(layers=[hparams.layers[-1]])
         for layer in hparams.layers:
             self.adapter.mlp_out(model, layer)  # raises for a layer out of range
         self.hparams = hparams
@@ -211,12 +217,15 @@ class Editor:
         self.load_statistics()
         contexts = self.contexts
         start = time.perf_counter()
-        plan = compute_targets(self.model, self.tokenizer, parsed, hp, contexts)
-        stage1_done = time.perf_counter()
         snapshot = {layer: self.adapter.weight(self.model, layer).detach().clone()
                     for layer in hp.layers}  # fmt: skip
         try:
-            deltas = self._solve(parsed, plan.v_target, contexts)
+            if self.method == "rome":
+                plans, deltas, stage1_seconds = self._edit_rome(parsed, contexts)
+            else:
+                plans = [compute_targets(self.model, self.tokenizer, parsed, hp, contexts)]
+                stage1_seconds = time.perf_counter() - start
+                deltas = self._solve(parsed, plans[0].v_target, contexts)
             new_keys_cov = self._accumulated_keys(parsed, contexts)
         except BaseException:
             for layer, weight in snapshot.items():
@@ -235,11 +244,11 @@ class Editor:
             num_requests=len(parsed),
             seconds=end - start,
             seconds_statistics=start - stats_start,
-            seconds_stage1=stage1_done - start,
-            seconds_stage2=end - stage1_done,
-            stage1_steps=plan.steps_run,
-            stage1_history=plan.history,
-            stage1_target_prob=[math.exp(-nll) for nll in plan.final_nll],
+            seconds_stage1=stage1_seconds,
+            seconds_stage2=end - start - stage1_seconds,
+            stage1_steps=sum(plan.steps_run for plan in plans),
+            stage1_history=[h for plan in plans for h in plan.history],
+            stage1_target_prob=[math.exp(-nll) for plan in plans for nll in plan.final_nll],
             delta_norms={layer: float(d.norm()) for layer, d in deltas.items()},
             statistics_tokens={layer: self.stats_tokens[layer] for layer in hp.layers},
             null_space_rank={layer: ns.rank for layer, ns in self._null_spaces.items()},
@@ -267,6 +276,25 @@ class Editor:
 
         return apply_spread(self.model, self.tokenizer, requests, targets, hp.layers, contexts,
                             solve)  # fmt: skip
+
+    def _edit_rome(
+        self, requests: list[EditRequest], contexts: list[str]
+    ) -> tuple[list[TargetPlan], dict[int, torch.Tensor], float]:
+        """ROME: plan and apply one rank-one update per request, in order; edits in place."""
+        layer = self.hparams.layers[-1]
+        plans, total, stage1_seconds = [], None, 0.0
+        for request in requests:
+            start = time.perf_counter()
+            plan = compute_targets(self.model, self.tokenizer, [request], self.hparams, contexts)
+            stage1_seconds += time.perf_counter() - start
+            keys, values = keys_and_values(
+                self.model, self.tokenizer, [request], contexts, layer, layer
+            )
+            delta = rome_delta(keys[0], plan.v_target[0] - values[0], self.second_moment(layer))
+            self.adapter.add_to_weight(self.model, layer, delta)
+            total = delta.float().cpu() if total is None else total + delta.float().cpu()
+            plans.append(plan)
+        return plans, {layer: total}, stage1_seconds
 
     def _accumulated_keys(
         self, requests: list[EditRequest], contexts: list[str]
