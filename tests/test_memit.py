@@ -8,7 +8,7 @@ from tiny_models import tiny_model, tiny_tokenizer
 
 from metake.models.adapters import get_adapter
 from metake.requests import EditRequest
-from metake.solvers.memit import apply_memit, keys_and_values, memit_delta
+from metake.solvers.memit import apply_memit, keys_and_values, memit_delta, subject_activations
 
 
 def _random_problem(n=5, d_in=12, d_out=8, seed=0):
@@ -82,3 +82,13 @@ def test_apply_memit_changes_only_the_edit_layers():
     apply_memit(model, tok, REQUESTS, values + 1.0, [1], lambda _l: torch.eye(d_in), 1.0, contexts)
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed == ["model.layers.1.mlp.down_proj.weight"]
+
+
+def test_one_forward_for_several_layers_equals_one_per_layer():
+    model, tok = tiny_model("gpt2"), tiny_tokenizer()
+    contexts = ["", "Some context. "]
+    keys, values = subject_activations(model, tok, REQUESTS, contexts, [0, 1, 2], 2)
+    for layer in (0, 1, 2):
+        one_keys, one_values = keys_and_values(model, tok, REQUESTS, contexts, layer, 2)
+        torch.testing.assert_close(keys[layer], one_keys)
+        torch.testing.assert_close(values, one_values)

@@ -28,7 +28,12 @@ from metake.models.adapters import get_adapter
 from metake.planners.standard import TargetPlan, compute_targets, context_templates
 from metake.requests import EditRequest, parse_requests
 from metake.solvers.alphaedit import NullSpace, alphaedit_delta, null_space
-from metake.solvers.memit import apply_memit, apply_spread, keys_and_values
+from metake.solvers.memit import (
+    apply_memit,
+    apply_spread,
+    keys_and_values,
+    subject_activations,
+)
 from metake.solvers.rome import rome_delta
 from metake.stats import StatsCache, get_second_moments
 from metake.tokens import encode_request
@@ -268,9 +273,7 @@ class Editor:
                                self.second_moment, hp.mom2_update_weight, contexts)  # fmt: skip
 
         def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-            prev = self._prev_keys_cov.get(layer)
-            if prev is None:
-                prev = torch.zeros(keys.shape[1], keys.shape[1], dtype=torch.float64)
+            prev = self._prev_keys(layer, keys.shape[1])
             projector = self.null_space(layer).projector
             return alphaedit_delta(keys, resid, projector, prev, hp.alphaedit_lambda)
 
@@ -302,13 +305,20 @@ class Editor:
         """AlphaEdit: ``C_prev + K K^T`` per layer, keys recomputed on the edited model."""
         if self.method != "alphaedit":
             return {}
+        layers = self.hparams.layers
+        keys, _ = subject_activations(self.model, self.tokenizer, requests, contexts, layers,
+                                      layers[-1])  # fmt: skip
         out = {}
-        for layer in self.hparams.layers:
-            keys, _ = keys_and_values(self.model, self.tokenizer, requests, contexts, layer, layer)
-            k = keys.double().cpu()
-            prev = self._prev_keys_cov.get(layer, torch.zeros(k.shape[1], k.shape[1]).double())
-            out[layer] = prev + k.T @ k
+        for layer, layer_keys in keys.items():
+            k = layer_keys.double().cpu()
+            out[layer] = self._prev_keys(layer, k.shape[1]) + k.T @ k
         return out
+
+    def _prev_keys(self, layer: int, dim: int) -> torch.Tensor:
+        """AlphaEdit's ``C_prev`` of ``layer`` (``[dim, dim]`` float64; zeros before any batch)."""
+        if layer in self._prev_keys_cov:
+            return self._prev_keys_cov[layer]
+        return torch.zeros(dim, dim, dtype=torch.float64)
 
     # ----- undo and save ---------------------------------------------------------------------
     def accumulated_deltas(self) -> dict[str, torch.Tensor]:

@@ -37,18 +37,20 @@ def memit_delta(
 
 
 @torch.no_grad()
-def keys_and_values(
+def subject_activations(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     requests: Sequence[EditRequest],
     contexts: Sequence[str],
-    layer: int,
+    key_layers: Sequence[int],
     value_layer: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys ``[n, d_in]`` at ``layer`` (context-averaged) and values ``[n, d]`` at ``value_layer``.
+) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Keys ``{layer: [n, d_in]}`` (context-averaged) and values ``[n, d]`` at ``value_layer``.
 
-    Values are the output of decoder layer ``value_layer`` at the subject's last token of the
-    prompt without context (``contexts[0]`` must be ``""``). One forward for everything.
+    Keys are the inputs of each layer's MLP output projection at the subject's last token,
+    averaged over the context prefixes; values are the output of decoder layer ``value_layer``
+    there, for the prompt without context (``contexts[0]`` must be ``""``). One forward, stopped
+    after the last module needed.
     """
     if contexts[0] != "":
         raise ValueError("the first context prefix must be the empty one")
@@ -58,15 +60,33 @@ def keys_and_values(
         encode_request(tokenizer, r, c, with_target=False) for r in requests for c in contexts
     ]
     batch = pad_batch(encoded, tokenizer.pad_token_id).to(device)
-    key_name, value_name = adapter.mlp_out_name(layer), adapter.layer_name(value_layer)
-    stop = value_name if value_layer >= layer else key_name
-    with capture(model, [key_name, value_name], stop_after=stop) as tr:
+    key_names = {layer: adapter.mlp_out_name(layer) for layer in key_layers}
+    value_name = adapter.layer_name(value_layer)
+    top = max(key_layers)
+    stop = value_name if value_layer >= top else key_names[top]
+    with capture(model, [*key_names.values(), value_name], stop_after=stop) as tr:
         model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     rows = torch.arange(len(encoded), device=device)
-    keys = tr.inputs[key_name][rows, batch.subject_last]  # [n * c, d_in]
-    values = tr.outputs[value_name][rows, batch.subject_last]  # [n * c, d]
     n, c = len(requests), len(contexts)
-    return keys.view(n, c, -1).mean(1).float(), values.view(n, c, -1)[:, 0].float()
+
+    def at_subject(acts: torch.Tensor) -> torch.Tensor:  # [n, c, d]
+        return acts[rows, batch.subject_last].view(n, c, -1).float()
+
+    keys = {layer: at_subject(tr.inputs[name]).mean(1) for layer, name in key_names.items()}
+    return keys, at_subject(tr.outputs[value_name])[:, 0]
+
+
+def keys_and_values(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    contexts: Sequence[str],
+    layer: int,
+    value_layer: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys ``[n, d_in]`` at ``layer`` and values ``[n, d]`` at ``value_layer`` (one forward)."""
+    keys, values = subject_activations(model, tokenizer, requests, contexts, [layer], value_layer)
+    return keys[layer], values
 
 
 LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
