@@ -32,7 +32,8 @@ def _int_list(text: str) -> list[int]:
         ) from None
 
 
-def _key_value(text: str) -> tuple[str, Any]:
+def parse_key_value(text: str) -> tuple[str, Any]:
+    """``"NAME=VALUE"`` → ``(NAME, VALUE)``, VALUE read as JSON when it parses, else a string."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
@@ -124,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--layers", type=_int_list, help="edit layers, e.g. 4,5,6,7,8")
     edit.add_argument("--preset", help=f"hyper-parameter preset ({', '.join(preset_names())})")
     edit.add_argument(
-        "--set", dest="overrides", type=_key_value, action="append", default=[],
+        "--set", dest="overrides", type=parse_key_value, action="append", default=[],
         metavar="KEY=VALUE", help="override a hyper-parameter, e.g. --set v_lr=0.2 (repeatable)",
     )  # fmt: skip
     _add_stats_args(edit)
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stats_args(stats)
     stats.add_argument("--batch-size", type=int, default=8)
     stats.add_argument(
-        "--set", dest="overrides", type=_key_value, action="append", default=[],
+        "--set", dest="overrides", type=parse_key_value, action="append", default=[],
         metavar="KEY=VALUE", help="override a hyper-parameter, e.g. --set nullspace_threshold=0.02",
     )  # fmt: skip
     stats.set_defaults(func=cmd_stats)

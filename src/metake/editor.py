@@ -25,22 +25,25 @@ from metake.corpus import TextCorpus, load_corpus
 from metake.errors import MetakeError
 from metake.hparams import MemitHparams, memit_hparams
 from metake.models.adapters import get_adapter
+from metake.planners.metake import LOCALITY_PROMPTS, RefinedPlan, lookahead_targets
 from metake.planners.standard import TargetPlan, compute_targets, context_templates
 from metake.requests import EditRequest, parse_requests
-from metake.solvers.alphaedit import NullSpace, alphaedit_delta, null_space
+from metake.solvers.alphaedit import NullSpace, alphaedit_delta, alphaedit_gate, null_space
 from metake.solvers.memit import (
     apply_memit,
     apply_spread,
     keys_and_values,
+    memit_gate,
     subject_activations,
 )
-from metake.solvers.rome import rome_delta
+from metake.solvers.rome import rome_delta, rome_gate
 from metake.stats import StatsCache, get_second_moments
 from metake.tokens import encode_request
 
 log = logging.getLogger(__name__)
 
-METHODS = ("memit", "alphaedit", "rome")
+SOLVERS = ("rome", "memit", "alphaedit")
+METHODS = (*SOLVERS, "metake")
 DELTA_FILE = "metake_deltas.safetensors"
 EDITS_FILE = "metake_edits.json"
 
@@ -50,17 +53,21 @@ class EditReport:
     """What one ``edit()`` call did: timings, Stage I log, per-layer update norms."""
 
     method: str
+    solver: str
     preset: str
     layers: list[int]
     num_requests: int
     seconds: float  # Stage I + Stage II (statistics and context prefixes not included)
     seconds_statistics: float  # loading/computing C0 and the context prefixes (first edit)
-    seconds_stage1: float
+    seconds_stage1: float  # standard planner (and, for metake, its look-ahead)
     seconds_stage2: float
     stage1_steps: int
     stage1_history: list[dict[str, float]]
     stage1_target_prob: list[float]  # per request: P(target) with v* in place (Stage I's view)
     delta_norms: dict[int, float]
+    seconds_lookahead: float = 0.0  # metake: the look-ahead part of seconds_stage1
+    lookahead_history: list[dict[str, float]] = field(default_factory=list)  # metake, per step
+    lookahead_target_prob: list[float] = field(default_factory=list)  # under virtual weights
     statistics_tokens: dict[int, int] = field(default_factory=dict)  # corpus tokens behind C0
     null_space_rank: dict[int, int] = field(default_factory=dict)  # AlphaEdit's P, per layer
     hparams: dict[str, Any] = field(default_factory=dict)
@@ -83,12 +90,28 @@ class EditResult:
     requests: list[EditRequest]
 
 
+def resolve_method(method: str, solver: str | None = None) -> tuple[str, str]:
+    """``(method, solver)`` checked: ``metake`` runs over a solver (default ``alphaedit``)."""
+    if method not in METHODS:
+        raise MetakeError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    if solver is not None and solver not in SOLVERS:
+        raise MetakeError(f"unknown solver {solver!r}; available: {', '.join(SOLVERS)}")
+    if method == "metake":
+        return method, solver or "alphaedit"
+    if solver not in (None, method):
+        raise MetakeError(f"a solver is chosen for method 'metake' only; {method!r} is its own")
+    return method, method
+
+
 class Editor:
     """An editing session over one model: ``Editor(model, tokenizer).edit(requests)``.
 
     ``method`` is ``"memit"``, ``"alphaedit"`` (MEMIT's loop with AlphaEdit's null-space
-    projected update and its cache of earlier batches' keys, kept by this session only) or
-    ``"rome"`` (one rank-one update per request at the last edit layer, in order).
+    projected update and its cache of earlier batches' keys, kept by this session only),
+    ``"rome"`` (one rank-one update per request at the last edit layer, in order) or
+    ``"metake"``: the standard planner's targets refined by MetaKE's look-ahead through the
+    closed form of ``solver`` (any of the other three, default ``"alphaedit"``), which then
+    executes them. ``locality_prompts`` replaces MetaKE's generic locality prompts.
     Hyper-parameters come from the model's preset (or the fallback), then ``hparams`` (a full
     :class:`MemitHparams`) or keyword ``overrides`` such as ``layers=[4, 5]``, ``v_lr=0.5``.
     Statistics (C0 per edit layer) are computed once over ``corpus`` (default: the built-in
@@ -101,6 +124,7 @@ class Editor:
         tokenizer: PreTrainedTokenizerBase,
         method: str = "memit",
         *,
+        solver: str | None = None,
         hparams: MemitHparams | None = None,
         preset: str | None = None,
         model_id: str | None = None,
@@ -109,19 +133,20 @@ class Editor:
         use_stats_cache: bool = True,
         seed: int = 0,
         progress: bool = True,
+        locality_prompts: Iterable[str] | None = None,
         **overrides: Any,
     ) -> None:
-        if method not in METHODS:
-            raise MetakeError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+        self.method, self.solver = resolve_method(method, solver)
         self.model = model
         self.tokenizer = tokenizer
-        self.method = method
+        self.locality_prompts = tuple(LOCALITY_PROMPTS if locality_prompts is None
+                                      else locality_prompts)  # fmt: skip
         self.adapter = get_adapter(model)
         if hparams is None:
             hparams = memit_hparams(model.config, preset, **overrides)
         elif overrides:
             hparams = hparams.with_overrides(**overrides)
-        if method == "rome" and len(hparams.layers) > 1:
+        if self.solver == "rome" and len(hparams.layers) > 1:
             log.info("ROME edits one layer: using layer %d of %s", hparams.layers[-1],
                      list(hparams.layers))  # fmt: skip
             hparams = hparams.with_overrides(layers=[hparams.layers[-1]])
@@ -225,12 +250,13 @@ class Editor:
         snapshot = {layer: self.adapter.weight(self.model, layer).detach().clone()
                     for layer in hp.layers}  # fmt: skip
         try:
-            if self.method == "rome":
-                plans, deltas, stage1_seconds = self._edit_rome(parsed, contexts)
+            if self.solver == "rome":
+                plans, refined, deltas, timing = self._edit_rome(parsed, contexts)
             else:
-                plans = [compute_targets(self.model, self.tokenizer, parsed, hp, contexts)]
-                stage1_seconds = time.perf_counter() - start
-                deltas = self._solve(parsed, plans[0].v_target, contexts)
+                plan, refinement, timing = self._plan(parsed, contexts)
+                plans, refined = [plan], [refinement] if refinement else []
+                targets = refinement.v_target if refinement else plan.v_target
+                deltas = self._solve(parsed, targets, contexts)
             new_keys_cov = self._accumulated_keys(parsed, contexts)
         except BaseException:
             for layer, weight in snapshot.items():
@@ -242,8 +268,10 @@ class Editor:
             self._originals.setdefault(layer, weight)
         self._prev_keys_cov.update(new_keys_cov)
         self.history.extend(parsed)
+        stage1_seconds, lookahead_seconds = timing
         report = EditReport(
             method=self.method,
+            solver=self.solver,
             preset=hp.preset,
             layers=list(hp.layers),
             num_requests=len(parsed),
@@ -254,6 +282,9 @@ class Editor:
             stage1_steps=sum(plan.steps_run for plan in plans),
             stage1_history=[h for plan in plans for h in plan.history],
             stage1_target_prob=[math.exp(-nll) for plan in plans for nll in plan.final_nll],
+            seconds_lookahead=lookahead_seconds,
+            lookahead_history=[h for r in refined for h in r.history],
+            lookahead_target_prob=[math.exp(-nll) for r in refined for nll in r.final_nll],
             delta_norms={layer: float(d.norm()) for layer, d in deltas.items()},
             statistics_tokens={layer: self.stats_tokens[layer] for layer in hp.layers},
             null_space_rank={layer: ns.rank for layer, ns in self._null_spaces.items()},
@@ -266,9 +297,9 @@ class Editor:
     def _solve(
         self, requests: list[EditRequest], targets: torch.Tensor, contexts: list[str]
     ) -> dict[int, torch.Tensor]:
-        """Stage II with the session's method; edits the model in place."""
+        """Stage II with the session's solver; edits the model in place."""
         hp = self.hparams
-        if self.method == "memit":
+        if self.solver == "memit":
             return apply_memit(self.model, self.tokenizer, requests, targets, hp.layers,
                                self.second_moment, hp.mom2_update_weight, contexts)  # fmt: skip
 
@@ -280,30 +311,63 @@ class Editor:
         return apply_spread(self.model, self.tokenizer, requests, targets, hp.layers, contexts,
                             solve)  # fmt: skip
 
+    def _plan(
+        self, requests: list[EditRequest], contexts: list[str]
+    ) -> tuple[TargetPlan, RefinedPlan | None, tuple[float, float]]:
+        """Stage I (and MetaKE's look-ahead); returns plans and (planner, look-ahead) seconds."""
+        start = time.perf_counter()
+        plan = compute_targets(self.model, self.tokenizer, requests, self.hparams, contexts)
+        if self.method != "metake":
+            return plan, None, (time.perf_counter() - start, 0.0)
+        middle = time.perf_counter()
+        keys, _ = keys_and_values(self.model, self.tokenizer, requests, contexts, plan.layer,
+                                  plan.layer)  # fmt: skip
+        refined = lookahead_targets(self.model, self.tokenizer, requests, plan,
+                                    self.gate(plan.layer, keys), self.hparams, contexts,
+                                    self.locality_prompts)  # fmt: skip
+        end = time.perf_counter()
+        return plan, refined, (end - start, end - middle)
+
+    def gate(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+        """The solver's linear map ``M`` (``[n, d_in]``) at ``layer``: its update is ``R^T M``.
+
+        ``keys`` are the batch's keys at ``layer`` (``[n, d_in]``); uses the session's C0, and
+        for AlphaEdit its projector and accumulated key cache, exactly as the solver will.
+        """
+        hp = self.hparams
+        if self.solver == "memit":
+            return memit_gate(keys, self.second_moment(layer), hp.mom2_update_weight)
+        if self.solver == "alphaedit":
+            prev = self._prev_keys(layer, keys.shape[1])
+            projector = self.null_space(layer).projector
+            return alphaedit_gate(keys, projector, prev, hp.alphaedit_lambda)
+        return rome_gate(keys, self.second_moment(layer))
+
     def _edit_rome(
         self, requests: list[EditRequest], contexts: list[str]
-    ) -> tuple[list[TargetPlan], dict[int, torch.Tensor], float]:
+    ) -> tuple[list[TargetPlan], list[RefinedPlan], dict[int, torch.Tensor], tuple[float, float]]:
         """ROME: plan and apply one rank-one update per request, in order; edits in place."""
         layer = self.hparams.layers[-1]
-        plans, total, stage1_seconds = [], None, 0.0
+        plans, refined, total, seconds = [], [], None, (0.0, 0.0)
         for request in requests:
-            start = time.perf_counter()
-            plan = compute_targets(self.model, self.tokenizer, [request], self.hparams, contexts)
-            stage1_seconds += time.perf_counter() - start
+            plan, refinement, timing = self._plan([request], contexts)
+            seconds = (seconds[0] + timing[0], seconds[1] + timing[1])
+            target = refinement.v_target if refinement else plan.v_target
             keys, values = keys_and_values(
                 self.model, self.tokenizer, [request], contexts, layer, layer
             )
-            delta = rome_delta(keys[0], plan.v_target[0] - values[0], self.second_moment(layer))
+            delta = rome_delta(keys[0], target[0] - values[0], self.second_moment(layer))
             self.adapter.add_to_weight(self.model, layer, delta)
             total = delta.float().cpu() if total is None else total + delta.float().cpu()
             plans.append(plan)
-        return plans, {layer: total}, stage1_seconds
+            refined += [refinement] if refinement else []
+        return plans, refined, {layer: total}, seconds
 
     def _accumulated_keys(
         self, requests: list[EditRequest], contexts: list[str]
     ) -> dict[int, torch.Tensor]:
         """AlphaEdit: ``C_prev + K K^T`` per layer, keys recomputed on the edited model."""
-        if self.method != "alphaedit":
+        if self.solver != "alphaedit":
             return {}
         layers = self.hparams.layers
         keys, _ = subject_activations(self.model, self.tokenizer, requests, contexts, layers,
@@ -349,10 +413,11 @@ class Editor:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         deltas = self.accumulated_deltas()
-        meta = {"method": self.method, "model_id": self.model_id}
+        meta = {"method": self.method, "solver": self.solver, "model_id": self.model_id}
         save_file(deltas, str(path / DELTA_FILE), metadata=meta)
         edits = {
             "method": self.method,
+            "solver": self.solver,
             "model_id": self.model_id,
             "hparams": self.hparams.to_dict(),
             "requests": [r.to_dict() for r in self.history],

@@ -38,6 +38,12 @@ class MemitHparams:
     nullspace_threshold: float = 1e-2
     nullspace_relative: bool = False  # threshold as a fraction of C0's largest eigenvalue
     alphaedit_lambda: float = 10.0
+    # MetaKE (method="metake"): look-ahead refinement of the targets through the solver's gate
+    metake_steps: int = 15
+    metake_lr: float = 5e-3
+    metake_edit_weight: float = 1.0  # NLL of the targets under the virtual weights
+    metake_locality_weight: float = 1.0  # KL(original || virtual) on the locality prompts
+    metake_reg_weight: float = 1.0  # ||v* - v_plan||^2, v_plan being Stage I's target
     preset: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -47,12 +53,14 @@ class MemitHparams:
             raise ValueError(f"hparams: 'layers' must be ascending and distinct, got {self.layers}")
         if self.mom2_dtype not in ("float32", "float64"):
             raise ValueError("hparams: 'mom2_dtype' must be 'float32' or 'float64'")
-        positive = ("v_lr", "mom2_update_weight", "mom2_samples", "mom2_max_length")
+        positive = ("v_lr", "mom2_update_weight", "mom2_samples", "mom2_max_length", "metake_lr")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"hparams: {name!r} must be positive")
-        if self.v_steps < 0:
-            raise ValueError("hparams: 'v_steps' must be >= 0")
+        for name in ("v_steps", "metake_steps", "metake_edit_weight", "metake_locality_weight",
+                     "metake_reg_weight", "alphaedit_lambda"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ValueError(f"hparams: {name!r} must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (lists instead of tuples), for reports and JSON."""

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from metake.planners.standard import mean_per_row
 from metake.requests import EditRequest
-from metake.tokens import encode_request
+from metake.tokens import encode_request, pad_batch
 
 
 @torch.no_grad()
@@ -36,3 +37,26 @@ def target_probability(
     logits = model(input_ids=ids).logits[0, enc.target_positions].float()
     logp = torch.log_softmax(logits, dim=-1)
     return float(logp.gather(-1, torch.tensor(enc.target_ids, device=device)[:, None]).sum().exp())
+
+
+@torch.no_grad()
+def token_accuracy(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: list[EditRequest],
+    batch_size: int = 16,
+) -> list[float]:
+    """Teacher-forced target-token accuracy per request (``[n]`` floats in [0, 1]).
+
+    The fraction of ``target_new``'s tokens that are the argmax next token, each given the
+    filled prompt and the target tokens before it: zsRE's Efficacy/Generalisation metric.
+    """
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    for start in range(0, len(requests), batch_size):
+        chunk = [encode_request(tokenizer, r) for r in requests[start : start + batch_size]]
+        batch = pad_batch(chunk, tokenizer.pad_token_id or 0).to(device)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        hits = logits[batch.target_rows, batch.target_positions].argmax(-1) == batch.target_ids
+        scores += mean_per_row(hits.float(), batch.target_rows, len(chunk)).tolist()
+    return scores

@@ -106,3 +106,24 @@ def add_at_positions(
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def add_low_rank(module: nn.Module, down: torch.Tensor, up: torch.Tensor) -> Iterator[None]:
+    """Make a linear module act as ``W + (down @ up)^T``: output ``+= (input @ down) @ up``.
+
+    ``down`` is ``[d_in, r]`` and ``up`` is ``[r, d_out]``; the module's weight is not touched
+    (the change is computed from its input at every position), and gradients flow into both
+    factors. This is how a weight update ``Delta = up^T down^T`` is tried out functionally.
+    """
+
+    def hook(_module, args, output):
+        hidden = main_tensor(output)
+        change = (args[0].to(down.dtype) @ down) @ up
+        return _replace_main_tensor(output, hidden + change.to(hidden.dtype))
+
+    handle = module.register_forward_hook(hook, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -30,7 +30,13 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from metake.hparams import MemitHparams
 from metake.models.adapters import ArchAdapter, get_adapter
 from metake.requests import EditRequest
-from metake.tokens import PromptBatch, document_start, encode_request, pad_batch
+from metake.tokens import (
+    EncodedPrompt,
+    PromptBatch,
+    document_start,
+    encode_request,
+    pad_batch,
+)
 from metake.trace import add_at_positions, capture
 
 log = logging.getLogger(__name__)
@@ -109,7 +115,7 @@ class PlannerBatch:
     """All prompts of one batch: rewriting prompts (every request x context) then KL prompts."""
 
     batch: PromptBatch
-    request_of_row: torch.Tensor  # [B]
+    request_of_row: torch.Tensor  # [rewriting + KL rows]
     num_requests: int
     num_contexts: int
 
@@ -132,14 +138,19 @@ def build_planner_batch(
     requests: Sequence[EditRequest],
     contexts: Sequence[str],
     kl_prompt: str,
+    extra: Sequence[EncodedPrompt] = (),
 ) -> PlannerBatch:
-    """Encode every (request, context) prompt with its target, then every KL prompt."""
+    """Encode every (request, context) prompt with its target, every KL prompt, then ``extra``.
+
+    ``request_of_row`` covers the rewriting and KL rows only; ``extra`` rows come after them.
+    """
     if contexts[0] != "":
         raise ValueError("the first context prefix must be the empty one")
     encoded = [encode_request(tokenizer, r, c) for r in requests for c in contexts]
     encoded += [
         encode_request(tokenizer, r, with_target=False, prompt_template=kl_prompt) for r in requests
     ]
+    encoded += list(extra)
     rows = [i for i in range(len(requests)) for _ in contexts] + list(range(len(requests)))
     return PlannerBatch(
         batch=pad_batch(encoded, tokenizer.pad_token_id),

@@ -55,6 +55,22 @@ def null_space(mom2: torch.Tensor, threshold: float, relative: bool = False) -> 
     return NullSpace(basis @ basis.T, rank, cutoff, float(values.max()))
 
 
+def alphaedit_gate(
+    keys: torch.Tensor, projector: torch.Tensor, prev_keys_cov: torch.Tensor, lam2: float
+) -> torch.Tensor:
+    """AlphaEdit's linear map ``M = (P (K K^T + C_prev) + lambda_2 I)^-1 P K``, transposed.
+
+    ``keys`` is ``[n, d_in]``, ``projector`` P and ``prev_keys_cov`` (the accumulated
+    ``K_prev K_prev^T`` of earlier batches, zeros for the first one) are ``[d_in, d_in]``.
+    Returns ``M`` as ``[n, d_in]`` (float64); the update for residuals ``R`` is ``R^T M``.
+    """
+    k = keys.double().T  # [d_in, n]
+    p = projector.double().to(k.device)
+    system = p @ (k @ k.T + prev_keys_cov.double().to(k.device))
+    system += lam2 * torch.eye(system.shape[0], dtype=torch.float64, device=k.device)
+    return torch.linalg.solve(system, p @ k).T
+
+
 def alphaedit_delta(
     keys: torch.Tensor,
     resid: torch.Tensor,
@@ -67,9 +83,5 @@ def alphaedit_delta(
     ``projector`` is P (``[d_in, d_in]``), ``prev_keys_cov`` the accumulated ``K_prev K_prev^T``
     of earlier batches (``[d_in, d_in]``, zeros for the first one).
     """
-    k = keys.double().T  # [d_in, n]
-    r = resid.double().T  # [d_out, n]
-    p = projector.double().to(k.device)
-    system = p @ (k @ k.T + prev_keys_cov.double().to(k.device))
-    system += lam2 * torch.eye(system.shape[0], dtype=torch.float64, device=k.device)
-    return torch.linalg.solve(system, p @ k @ r.T).T  # [d_out, d_in]
+    gate = alphaedit_gate(keys, projector, prev_keys_cov, lam2)
+    return resid.double().to(gate.device).T @ gate

@@ -25,15 +25,22 @@ from metake.tokens import encode_request, pad_batch
 from metake.trace import capture
 
 
+def memit_gate(keys: torch.Tensor, mom2: torch.Tensor, lam: float) -> torch.Tensor:
+    """MEMIT's linear map ``M = K^T (lambda C0 + K K^T)^-1`` (``[n, d_in]``, float64).
+
+    ``keys`` is ``[n, d_in]``; the update for residuals ``R`` (``[n, d_out]``) is ``R^T M``.
+    """
+    k = keys.double().T  # [d_in, n]
+    system = lam * mom2.double().to(k.device) + k @ k.T  # [d_in, d_in], symmetric positive
+    return torch.linalg.solve(system, k).T  # (lambda C0 + K K^T)^-1 is symmetric
+
+
 def memit_delta(
     keys: torch.Tensor, resid: torch.Tensor, mom2: torch.Tensor, lam: float
 ) -> torch.Tensor:
     """MEMIT's update ``[d_out, d_in]`` from keys ``[n, d_in]``, residuals ``[n, d_out]``, C0."""
-    k = keys.double().T  # [d_in, n]
-    r = resid.double().T  # [d_out, n]
-    system = lam * mom2.double().to(k.device) + k @ k.T  # [d_in, d_in], symmetric positive
-    adj = torch.linalg.solve(system, k)  # [d_in, n] = (lambda C0 + K K^T)^-1 K
-    return r @ adj.T
+    gate = memit_gate(keys, mom2, lam)
+    return resid.double().to(gate.device).T @ gate
 
 
 @torch.no_grad()

@@ -1,0 +1,146 @@
+"""Sequential zsRE editing, a first look: Efficacy and time per edit for several methods.
+
+Takes ``--edits`` consecutive zsRE records (from ``--start``), edits them into the model in
+batches of ``--batch-size`` one after another with each method (restoring the original weights
+between methods), then measures Efficacy on every edited record: teacher-forced accuracy of the
+target tokens (``answers[0]``, the paper's protocol) given the question ``src``. Pre-edit
+Efficacy is measured too. The full harness (Generalisation, Specificity, seeds) is
+``metake bench`` (issue 5); this script is the quick comparison.
+
+    python benchmarks/zsre_sequential.py --model smollm2-135m \\
+        --data ../shared/data/zsre/zsre_1k.json --edits 50 --batch-size 10 \\
+        --methods memit,alphaedit,metake --solver alphaedit \\
+        --out benchmarks/results/zsre_sequential_smollm2
+
+Writes ``OUT.json`` (config, per-record scores, per-batch timings, MetaKE's look-ahead log)
+after every method, and ``OUT.md`` (a table with the command above it) at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import metake
+from metake import Editor, load_model, load_requests
+from metake.cli import parse_key_value
+from metake.probe import token_accuracy
+
+
+def run_method(model, tok, requests, method: str, args, overrides) -> dict:
+    """Edit ``requests`` in batches with ``method``; Efficacy afterwards; restores the model."""
+    solver = args.solver if method == "metake" else None
+    editor = Editor(model, tok, method, solver=solver, model_id=args.model, progress=False,
+                    seed=args.seed, **overrides)  # fmt: skip
+    editor.load_statistics()
+    batches, seconds = [], 0.0
+    steps = range(0, len(requests), args.batch_size)
+    for start in tqdm(steps, desc=f"{method} batches", unit="batch"):
+        begin = time.perf_counter()
+        result = editor.edit(requests[start : start + args.batch_size])
+        seconds += time.perf_counter() - begin
+        report = result.report
+        history = report.lookahead_history
+        batches.append(
+            {
+                "seconds": report.seconds,
+                "seconds_stage1": report.seconds_stage1,
+                "seconds_lookahead": report.seconds_lookahead,
+                "stage1_target_prob": report.stage1_target_prob,
+                "lookahead_first": history[0] if history else None,
+                "lookahead_last": history[-1] if history else None,
+            }
+        )
+    scores = token_accuracy(model, tok, requests)
+    editor.restore()
+    return {
+        "method": method,
+        "solver": editor.solver,
+        "hparams": editor.hparams.to_dict(),
+        "efficacy": 100 * statistics.mean(scores),
+        "efficacy_per_record": scores,
+        "seconds_total": seconds,  # edit() wall time, statistics loading included
+        "seconds_per_edit": seconds / len(requests),
+        "batches": batches,
+    }
+
+
+def main() -> int:
+    """Run every method and write the results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default="../shared/data/zsre/zsre_1k.json")
+    parser.add_argument("--start", type=int, default=0, help="index of the first record")
+    parser.add_argument("--edits", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--methods", default="memit,alphaedit,metake")
+    parser.add_argument("--solver", default="alphaedit", help="the solver under 'metake'")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="hyper-parameter override for every method (repeatable)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="benchmarks/results/zsre_sequential_smollm2")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    overrides = dict(parse_key_value(x) for x in args.set)
+    records = json.loads(Path(args.data).read_text(encoding="utf-8"))
+    chosen = records[args.start : args.start + args.edits]
+    if len(chosen) < args.edits:
+        parser.error(f"{args.data} has only {len(records)} records")
+    requests = load_requests(args.data)[args.start : args.start + args.edits]
+    model, tok = load_model(args.model, device=args.device)
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "command": command,
+        "metake_version": metake.__version__,
+        "torch_version": torch.__version__,
+        "model": args.model,
+        "data": args.data,
+        "target_field": "answers[0]",
+        "records": [args.start, args.start + args.edits],
+        "batch_size": args.batch_size,
+        "overrides": overrides,
+        "pre_edit_efficacy": 100 * statistics.mean(token_accuracy(model, tok, requests)),
+        "methods": [],
+    }
+    for method in args.methods.split(","):
+        result["methods"].append(run_method(model, tok, requests, method, args, overrides))
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+        row = result["methods"][-1]
+        print(f"{method}: efficacy {row['efficacy']:.1f}%, {row['seconds_per_edit']:.1f} s/edit",
+              file=sys.stderr)  # fmt: skip
+    lines = [
+        f"# Sequential zsRE editing on {args.model}: a first look",
+        "",
+        f"`{command}`",
+        "",
+        f"zsRE records {args.start}–{args.start + args.edits - 1} of {args.data} (target "
+        f"`answers[0]`), edited in batches of {args.batch_size} one after another; Efficacy "
+        "(teacher-forced target-token accuracy on `src`) of all edited records after the last "
+        f"batch; device {args.device}, torch {torch.__version__}, metake {metake.__version__}.",
+        "",
+        "| method | Eff. (%) | seconds per edit |",
+        "|---|---|---|",
+        f"| (unedited) | {result['pre_edit_efficacy']:.1f} | – |",
+    ]
+    for row in result["methods"]:
+        name = row["method"] + (f" + {row['solver']}" if row["method"] == "metake" else "")
+        lines.append(f"| {name} | {row['efficacy']:.1f} | {row['seconds_per_edit']:.1f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""MetaKE's look-ahead planner: refine Stage I's targets through the solver's own closed form.
+
+The paper (Sec. 4, Algorithm 1) treats the target ``V*`` (``[n, d]``, one row per request, at the
+last edit layer ``L``) as a meta-parameter. Every solver of metake computes, at one layer, an
+update that is *linear* in the residual ``R = V* - Z`` (``Z``: the layer's current output at
+the subject's last token):
+
+    Delta_L = R^T M        with the gate M ([n, d_in]) of the chosen solver:
+    MEMIT      M = K^T (lambda C0 + K K^T)^-1
+    AlphaEdit  M = ((P (K K^T + C_prev) + lambda_2 I)^-1 P K)^T
+    ROME       row i = (C0^-1 k_i)^T / (k_i^T C0^-1 k_i)
+
+(``K``: keys at layer ``L``, ``[n, d_in]``; see :mod:`metake.solvers`). The look-ahead applies
+the virtual weights ``W_L + Delta_L`` functionally (a forward hook adds ``(k M^T) R`` to the MLP
+output projection's output at every position of every prompt; the model's weights are never
+written) and minimises, with Adam for ``metake_steps`` steps,
+
+    L_meta = w_edit * NLL(targets | virtual weights)      (rewrite prompts with context prefixes)
+           + w_loc  * KL(P_original || P_virtual)         (locality prompts, see below)
+           + w_reg  * ||V* - V_plan||^2                   (V_plan: Stage I's target)
+
+Because ``Delta_L`` is linear in ``V*``, autograd through the hook gives exactly the paper's
+proxy gradient ``(dL/dDelta_L) M^T`` (task signal times structural gate), Eq. 8. The locality set
+never uses evaluation data: it is each request's ``"{subject} is a"`` prompt (KL at the positions
+from the subject's last token on) and :data:`LOCALITY_PROMPTS`, generic sentences shipped with
+the package (KL at every position). The chosen solver then executes with the refined ``V*``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from metake.hparams import MemitHparams
+from metake.models.adapters import ArchAdapter, get_adapter
+from metake.planners.standard import (
+    PlannerBatch,
+    TargetPlan,
+    base_hidden,
+    build_planner_batch,
+    mean_per_row,
+    target_log_probs,
+)
+from metake.requests import EditRequest
+from metake.tokens import EncodedPrompt, special_prefix
+from metake.trace import add_low_rank
+
+log = logging.getLogger(__name__)
+
+LOCALITY_PROMPTS = (
+    "The weather this morning was",
+    "My favourite thing to cook is",
+    "The meeting will start at",
+    "Once upon a time, there was a",
+    "The best way to learn a language is",
+    "After school, the children went to the",
+    "The results of the experiment showed that",
+    "She opened the door and saw",
+    "A healthy breakfast usually includes",
+    "The train to the city leaves every",
+    "Music can make people feel",
+    "He wrote a long letter to his",
+    "The price of the new phone is",
+    "In the evening we like to",
+    "The old bridge over the river was",
+    "To make a cup of tea, first",
+)
+"""Generic locality prompts (not taken from any evaluation set), used by every MetaKE edit."""
+
+
+@dataclass
+class RefinedPlan:
+    """MetaKE's output: refined targets ``v_target`` (``[n, d]``) and the look-ahead log."""
+
+    v_target: torch.Tensor
+    history: list[dict[str, float]] = field(default_factory=list)
+    final_nll: list[float] = field(default_factory=list)  # per request, under virtual weights
+
+
+@dataclass
+class LocalityBatch:
+    """Where the locality KL is read: ``rows``/``positions`` (``[P]``) into the joint batch."""
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+    prompt_of_position: torch.Tensor  # [P], 0..num_prompts-1
+    num_prompts: int
+
+    def to(self, device: torch.device | str) -> LocalityBatch:
+        """The same index tensors on ``device``."""
+        return LocalityBatch(self.rows.to(device), self.positions.to(device),
+                             self.prompt_of_position.to(device), self.num_prompts)  # fmt: skip
+
+
+def _joint_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    contexts: Sequence[str],
+    kl_prompt: str,
+    locality_prompts: Sequence[str],
+) -> tuple[PlannerBatch, LocalityBatch]:
+    """Rewrite prompts, then ``kl_prompt`` per request, then the generic prompts: one batch."""
+    prefix = special_prefix(tokenizer)
+    generic = [prefix + list(tokenizer(p, add_special_tokens=False)["input_ids"])
+               for p in locality_prompts]  # fmt: skip
+    extra = [EncodedPrompt(ids, len(ids) - 1) for ids in generic]
+    planner = build_planner_batch(tokenizer, requests, contexts, kl_prompt, extra)
+    lengths = planner.batch.attention_mask.sum(1).tolist()
+    starts = planner.batch.subject_last.tolist()
+    locality_rows = planner.kl_rows().tolist()
+    locality_rows += list(range(locality_rows[-1] + 1, len(lengths)))
+    rows, positions, owner = [], [], []
+    for j, row in enumerate(locality_rows):
+        start = starts[row] if j < planner.num_requests else 0  # subject prompts: from subject
+        rows += [row] * (lengths[row] - start)
+        positions += list(range(start, lengths[row]))
+        owner += [j] * (lengths[row] - start)
+    locality = LocalityBatch(
+        rows=torch.tensor(rows, dtype=torch.long),
+        positions=torch.tensor(positions, dtype=torch.long),
+        prompt_of_position=torch.tensor(owner, dtype=torch.long),
+        num_prompts=len(locality_rows),
+    )
+    return planner, locality
+
+
+def _locality_log_probs(
+    model: nn.Module, adapter: ArchAdapter, hidden: torch.Tensor, locality: LocalityBatch
+) -> torch.Tensor:
+    """Next-token log-probabilities ``[P, vocab]`` at the locality positions."""
+    h = hidden[locality.rows, locality.positions]
+    return torch.log_softmax(adapter.logits(model, h).float(), dim=-1)
+
+
+def lookahead_targets(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    plan: TargetPlan,
+    gate: torch.Tensor,
+    hparams: MemitHparams,
+    contexts: Sequence[str],
+    locality_prompts: Sequence[str] = LOCALITY_PROMPTS,
+) -> RefinedPlan:
+    """Refine ``plan.v_target`` (``[n, d]``) through the solver's ``gate`` (``[n, d_in]``).
+
+    ``plan.v_init`` is the layer's current output ``Z`` at the subject's last token; the model is
+    left exactly as it was (virtual weights only). Returns the refined targets and, per step,
+    the meta-loss and its three terms (step 0 is the Stage I target itself).
+    """
+    adapter = get_adapter(model)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    planner, locality = _joint_batch(tokenizer, requests, contexts, hparams.kl_prompt,
+                                     locality_prompts)  # fmt: skip
+    batch = planner.batch.to(device)
+    locality = locality.to(device)
+    n = planner.num_requests
+    rewrite_rows = planner.num_rewrite_rows
+    request_of_row = planner.request_of_row[:rewrite_rows].to(device)
+    with torch.no_grad():
+        original = _locality_log_probs(model, adapter, base_hidden(model, batch), locality)
+
+    current = plan.v_init.to(device=device, dtype=torch.float32)  # Z, [n, d]
+    v_plan = plan.v_target.to(device=device, dtype=torch.float32)
+    v_star = v_plan.clone().requires_grad_(True)
+    down = gate.to(device=device, dtype=dtype).T  # [d_in, n]
+    module = adapter.mlp_out(model, plan.layer)
+    optimizer = torch.optim.Adam([v_star], lr=hparams.metake_lr)
+    history: list[dict[str, float]] = []
+    nll = torch.zeros(n)
+    for step in range(hparams.metake_steps + 1):
+        with add_low_rank(module, down, (v_star - current).to(dtype)):
+            hidden = base_hidden(model, batch)
+        logp = target_log_probs(model, adapter, hidden, batch)
+        row_nll = -mean_per_row(logp, batch.target_rows, batch.input_ids.shape[0])
+        nll = mean_per_row(row_nll[:rewrite_rows], request_of_row, n)  # [n]
+        edited = _locality_log_probs(model, adapter, hidden, locality)
+        kl_pos = (original.exp() * (original - edited)).sum(-1)  # KL(original || virtual), [P]
+        kl = mean_per_row(kl_pos, locality.prompt_of_position, locality.num_prompts).mean()
+        reg = ((v_star - v_plan) ** 2).sum(-1).mean()
+        loss = (hparams.metake_edit_weight * nll.mean() + hparams.metake_locality_weight * kl
+                + hparams.metake_reg_weight * reg)  # fmt: skip
+        history.append({"step": step, "edit_nll": nll.mean().item(), "locality_kl": kl.item(),
+                        "reg": reg.item(), "loss": loss.item()})  # fmt: skip
+        log.debug("metake look-ahead step %d: %s", step, history[-1])
+        if step == hparams.metake_steps:
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return RefinedPlan(
+        v_target=v_star.detach(), history=history, final_nll=nll.detach().cpu().tolist()
+    )

@@ -1,0 +1,259 @@
+"""MetaKE's look-ahead planner: the proxy gradient, the locality set, sessions on tiny models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_editor import REQUESTS, _editor, _state
+from tiny_models import tiny_model, tiny_tokenizer
+from torch.func import functional_call
+
+import metake.editor as editor_module
+from metake import MetakeError
+from metake.editor import Editor, resolve_method
+from metake.hparams import MemitHparams
+from metake.models.adapters import get_adapter
+from metake.planners.metake import LOCALITY_PROMPTS, _joint_batch, lookahead_targets
+from metake.planners.standard import (
+    TargetPlan,
+    base_hidden,
+    build_planner_batch,
+    mean_per_row,
+    target_log_probs,
+)
+from metake.requests import parse_requests
+from metake.solvers.alphaedit import alphaedit_delta, alphaedit_gate, null_space
+from metake.solvers.memit import keys_and_values, memit_delta, memit_gate
+from metake.solvers.rome import rome_delta, rome_gate
+from metake.trace import add_low_rank
+
+LAYER = 1
+CONTEXTS = ["", "Some words. "]
+
+
+def _problem(num_requests: int):
+    """A float64 tiny Llama, parsed requests, their keys/values at LAYER, a C0 and a batch."""
+    model = tiny_model("llama").double()
+    tok = tiny_tokenizer()
+    requests = parse_requests(REQUESTS[:num_requests])
+    keys, values = keys_and_values(model, tok, requests, CONTEXTS, LAYER, LAYER)
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(keys.shape[1], 2 * keys.shape[1], generator=g, dtype=torch.float64)
+    mom2 = a @ a.T / a.shape[1]
+    batch = build_planner_batch(tok, requests, CONTEXTS, "{} is a").batch
+    targets = values.double() + 0.5 * torch.randn(values.shape, generator=g, dtype=torch.float64)
+    return model, requests, keys.double(), values.double(), mom2, batch, targets
+
+
+def _edit_nll(model, batch) -> torch.Tensor:
+    """Mean target NLL over the batch's rewriting rows (a scalar meta-loss stand-in)."""
+    adapter = get_adapter(model)
+    logp = target_log_probs(model, adapter, base_hidden(model, batch), batch)
+    return -mean_per_row(logp, batch.target_rows, batch.input_ids.shape[0]).mean()
+
+
+def _gates(keys, mom2):
+    """Each solver's gate and its closed-form update as a function of the residuals."""
+    ns = null_space(mom2, 0.5, relative=True)
+    prev = 0.3 * mom2
+    return {
+        "memit": (memit_gate(keys, mom2, 7.0), lambda r: memit_delta(keys, r, mom2, 7.0)),
+        "alphaedit": (
+            alphaedit_gate(keys, ns.projector, prev, 2.0),
+            lambda r: alphaedit_delta(keys, r, ns.projector, prev, 2.0),
+        ),
+        "rome": (
+            rome_gate(keys, mom2),
+            lambda r: sum(rome_delta(k, ri, mom2) for k, ri in zip(keys, r, strict=True)),
+        ),
+    }
+
+
+@pytest.mark.parametrize("solver", ["memit", "alphaedit", "rome"])
+@pytest.mark.parametrize("num_requests", [1, 2])
+def test_proxy_gradient_equals_autograd_through_the_closed_form(solver, num_requests):
+    """Task signal dL/dDelta times the gate M^T == d L(W + Delta*(V*)) / dV*, in float64."""
+    model, _, keys, values, mom2, batch, targets = _problem(num_requests)
+    gate, solve = _gates(keys, mom2)[solver]
+    adapter = get_adapter(model)
+    module = adapter.mlp_out(model, LAYER)
+    weight_name = adapter.mlp_out_name(LAYER) + ".weight"
+    weight = module.weight.detach()
+
+    # (a) autograd through the solver's own closed form, the weight replaced functionally
+    v_a = targets.clone().requires_grad_(True)
+    delta = solve(v_a - values)  # [d_out, d_in]
+    loss_a = _functional_nll(model, weight_name, weight + delta, batch)
+    (grad_a,) = torch.autograd.grad(loss_a, v_a)
+
+    # (b) the planner's path: the low-rank hook with the gate, autograd into V*
+    v_b = targets.clone().requires_grad_(True)
+    with add_low_rank(module, gate.T, v_b - values):
+        loss_b = _edit_nll(model, batch)
+    (grad_b,) = torch.autograd.grad(loss_b, v_b)
+
+    # (c) the paper's Eq. 8 written out: task signal at Delta_proxy, times the gate
+    delta_c = (solve(targets - values)).clone().requires_grad_(True)
+    with add_low_rank(module, delta_c.T, torch.eye(delta_c.shape[0], dtype=torch.float64)):
+        loss_c = _edit_nll(model, batch)
+    (task_signal,) = torch.autograd.grad(loss_c, delta_c)  # [d_out, d_in]
+    grad_c = gate @ task_signal.T  # [n, d_out]
+
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(grad_c, grad_a, rtol=1e-7, atol=1e-10)
+    assert grad_a.abs().max() > 0
+
+
+def _functional_nll(model, weight_name, weight, batch) -> torch.Tensor:
+    adapter = get_adapter(model)
+    out = functional_call(model.base_model, {weight_name.removeprefix("model."): weight}, (),
+                          {"input_ids": batch.input_ids,
+                           "attention_mask": batch.attention_mask})  # fmt: skip
+    logp = target_log_probs(model, adapter, out[0], batch)
+    return -mean_per_row(logp, batch.target_rows, batch.input_ids.shape[0]).mean()
+
+
+def test_gates_reproduce_their_solvers_updates():
+    _, _, keys, values, mom2, _, targets = _problem(2)
+    for solver, (gate, solve) in _gates(keys, mom2).items():
+        resid = targets - values
+        torch.testing.assert_close((resid.T @ gate), solve(resid), msg=solver)
+
+
+def _plan_for(model, tok, requests, hp, contexts) -> TargetPlan:
+    _, values = keys_and_values(model, tok, requests, contexts, hp.layers[-1], hp.layers[-1])
+    g = torch.Generator().manual_seed(5)
+    target = values + torch.randn(values.shape, generator=g)
+    return TargetPlan(hp.layers[-1], values, target, 0)
+
+
+def test_lookahead_leaves_the_model_untouched_and_logs_every_step():
+    model = tiny_model("llama")
+    tok = tiny_tokenizer()
+    requests = parse_requests(REQUESTS)
+    hp = MemitHparams(layers=(0, 1), metake_steps=4, metake_lr=0.01)
+    plan = _plan_for(model, tok, requests, hp, CONTEXTS)
+    keys, _ = keys_and_values(model, tok, requests, CONTEXTS, 1, 1)
+    gate = memit_gate(keys, torch.eye(keys.shape[1]), 1.0)
+    state = _state(model)
+    refined = lookahead_targets(model, tok, requests, plan, gate, hp, CONTEXTS)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    assert all(not m._forward_hooks for m in model.modules())
+    assert [h["step"] for h in refined.history] == [0, 1, 2, 3, 4]
+    assert set(refined.history[0]) == {"step", "edit_nll", "locality_kl", "reg", "loss"}
+    assert refined.history[0]["reg"] == 0.0  # V* starts at Stage I's target
+    assert not torch.equal(refined.v_target, plan.v_target)
+    assert refined.history[-1]["loss"] < refined.history[0]["loss"]
+
+
+def test_zero_residual_means_no_locality_change():
+    model = tiny_model("llama")
+    tok = tiny_tokenizer()
+    requests = parse_requests(REQUESTS)
+    hp = MemitHparams(layers=(1,), metake_steps=0)
+    plan = _plan_for(model, tok, requests, hp, CONTEXTS)
+    plan.v_target = plan.v_init.clone()  # V* = Z: the virtual update is zero
+    keys, _ = keys_and_values(model, tok, requests, CONTEXTS, 1, 1)
+    gate = memit_gate(keys, torch.eye(keys.shape[1]), 1.0)
+    refined = lookahead_targets(model, tok, requests, plan, gate, hp, CONTEXTS)
+    assert refined.history[0]["locality_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert refined.history[0]["reg"] == 0.0
+
+
+def test_locality_set_is_subject_prompts_and_generic_prompts():
+    tok = tiny_tokenizer()
+    requests = parse_requests(REQUESTS)
+    planner, locality = _joint_batch(tok, requests, CONTEXTS, "{} is a", LOCALITY_PROMPTS[:3])
+    assert locality.num_prompts == len(requests) + 3
+    batch = planner.batch
+    for j, row in enumerate(planner.kl_rows().tolist()):  # subject prompts: from the subject on
+        positions = locality.positions[locality.prompt_of_position == j].tolist()
+        length = int(batch.attention_mask[row].sum())
+        assert positions == list(range(int(batch.subject_last[row]), length))
+    for j, prompt in enumerate(LOCALITY_PROMPTS[:3]):  # generic prompts: every position
+        mine = locality.prompt_of_position == len(requests) + j
+        rows = set(locality.rows[mine].tolist())
+        assert len(rows) == 1
+        assert locality.positions[mine].tolist() == list(range(int(mine.sum())))
+        ids = batch.input_ids[rows.pop(), : int(mine.sum())].tolist()
+        assert ids == tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("solver", ["memit", "alphaedit", "rome"])
+def test_metake_without_steps_is_the_plain_solver(solver, tmp_path):
+    """With zero look-ahead steps V* is Stage I's target, so the edit equals the solver's own."""
+    plain = _editor(tiny_model("llama"), tmp_path, method=solver).edit(REQUESTS)
+    meta = _editor(tiny_model("llama"), tmp_path, method="metake", solver=solver,
+                   metake_steps=0).edit(REQUESTS)  # fmt: skip
+    assert meta.report.solver == solver and meta.report.method == "metake"
+    assert len(meta.report.lookahead_history) == (2 if solver == "rome" else 1)
+    for name, delta in plain.deltas.items():
+        torch.testing.assert_close(meta.deltas[name], delta)
+
+
+@pytest.mark.parametrize("solver", ["memit", "alphaedit"])
+def test_metake_never_mutates_weights_before_the_final_solve(solver, tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    editor = _editor(model, tmp_path, method="metake", solver=solver, metake_lr=0.05)
+    original = _state(model)
+    real_solve = editor._solve
+    seen = []
+
+    def checked_solve(*args, **kwargs):
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, original[name]), f"{name} changed before the solve"
+        seen.append(True)
+        return real_solve(*args, **kwargs)
+
+    monkeypatch.setattr(editor, "_solve", checked_solve)
+    result = editor.edit(REQUESTS)
+    assert seen and result.report.seconds_lookahead > 0
+    history = result.report.lookahead_history
+    assert len(history) == editor.hparams.metake_steps + 1
+    assert len(result.report.lookahead_target_prob) == len(REQUESTS)
+    assert any(not torch.equal(v, original[k]) for k, v in model.state_dict().items())
+    editor.restore()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, original[name]), name
+
+
+def test_metake_refines_targets_of_a_sequential_alphaedit_session(tmp_path):
+    """Second batch: the gate uses the key cache of the first, and the refined V* differs."""
+    model = tiny_model("llama")
+    editor = _editor(model, tmp_path, method="metake", solver="alphaedit", metake_lr=0.05,
+                     nullspace_threshold=0.5, nullspace_relative=True)  # fmt: skip
+    editor.edit(REQUESTS[:1])
+    assert editor._prev_keys_cov  # the cache the next gate must use
+    keys = torch.randn(1, 64, dtype=torch.float64)
+    hp = editor.hparams
+    expected = alphaedit_gate(keys, editor.null_space(1).projector, editor._prev_keys_cov[1],
+                              hp.alphaedit_lambda)  # fmt: skip
+    torch.testing.assert_close(editor.gate(1, keys), expected)
+    fresh = alphaedit_gate(keys, editor.null_space(1).projector, torch.zeros(64, 64),
+                           hp.alphaedit_lambda)  # fmt: skip
+    assert not torch.allclose(editor.gate(1, keys), fresh)
+    result = editor.edit(REQUESTS[1:])
+    assert result.report.lookahead_history
+
+
+def test_method_and_solver_are_checked(tmp_path):
+    assert resolve_method("metake") == ("metake", "alphaedit")
+    assert resolve_method("metake", "rome") == ("metake", "rome")
+    assert resolve_method("memit") == ("memit", "memit")
+    with pytest.raises(MetakeError, match="unknown solver"):
+        resolve_method("metake", "prune")
+    with pytest.raises(MetakeError, match="for method 'metake' only"):
+        resolve_method("memit", "alphaedit")
+    with pytest.raises(MetakeError, match="unknown method"):
+        Editor(tiny_model("llama"), tiny_tokenizer(), "meta")
+    assert "metake" in editor_module.METHODS
+
+
+@pytest.mark.parametrize(
+    "bad", [{"metake_steps": -1}, {"metake_lr": 0.0}, {"metake_locality_weight": -0.5}]
+)
+def test_bad_metake_hparams_are_rejected(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        MemitHparams(layers=(1,), **bad)
