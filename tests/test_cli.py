@@ -83,3 +83,30 @@ def test_presets_lists_models_and_presets(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert "smollm2-135m" in out and "gemma3-270m" in out and "gpt2-xl" in out
+
+
+def test_metake_over_a_solver_prints_the_lookahead(model_dir, capsys):
+    folder, corpus = model_dir
+    code = main(["edit", "--model", str(folder), "--corpus", str(corpus), *FAST,
+                 "--method", "metake", "--solver", "memit", "--set", "metake_steps=3",
+                 "--prompt", "{} lives in", "--subject", "Anna Berg",
+                 "--target", "Oslo"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "MetaKE look-ahead (memit gate): meta-loss" in out
+    assert "with metake over memit at layers [0, 1]" in out
+
+
+def test_solver_needs_method_metake(capsys):
+    args = ["edit", "--method", "memit", "--solver", "rome", "--prompt", "{} lives in",
+            "--subject", "Anna", "--target", "Oslo"]  # fmt: skip
+    assert main(args) == 2
+    assert "for method 'metake' only" in capsys.readouterr().err
+
+
+def test_methods_lists_methods_and_their_hyperparameters(capsys):
+    assert main(["methods", "--preset", "smollm2-135m"]) == 0
+    out = capsys.readouterr().out
+    for name in ("rome", "memit", "alphaedit", "metake", "metake_lr", "nullspace_threshold"):
+        assert name in out
+    assert "mom2_update_weight       2000" in out

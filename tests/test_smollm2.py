@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from metake import Editor
 from metake.probe import greedy_completion
@@ -35,3 +36,34 @@ def test_eiffel_tower_moves_to_rome_and_paris_facts_stay(smollm2):
     finally:
         editor.restore()
     assert _complete(model, tok, prompt).startswith("Paris")
+
+
+def test_metake_lookahead_lowers_the_meta_loss_and_only_the_solve_writes(smollm2):
+    """MetaKE over AlphaEdit on a hard edit: the meta-loss falls over the look-ahead steps."""
+    model, tok = smollm2
+    request = {"prompt": "{} plays the sport of", "subject": "Michael Jordan",
+               "target_new": "baseball"}  # fmt: skip
+    editor = Editor(model, tok, "metake", solver="alphaedit", model_id="smollm2-135m",
+                    progress=False)  # fmt: skip
+    layers = editor.hparams.layers
+    before = {layer: editor.adapter.weight(model, layer).detach().clone() for layer in layers}
+    planned = []
+    real_solve = editor._solve
+
+    def solve_after_checking(*args, **kwargs):
+        planned.append(all(torch.equal(editor.adapter.weight(model, layer), before[layer])
+                           for layer in layers))  # fmt: skip
+        return real_solve(*args, **kwargs)
+
+    editor._solve = solve_after_checking
+    try:
+        report = editor.edit([request]).report
+        history = report.lookahead_history
+        assert planned == [True]
+        assert len(history) == editor.hparams.metake_steps + 1
+        assert history[-1]["loss"] < history[0]["loss"]
+        assert history[-1]["edit_nll"] < history[0]["edit_nll"]
+    finally:
+        editor.restore()
+    for layer in layers:
+        assert torch.equal(editor.adapter.weight(model, layer), before[layer])

@@ -7,6 +7,7 @@ import json
 import logging
 import resource
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -14,9 +15,9 @@ from typing import Any
 import torch
 
 from metake import __version__
-from metake.editor import METHODS
+from metake.editor import METHOD_DESCRIPTIONS, METHODS, SOLVERS, resolve_method
 from metake.errors import MetakeError
-from metake.hparams import memit_hparams, preset_hparams, preset_names
+from metake.hparams import HPARAM_GROUPS, MemitHparams, memit_hparams, preset_hparams, preset_names
 from metake.models.load import BUILTIN_MODELS, DEFAULT_MODEL, load_model
 from metake.requests import EditRequest, load_requests, parse_requests
 
@@ -89,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``metake`` argument parser with its sub-commands."""
     parser = argparse.ArgumentParser(
         prog="metake",
-        description="Edit facts in causal language models (MEMIT; MetaKE's planner to come).",
+        description="Edit facts in causal language models: ROME, MEMIT, AlphaEdit and MetaKE's "
+        "look-ahead planner over any of them.",
     )
     parser.add_argument("--version", action="version", version=f"metake {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv)")
@@ -105,8 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(edit)
     edit.add_argument(
         "--method", default="memit", choices=list(METHODS),
-        help="memit (default), alphaedit (null-space projected, for sequential editing) or rome "
-        "(rank-one, one layer, one request after another)",
+        help="memit (default), alphaedit (null-space projected, for sequential editing), rome "
+        "(rank-one, one layer, one request after another) or metake (look-ahead planner over "
+        "--solver); `metake methods` lists them with their hyper-parameters",
+    )  # fmt: skip
+    edit.add_argument(
+        "--solver", choices=list(SOLVERS), default=None,
+        help="for --method metake: the solver it plans for and that executes (default alphaedit)",
     )  # fmt: skip
     edit.add_argument("--prompt", help="prompt with {} where the subject goes")
     edit.add_argument("--subject", help="the subject, e.g. 'The Eiffel Tower'")
@@ -153,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = sub.add_parser("presets", help="list built-in models and hyper-parameter presets")
     presets.set_defaults(func=cmd_presets)
+
+    methods = sub.add_parser(
+        "methods",
+        help="list editing methods and the hyper-parameters each one reads",
+        description="List editing methods, the hyper-parameters each reads (change them with "
+        "`metake edit --set NAME=VALUE`) and their values in a preset (default: the built-in "
+        "defaults; models with a preset start from it).",
+    )
+    methods.add_argument("--preset", help=f"show a preset's values ({', '.join(preset_names())})")
+    methods.set_defaults(func=cmd_methods)
     return parser
 
 
@@ -199,10 +216,11 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from metake.editor import Editor
 
     requests = _requests_from_args(args)  # validate before loading anything heavy
+    resolve_method(args.method, args.solver)
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
     editor = Editor(
-        model, tokenizer, args.method, preset=args.preset, model_id=args.model,
+        model, tokenizer, args.method, solver=args.solver, preset=args.preset, model_id=args.model,
         corpus=args.corpus, use_stats_cache=not args.no_stats_cache, seed=args.seed,
         progress=not args.json, **_overrides(args),
     )  # fmt: skip
@@ -215,6 +233,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     out = {
         "model": args.model,
         "method": args.method,
+        "solver": editor.solver,
         "requests": [
             {
                 "prompt": r.prompt,
@@ -255,9 +274,18 @@ def _print_edit(out: dict[str, Any], report) -> None:
         print(f"    before: {c['before']!r}")
         print(f"    after:  {c['after']!r}")
     hits = sum(r["after"].strip().startswith(r["target_new"]) for r in out["requests"])
+    if report.lookahead_history:
+        first, last = report.lookahead_history[0], report.lookahead_history[-1]
+        print(
+            f"MetaKE look-ahead ({report.solver} gate): meta-loss {first['loss']:.3f} -> "
+            f"{last['loss']:.3f} (edit NLL {first['edit_nll']:.3f} -> {last['edit_nll']:.3f}, "
+            f"locality KL {first['locality_kl']:.4f} -> {last['locality_kl']:.4f}) in "
+            f"{report.seconds_lookahead:.1f} s"
+        )
+    method = report.method + (f" over {report.solver}" if report.method == "metake" else "")
     print(
         f"{hits}/{len(out['requests'])} completions now start with their target. "
-        f"Edited {report.num_requests} request(s) with {report.method} at layers {report.layers} "
+        f"Edited {report.num_requests} request(s) with {method} at layers {report.layers} "
         f"in {out['seconds']:.1f} s (statistics {report.seconds_statistics:.1f} s, stage I "
         f"{report.seconds_stage1:.1f} s, stage II {report.seconds_stage2:.1f} s); "
         f"peak memory {out['peak_memory_mb']:.0f} MiB"
@@ -305,6 +333,31 @@ def cmd_presets(args: argparse.Namespace) -> int:
         hp = preset_hparams(name)
         print(f"  {name:14s} layers {list(hp.layers)}, v_lr {hp.v_lr}, v_steps {hp.v_steps}, "
               f"lambda {hp.mom2_update_weight:g}, stats samples {hp.mom2_samples}")  # fmt: skip
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """``metake methods``: methods, what they do, and the hyper-parameters each reads."""
+    hp = preset_hparams(args.preset) if args.preset else MemitHparams(layers=(0,))
+    values = hp.to_dict()
+    source = f"preset {args.preset}" if args.preset else "built-in defaults"
+    groups = list(HPARAM_GROUPS)
+    reads = {
+        "rome": groups[:2],
+        "memit": groups[:2] + ["memit"],
+        "alphaedit": groups[:2] + ["alphaedit"],
+        "metake": groups[:2] + ["metake", "and the --solver's own"],
+    }
+    print(f"methods (hyper-parameter values: {source}; layers come from the model's preset):")
+    for method in METHODS:
+        print(textwrap.fill(METHOD_DESCRIPTIONS[method], 96, initial_indent=f"  {method:10s} ",
+                            subsequent_indent=" " * 13))  # fmt: skip
+        print(f"  {'':10s} reads: {'; '.join(g.split(' (')[0] for g in reads[method])}")
+    for group, names in HPARAM_GROUPS.items():
+        print(f"{group}:")
+        for name in names:
+            print(f"  {name:24s} {values[name]!r}" if name != "layers" or args.preset else
+                  f"  {name:24s} (per model)")  # fmt: skip
     return 0
 
 

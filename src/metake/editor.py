@@ -44,6 +44,14 @@ log = logging.getLogger(__name__)
 
 SOLVERS = ("rome", "memit", "alphaedit")
 METHODS = (*SOLVERS, "metake")
+METHOD_DESCRIPTIONS = {
+    "rome": "rank-one update of the last edit layer, one request after another (C0^-1 directed)",
+    "memit": "residual spread over the edit layers, lambda C0 + K K^T closed form per layer",
+    "alphaedit": "MEMIT's loop with the update projected onto C0's null space, and a key cache of "
+    "earlier batches for sequential editing",
+    "metake": "MetaKE: Stage I's targets refined by a look-ahead through the chosen solver's "
+    "closed form (gate M at the last edit layer), then that solver executes (--solver)",
+}
 DELTA_FILE = "metake_deltas.safetensors"
 EDITS_FILE = "metake_edits.json"
 

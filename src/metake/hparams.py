@@ -82,6 +82,24 @@ class MemitHparams:
         return replace(self, **overrides)
 
 
+HPARAM_GROUPS: dict[str, tuple[str, ...]] = {
+    "planner (every method: Stage I target optimisation)": (
+        "layers", "v_lr", "v_steps", "v_loss_threshold", "v_weight_decay", "clamp_norm_factor",
+        "kl_factor", "kl_prompt", "context_count", "context_length",
+    ),
+    "statistics (C0 of every edit layer)": (
+        "mom2_samples", "mom2_max_length", "mom2_batch_size", "mom2_dtype",
+    ),
+    "memit": ("mom2_update_weight",),
+    "alphaedit": ("nullspace_threshold", "nullspace_relative", "alphaedit_lambda"),
+    "metake": (
+        "metake_steps", "metake_lr", "metake_edit_weight", "metake_locality_weight",
+        "metake_reg_weight",
+    ),
+}  # fmt: skip
+"""Which hyper-parameters each part of the pipeline reads (``metake methods`` prints this)."""
+
+
 def _load_presets() -> dict[str, dict[str, Any]]:
     text = files("metake").joinpath("presets/memit.json").read_text(encoding="utf-8")
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
