@@ -27,17 +27,8 @@ import torch
 from metake import Editor, load_model, load_requests
 from metake.corpus import load_corpus
 from metake.planners.standard import compute_targets
-from metake.probe import greedy_completion, target_probability
+from metake.probe import greedy_completion, mean_kl, next_token_log_probs, target_probability
 from metake.solvers.memit import apply_memit, keys_and_values
-
-
-def heldout_log_probs(model, tokenizer, texts: list[str], max_length: int):
-    """Next-token log-probabilities ``[B, S, V]`` and the mask ``[B, S]`` for ``texts``."""
-    enc = tokenizer(texts, truncation=True, max_length=max_length, padding=True,
-                    return_tensors="pt").to(next(model.parameters()).device)  # fmt: skip
-    with torch.no_grad():
-        logits = model(**enc).logits.float()
-    return torch.log_softmax(logits, -1), enc["attention_mask"].bool()
 
 
 def main() -> int:
@@ -65,7 +56,7 @@ def main() -> int:
     stage1_seconds = time.perf_counter() - start
     texts = list(itertools.islice(load_corpus().iter_texts(), args.heldout_start,
                                   args.heldout_start + args.heldout_texts))  # fmt: skip
-    base_logp, mask = heldout_log_probs(model, tok, texts, 64)
+    base_logp, mask = next_token_log_probs(model, tok, texts, 64)
     originals = {layer: editor.adapter.weight(model, layer).detach().clone() for layer in hp.layers}
     rows = []
     for lam in lambdas:
@@ -80,8 +71,8 @@ def main() -> int:
             greedy_completion(model, tok, r.filled_prompt, 4).strip().startswith(r.target_new)
             for r in requests
         )
-        logp, _ = heldout_log_probs(model, tok, texts, 64)
-        kl = (base_logp.exp() * (base_logp - logp)).sum(-1)[mask].mean().item()
+        logp, _ = next_token_log_probs(model, tok, texts, 64)
+        kl = mean_kl(base_logp, logp, mask)
         rows.append(
             {
                 "lambda": lam,

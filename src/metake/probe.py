@@ -60,3 +60,19 @@ def token_accuracy(
         hits = logits[batch.target_rows, batch.target_positions].argmax(-1) == batch.target_ids
         scores += mean_per_row(hits.float(), batch.target_rows, len(chunk)).tolist()
     return scores
+
+
+@torch.no_grad()
+def next_token_log_probs(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token log-probabilities ``[B, S, V]`` of ``texts`` and their mask ``[B, S]``."""
+    enc = tokenizer(texts, truncation=True, max_length=max_length, padding=True,
+                    return_tensors="pt").to(next(model.parameters()).device)  # fmt: skip
+    logits = model(**enc).logits.float()
+    return torch.log_softmax(logits, -1), enc["attention_mask"].bool()
+
+
+def mean_kl(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean KL(reference || other) over the masked positions of ``[B, S, V]`` log-probs."""
+    return float((reference.exp() * (reference - other)).sum(-1)[mask].mean())

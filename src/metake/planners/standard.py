@@ -22,6 +22,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from metake.hparams import MemitHparams
 from metake.models.adapters import ArchAdapter, get_adapter
+from metake.planners.prefix import PrefixCachedBatch
 from metake.requests import EditRequest
 from metake.tokens import (
     EncodedPrompt,
@@ -166,13 +168,24 @@ def compute_targets(
     requests: Sequence[EditRequest],
     hparams: MemitHparams,
     contexts: Sequence[str],
+    prefix_cache: bool = True,
 ) -> TargetPlan:
-    """Stage I for a batch: the target value ``v*`` (``[n, d]``) at the last edit layer."""
+    """Stage I for a batch: the target value ``v*`` (``[n, d]``) at the last edit layer.
+
+    With ``prefix_cache`` (default) the tokens before each subject's last token run once
+    (:class:`~metake.planners.prefix.PrefixCachedBatch`); ``False`` runs whole prompts at every
+    step (the same result up to float rounding, slower).
+    """
     adapter = get_adapter(model)
     layer = hparams.layers[-1]
     device = next(model.parameters()).device
     pb = build_planner_batch(tokenizer, requests, contexts, hparams.kl_prompt)
-    batch = pb.batch.to(device)
+    full = pb.batch.to(device)
+    if prefix_cache and PrefixCachedBatch.supports(model, full):
+        split = PrefixCachedBatch(model, full, tokenizer.pad_token_id)
+        batch, run = split.suffix, split.hidden
+    else:
+        batch, run = full, partial(base_hidden, model, full)
     n = pb.num_requests
     all_rows = torch.arange(batch.input_ids.shape[0], device=device)
     plain, kl_rows = pb.plain_rows().to(device), pb.kl_rows().to(device)
@@ -180,7 +193,7 @@ def compute_targets(
 
     layer_name = adapter.layer_name(layer)
     with torch.no_grad(), capture(model, [layer_name], inputs=False, stop_after=layer_name) as tr:
-        model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        run()
     v_init = tr.outputs[layer_name][plain, batch.subject_last[plain]].float()  # [n, d]
     init_norm2 = v_init.norm(dim=-1) ** 2
     max_norm = hparams.clamp_norm_factor * v_init.norm(dim=-1)
@@ -194,7 +207,7 @@ def compute_targets(
     step = 0
     for step in range(hparams.v_steps + 1):
         with add_at_positions(layer_module, all_rows, batch.subject_last, delta[request_of_row]):
-            hidden = base_hidden(model, batch)
+            hidden = run()
         logp = target_log_probs(model, adapter, hidden, batch)
         row_nll = -mean_per_row(logp, batch.target_rows, batch.input_ids.shape[0])
         nll = mean_per_row(
