@@ -36,8 +36,16 @@ from metake.cli import parse_key_value
 from metake.probe import token_accuracy
 
 
-def run_method(model, tok, requests, method: str, args, overrides) -> dict:
-    """Edit ``requests`` in batches with ``method``; Efficacy afterwards; restores the model."""
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``"metake:metake_lr=0.1:metake_reg_weight=0"`` → ``("metake", {overrides})``."""
+    name, *settings = spec.split(":")
+    return name, dict(parse_key_value(x) for x in settings)
+
+
+def run_method(model, tok, requests, spec: str, args, overrides) -> dict:
+    """Edit ``requests`` in batches with ``spec``; Efficacy afterwards; restores the model."""
+    method, own = parse_method(spec)
+    overrides = {**overrides, **own}
     solver = args.solver if method == "metake" else None
     editor = Editor(model, tok, method, solver=solver, model_id=args.model, progress=False,
                     seed=args.seed, **overrides)  # fmt: skip
@@ -64,6 +72,8 @@ def run_method(model, tok, requests, method: str, args, overrides) -> dict:
     editor.restore()
     return {
         "method": method,
+        "spec": spec,
+        "method_overrides": own,
         "solver": editor.solver,
         "hparams": editor.hparams.to_dict(),
         "efficacy": 100 * statistics.mean(scores),
@@ -82,7 +92,10 @@ def main() -> int:
     parser.add_argument("--start", type=int, default=0, help="index of the first record")
     parser.add_argument("--edits", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=10)
-    parser.add_argument("--methods", default="memit,alphaedit,metake")
+    parser.add_argument(
+        "--methods", default="memit,alphaedit,metake",
+        help="comma list; a method may carry its own settings: metake:metake_lr=0.1",
+    )  # fmt: skip
     parser.add_argument("--solver", default="alphaedit", help="the solver under 'metake'")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="hyper-parameter override for every method (repeatable)")  # fmt: skip
@@ -114,11 +127,11 @@ def main() -> int:
         "pre_edit_efficacy": 100 * statistics.mean(token_accuracy(model, tok, requests)),
         "methods": [],
     }
-    for method in args.methods.split(","):
-        result["methods"].append(run_method(model, tok, requests, method, args, overrides))
+    for spec in args.methods.split(","):
+        result["methods"].append(run_method(model, tok, requests, spec, args, overrides))
         out.with_suffix(".json").write_text(json.dumps(result, indent=2), encoding="utf-8")
         row = result["methods"][-1]
-        print(f"{method}: efficacy {row['efficacy']:.1f}%, {row['seconds_per_edit']:.1f} s/edit",
+        print(f"{spec}: efficacy {row['efficacy']:.1f}%, {row['seconds_per_edit']:.1f} s/edit",
               file=sys.stderr)  # fmt: skip
     lines = [
         f"# Sequential zsRE editing on {args.model}: a first look",
@@ -136,6 +149,8 @@ def main() -> int:
     ]
     for row in result["methods"]:
         name = row["method"] + (f" + {row['solver']}" if row["method"] == "metake" else "")
+        if row["method_overrides"]:
+            name += " (" + ", ".join(f"{k}={v}" for k, v in row["method_overrides"].items()) + ")"
         lines.append(f"| {name} | {row['efficacy']:.1f} | {row['seconds_per_edit']:.1f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
