@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import command_line, write_json, write_table
 
 from metake import Editor, load_model, load_requests
 from metake.corpus import load_corpus
@@ -86,9 +86,8 @@ def main() -> int:
             editor.adapter.set_weight(model, layer, weight)
         print(json.dumps(rows[-1]), file=sys.stderr)
 
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "command": command,
         "model": args.model,
@@ -100,7 +99,7 @@ def main() -> int:
         "heldout": {"start": args.heldout_start, "texts": args.heldout_texts, "max_length": 64},
         "rows": rows,
     }
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    write_json(out, result)
     lines = [
         f"# MEMIT lambda sweep on {args.model}",
         "",
@@ -123,8 +122,7 @@ def main() -> int:
             f"| {r['lambda']:g} | {r['hits']}/{len(requests)} | {r['median_p_target']:.3f} | "
             f"{r['median_realised_fraction']:.2f} | {r['heldout_kl']:.4f} |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    write_table(out, lines)
     return 0
 
 

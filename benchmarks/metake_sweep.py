@@ -20,11 +20,12 @@ import argparse
 import itertools
 import json
 import logging
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from common import command_line, write_json, write_table
 
 from metake import Editor, load_model, load_requests
 from metake.cli import parse_key_value
@@ -98,9 +99,8 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
 
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "command": command,
         "model": args.model,
@@ -111,7 +111,7 @@ def main() -> int:
         "stage1_seconds": stage1_seconds,
         "rows": rows,
     }
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    write_json(out, result)
     lines = [
         f"# MetaKE look-ahead sweep on {args.model} ({args.solver} solver)",
         "",
@@ -134,8 +134,7 @@ def main() -> int:
             f"| {name} | {nll} | {r['target_shift']:.2f} | {r['efficacy']:.1f} | "
             f"{r['mean_p_target']:.3f} | {r['heldout_kl']:.4f} | {r['lookahead_seconds']:.0f} |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    write_table(out, lines)
     return 0
 
 

@@ -12,13 +12,12 @@ resulting targets. Writes ``OUT.json`` and ``OUT.md``.
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import command_line, write_json, write_table
 
 from metake import Editor, load_model, load_requests
 from metake.planners.standard import compute_targets
@@ -47,7 +46,7 @@ def main() -> int:
     (whole_s, whole), (cached_s, cached) = runs[False], runs[True]
     diff = float((whole.v_target - cached.v_target).norm(dim=-1).max())
     scale = float(whole.v_target.norm(dim=-1).min())
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     result = {
         "command": command,
         "model": args.model,
@@ -59,8 +58,7 @@ def main() -> int:
         "min_target_norm": scale,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    write_json(out, result)
     lines = [
         f"# Stage I with and without the prefix cache on {args.model}",
         "",
@@ -77,8 +75,7 @@ def main() -> int:
         f"Speed-up {whole_s / cached_s:.1f}×; largest difference between the two runs' targets "
         f"{diff:.2g} (target norms ≥ {scale:.0f}).",
     ]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    write_table(out, lines)
     return 0
 
 

@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import command_line, write_json, write_table
 from tqdm import tqdm
 
 import metake
@@ -111,9 +111,8 @@ def main() -> int:
         parser.error(f"{args.data} has only {len(records)} records")
     requests = load_requests(args.data)[args.start : args.start + args.edits]
     model, tok = load_model(args.model, device=args.device)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "command": command,
         "metake_version": metake.__version__,
@@ -129,7 +128,7 @@ def main() -> int:
     }
     for spec in args.methods.split(","):
         result["methods"].append(run_method(model, tok, requests, spec, args, overrides))
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+        write_json(out, result)
         row = result["methods"][-1]
         print(f"{spec}: efficacy {row['efficacy']:.1f}%, {row['seconds_per_edit']:.1f} s/edit",
               file=sys.stderr)  # fmt: skip
@@ -152,8 +151,7 @@ def main() -> int:
         if row["method_overrides"]:
             name += " (" + ", ".join(f"{k}={v}" for k, v in row["method_overrides"].items()) + ")"
         lines.append(f"| {name} | {row['efficacy']:.1f} | {row['seconds_per_edit']:.1f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print("\n".join(lines))
+    write_table(out, lines)
     return 0
 
 
