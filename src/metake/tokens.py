@@ -144,6 +144,52 @@ class PromptBatch:
         """The same batch on ``device``."""
         return PromptBatch(*(t.to(device) for t in vars(self).values()))
 
+    def select(self, rows: torch.Tensor) -> PromptBatch:
+        """The rows ``rows`` (``[R]``, in that order), trimmed to their own longest length."""
+        rows = rows.to(self.input_ids.device)
+        mask = self.attention_mask[rows]
+        width = int(mask.sum(1).max())
+        new_index = torch.full((self.input_ids.shape[0],), -1, dtype=torch.long,
+                               device=rows.device)  # fmt: skip
+        new_index[rows] = torch.arange(len(rows), device=rows.device)
+        keep = new_index[self.target_rows] >= 0
+        return PromptBatch(
+            input_ids=self.input_ids[rows, :width],
+            attention_mask=mask[:, :width],
+            subject_last=self.subject_last[rows],
+            target_rows=new_index[self.target_rows[keep]],
+            target_positions=self.target_positions[keep],
+            target_ids=self.target_ids[keep],
+        )
+
+
+def length_groups(lengths: Sequence[int], max_groups: int = 4) -> list[list[int]]:
+    """Split row indices into at most ``max_groups`` groups of similar ``lengths``.
+
+    Rows are sorted by length and cut where the padded area (rows x longest length, summed over
+    groups) is smallest (exact dynamic programme), so batched forwards waste little on padding.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    sizes = [lengths[i] for i in order]
+    n, groups = len(sizes), max(1, min(max_groups, len(sizes)))
+    inf = float("inf")
+    # best[g][j]: least padded area covering the first j sorted rows with g groups
+    best = [[inf] * (n + 1) for _ in range(groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(groups + 1)]
+    best[0][0] = 0
+    for g in range(1, groups + 1):
+        for j in range(1, n + 1):
+            for i in range(g - 1, j):
+                area = best[g - 1][i] + (j - i) * sizes[j - 1]
+                if area < best[g][j]:
+                    best[g][j], cut[g][j] = area, i
+    g = min(range(1, groups + 1), key=lambda k: (best[k][n], k))
+    bounds, j = [], n
+    while g > 0:
+        bounds.append((cut[g][j], j))
+        j, g = cut[g][j], g - 1
+    return [order[a:b] for a, b in reversed(bounds) if b > a]
+
 
 def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token rows: ``(input_ids [B, S], attention_mask [B, S])``."""

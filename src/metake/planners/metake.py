@@ -40,10 +40,11 @@ from metake.hparams import MemitHparams
 from metake.models.adapters import ArchAdapter, get_adapter
 from metake.planners.standard import (
     PlannerBatch,
+    RowGroup,
     TargetPlan,
-    base_hidden,
     build_planner_batch,
     mean_per_row,
+    row_groups,
     target_log_probs,
 )
 from metake.requests import EditRequest
@@ -129,12 +130,46 @@ def _joint_batch(
     return planner, locality
 
 
-def _locality_log_probs(
-    model: nn.Module, adapter: ArchAdapter, hidden: torch.Tensor, locality: LocalityBatch
-) -> torch.Tensor:
-    """Next-token log-probabilities ``[P, vocab]`` at the locality positions."""
-    h = hidden[locality.rows, locality.positions]
-    return torch.log_softmax(adapter.logits(model, h).float(), dim=-1)
+@dataclass
+class _GroupedLocality:
+    """The locality positions of each row group, in the group's own row numbering."""
+
+    entries: list[torch.Tensor]  # per group: indices into the locality positions [P_g]
+    local_rows: list[torch.Tensor]  # per group: [P_g]
+    positions: list[torch.Tensor]  # per group: [P_g]
+    order: torch.Tensor  # [P]: concatenated group entries -> locality order
+
+    @classmethod
+    def build(cls, groups: Sequence[RowGroup], locality: LocalityBatch, num_rows: int):
+        """Assign every locality position to the group holding its row."""
+        entries, local_rows, positions = [], [], []
+        for group in groups:
+            local_of = torch.full((num_rows,), -1, dtype=torch.long, device=group.rows.device)
+            local_of[group.rows] = torch.arange(len(group.rows), device=group.rows.device)
+            mine = (local_of[locality.rows] >= 0).nonzero().squeeze(1)
+            entries.append(mine)
+            local_rows.append(local_of[locality.rows[mine]])
+            positions.append(locality.positions[mine])
+        return cls(entries, local_rows, positions, torch.argsort(torch.cat(entries)))
+
+
+def _run_groups(
+    model: nn.Module,
+    adapter: ArchAdapter,
+    groups: Sequence[RowGroup],
+    where: _GroupedLocality,
+    num_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's mean target NLL ``[rows]`` and the locality log-probs ``[P, vocab]``."""
+    nll_parts, locality_parts = [], []
+    for group, rows, positions in zip(groups, where.local_rows, where.positions, strict=True):
+        hidden = group.run()
+        logp = target_log_probs(model, adapter, hidden, group.batch)
+        nll_parts.append(-mean_per_row(logp, group.batch.target_rows, len(group.rows)))
+        logits = adapter.logits(model, hidden[rows, positions]).float()
+        locality_parts.append(torch.log_softmax(logits, dim=-1))
+    row_nll = torch.cat(nll_parts)[torch.argsort(torch.cat([g.rows for g in groups]))]
+    return row_nll, torch.cat(locality_parts)[where.order]
 
 
 def lookahead_targets(
@@ -146,12 +181,14 @@ def lookahead_targets(
     hparams: MemitHparams,
     contexts: Sequence[str],
     locality_prompts: Sequence[str] = LOCALITY_PROMPTS,
+    max_groups: int = 4,
 ) -> RefinedPlan:
     """Refine ``plan.v_target`` (``[n, d]``) through the solver's ``gate`` (``[n, d_in]``).
 
     ``plan.v_init`` is the layer's current output ``Z`` at the subject's last token; the model is
     left exactly as it was (virtual weights only). Returns the refined targets and, per step,
-    the meta-loss and its three terms (step 0 is the Stage I target itself).
+    the meta-loss and its three terms (step 0 is the Stage I target itself). Prompts run in up
+    to ``max_groups`` groups of similar length (little compute spent on padding).
     """
     adapter = get_adapter(model)
     device = next(model.parameters()).device
@@ -160,11 +197,14 @@ def lookahead_targets(
                                      locality_prompts)  # fmt: skip
     batch = planner.batch.to(device)
     locality = locality.to(device)
+    num_rows = batch.input_ids.shape[0]
+    groups = row_groups(model, batch, tokenizer.pad_token_id, False, max_groups)
+    where = _GroupedLocality.build(groups, locality, num_rows)
     n = planner.num_requests
     rewrite_rows = planner.num_rewrite_rows
     request_of_row = planner.request_of_row[:rewrite_rows].to(device)
     with torch.no_grad():
-        original = _locality_log_probs(model, adapter, base_hidden(model, batch), locality)
+        _, original = _run_groups(model, adapter, groups, where, num_rows)
 
     current = plan.v_init.to(device=device, dtype=torch.float32)  # Z, [n, d]
     v_plan = plan.v_target.to(device=device, dtype=torch.float32)
@@ -176,11 +216,8 @@ def lookahead_targets(
     nll = torch.zeros(n)
     for step in range(hparams.metake_steps + 1):
         with add_low_rank(module, down, (v_star - current).to(dtype)):
-            hidden = base_hidden(model, batch)
-        logp = target_log_probs(model, adapter, hidden, batch)
-        row_nll = -mean_per_row(logp, batch.target_rows, batch.input_ids.shape[0])
+            row_nll, edited = _run_groups(model, adapter, groups, where, num_rows)
         nll = mean_per_row(row_nll[:rewrite_rows], request_of_row, n)  # [n]
-        edited = _locality_log_probs(model, adapter, hidden, locality)
         kl_pos = (original.exp() * (original - edited)).sum(-1)  # KL(original || virtual), [P]
         kl = mean_per_row(kl_pos, locality.prompt_of_position, locality.num_prompts).mean()
         reg = ((v_star - v_plan) ** 2).sum(-1).mean()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -37,6 +37,7 @@ from metake.tokens import (
     PromptBatch,
     document_start,
     encode_request,
+    length_groups,
     pad_batch,
 )
 from metake.trace import add_at_positions, capture
@@ -162,6 +163,45 @@ def build_planner_batch(
     )
 
 
+@dataclass
+class RowGroup:
+    """Rows ``rows`` (``[R]``, global indices) of a batch run together: ``batch`` is their view
+    (in the runner's coordinates) and ``run()`` gives its final hidden states ``[R, S, d]``."""
+
+    rows: torch.Tensor
+    batch: PromptBatch
+    run: Callable[[], torch.Tensor]
+
+
+def row_groups(
+    model: nn.Module,
+    full: PromptBatch,
+    pad_id: int,
+    prefix_cache: bool,
+    max_groups: int,
+) -> list[RowGroup]:
+    """Split ``full`` into groups of similar length, each with its runner.
+
+    With ``prefix_cache`` the tokens before each subject's last token run once per group
+    (:class:`~metake.planners.prefix.PrefixCachedBatch`) and rows are grouped by the length of
+    the rest; otherwise whole prompts run and are grouped by their length.
+    """
+    use_prefix = prefix_cache and PrefixCachedBatch.supports(model, full)
+    lengths = full.attention_mask.sum(1)
+    if use_prefix:
+        lengths = lengths - full.subject_last
+    groups = []
+    for members in length_groups(lengths.tolist(), max_groups):
+        rows = torch.tensor(members, dtype=torch.long, device=full.input_ids.device)
+        sub = full.select(rows)
+        if use_prefix:
+            split = PrefixCachedBatch(model, sub, pad_id)
+            groups.append(RowGroup(rows, split.suffix, split.hidden))
+        else:
+            groups.append(RowGroup(rows, sub, partial(base_hidden, model, sub)))
+    return groups
+
+
 def compute_targets(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -169,32 +209,36 @@ def compute_targets(
     hparams: MemitHparams,
     contexts: Sequence[str],
     prefix_cache: bool = True,
+    max_groups: int = 4,
 ) -> TargetPlan:
     """Stage I for a batch: the target value ``v*`` (``[n, d]``) at the last edit layer.
 
     With ``prefix_cache`` (default) the tokens before each subject's last token run once
     (:class:`~metake.planners.prefix.PrefixCachedBatch`); ``False`` runs whole prompts at every
-    step (the same result up to float rounding, slower).
+    step (the same result up to float rounding, slower). Prompts run in up to ``max_groups``
+    groups of similar length so that little compute goes to padding.
     """
     adapter = get_adapter(model)
     layer = hparams.layers[-1]
     device = next(model.parameters()).device
     pb = build_planner_batch(tokenizer, requests, contexts, hparams.kl_prompt)
     full = pb.batch.to(device)
-    if prefix_cache and PrefixCachedBatch.supports(model, full):
-        split = PrefixCachedBatch(model, full, tokenizer.pad_token_id)
-        batch, run = split.suffix, split.hidden
-    else:
-        batch, run = full, partial(base_hidden, model, full)
-    n = pb.num_requests
-    all_rows = torch.arange(batch.input_ids.shape[0], device=device)
+    groups = row_groups(model, full, tokenizer.pad_token_id, prefix_cache, max_groups)
+    n, num_rows = pb.num_requests, full.input_ids.shape[0]
     plain, kl_rows = pb.plain_rows().to(device), pb.kl_rows().to(device)
     request_of_row = pb.request_of_row.to(device)
+    rewrite = slice(0, pb.num_rewrite_rows)
 
     layer_name = adapter.layer_name(layer)
-    with torch.no_grad(), capture(model, [layer_name], inputs=False, stop_after=layer_name) as tr:
-        run()
-    v_init = tr.outputs[layer_name][plain, batch.subject_last[plain]].float()  # [n, d]
+    v_rows = []
+    for group in groups:
+        with (torch.no_grad(),
+              capture(model, [layer_name], inputs=False, stop_after=layer_name) as tr):  # fmt: skip
+            group.run()
+        local = torch.arange(len(group.rows), device=device)
+        v_rows.append(tr.outputs[layer_name][local, group.batch.subject_last].float())
+    v_all = _scatter_rows(groups, v_rows, num_rows)  # [rows, d]
+    v_init = v_all[plain]  # [n, d]
     init_norm2 = v_init.norm(dim=-1) ** 2
     max_norm = hparams.clamp_norm_factor * v_init.norm(dim=-1)
 
@@ -206,16 +250,10 @@ def compute_targets(
     layer_module = adapter.layer_module(model, layer)
     step = 0
     for step in range(hparams.v_steps + 1):
-        with add_at_positions(layer_module, all_rows, batch.subject_last, delta[request_of_row]):
-            hidden = run()
-        logp = target_log_probs(model, adapter, hidden, batch)
-        row_nll = -mean_per_row(logp, batch.target_rows, batch.input_ids.shape[0])
-        nll = mean_per_row(
-            row_nll[: pb.num_rewrite_rows], request_of_row[: pb.num_rewrite_rows], n
-        )  # [n]
-        kl_logp = torch.log_softmax(
-            adapter.logits(model, hidden[kl_rows, batch.subject_last[kl_rows]]).float(), dim=-1
-        )
+        row_nll, last_hidden = _grouped_forward(model, adapter, layer_module, groups,
+                                                delta[request_of_row], num_rows)  # fmt: skip
+        nll = mean_per_row(row_nll[rewrite], request_of_row[rewrite], n)  # [n]
+        kl_logp = torch.log_softmax(adapter.logits(model, last_hidden[kl_rows]).float(), dim=-1)
         if kl_init is None:
             kl_init = kl_logp.detach()
         kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)  # KL(edited || original), [n]
@@ -251,3 +289,35 @@ def compute_targets(
         history=history,
         final_nll=nll.detach().tolist(),
     )
+
+
+def _scatter_rows(groups: Sequence[RowGroup], parts: Sequence[torch.Tensor], num_rows: int):
+    """Per-group row tensors ``[R_g, ...]`` put back in global row order ``[num_rows, ...]``."""
+    rows = torch.cat([g.rows for g in groups])
+    stacked = torch.cat(list(parts))
+    return stacked.new_zeros((num_rows, *stacked.shape[1:])).index_put((rows,), stacked)
+
+
+def _grouped_forward(
+    model: nn.Module,
+    adapter: ArchAdapter,
+    layer_module: nn.Module,
+    groups: Sequence[RowGroup],
+    row_delta: torch.Tensor,
+    num_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every group with ``row_delta[row]`` (``[rows, d]``) added at its subject's last token.
+
+    Returns each row's mean target NLL ``[rows]`` and its final hidden state at the subject's
+    last token ``[rows, d]``.
+    """
+    nll_parts, last_parts = [], []
+    for group in groups:
+        local = torch.arange(len(group.rows), device=group.rows.device)
+        subject_last = group.batch.subject_last
+        with add_at_positions(layer_module, local, subject_last, row_delta[group.rows]):
+            hidden = group.run()
+        logp = target_log_probs(model, adapter, hidden, group.batch)
+        nll_parts.append(-mean_per_row(logp, group.batch.target_rows, len(group.rows)))
+        last_parts.append(hidden[local, subject_last])
+    return _scatter_rows(groups, nll_parts, num_rows), _scatter_rows(groups, last_parts, num_rows)
