@@ -17,6 +17,7 @@ import torch
 from metake import __version__
 from metake.editor import METHOD_DESCRIPTIONS, METHODS, SOLVERS, resolve_method
 from metake.errors import MetakeError
+from metake.evaluation.datasets import DATA_ENV, DATASETS, data_path
 from metake.hparams import HPARAM_GROUPS, MemitHparams, memit_hparams, preset_hparams, preset_names
 from metake.models.load import BUILTIN_MODELS, DEFAULT_MODEL, load_model
 from metake.requests import EditRequest, load_requests, parse_requests
@@ -170,7 +171,138 @@ def build_parser() -> argparse.ArgumentParser:
     )
     methods.add_argument("--preset", help=f"show a preset's values ({', '.join(preset_names())})")
     methods.set_defaults(func=cmd_methods)
+    _add_bench_parser(sub)
     return parser
+
+
+def _add_bench_parser(sub) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="the paper's sequential-editing benchmark (zsRE, CounterFact), resumable",
+        description="Sample --edits records per seed, edit them sequentially in batches of "
+        "--batch-size with each method (original weights restored between methods), and score "
+        "every edited record after the last batch (and the records edited so far after each "
+        "batch). Writes results.json, results.md (Table-1 shaped: mean +- std over seeds), PNG "
+        "plots and bench.log into --out. An interrupted run continues with --resume DIR.",
+    )
+    _add_model_args(bench)
+    bench.add_argument(
+        "--dataset",
+        choices=list(DATASETS),
+        default="zsre",
+        help="zsre (default), counterfact, or requests (your own JSON/JSONL)",
+    )
+    bench.add_argument(
+        "--data",
+        default=None,
+        help="the dataset file, e.g. ../shared/data/zsre/zsre_1k.json (default: the environment "
+        f"variable {DATA_ENV['zsre']} / {DATA_ENV['counterfact']} / {DATA_ENV['requests']})",
+    )
+    bench.add_argument(
+        "--methods",
+        default="memit,alphaedit,metake",
+        help="comma-separated: rome, memit, alphaedit, metake (over --solver) or metake+SOLVER "
+        "(default: memit,alphaedit,metake)",
+    )
+    bench.add_argument(
+        "--solver",
+        choices=list(SOLVERS),
+        default="alphaedit",
+        help="the solver of a plain 'metake' (default alphaedit)",
+    )
+    bench.add_argument("--edits", type=int, default=100, help="records per seed (default 100)")
+    bench.add_argument("--batch-size", type=int, default=25, help="edits per batch (default 25)")
+    bench.add_argument("--seeds", type=_int_list, default=[0], help="e.g. 0,1,2 (default 0)")
+    bench.add_argument(
+        "--out", default=None, help="run folder (default: bench-runs/<model>-<dataset>-<time>)"
+    )
+    bench.add_argument(
+        "--resume",
+        metavar="DIR",
+        default=None,
+        help="continue the run in DIR with its saved configuration",
+    )
+    bench.add_argument(
+        "--no-curve",
+        action="store_true",
+        help="do not score the records edited so far after every batch",
+    )
+    bench.add_argument(
+        "--fluency-records",
+        type=int,
+        default=10,
+        help="records whose prompts are continued for the fluency score",
+    )
+    bench.add_argument(
+        "--drift-texts",
+        type=int,
+        default=32,
+        help="held-out Wikipedia intros for the perplexity drift (0: none)",
+    )
+    bench.add_argument(
+        "--zsre-target",
+        choices=["answers", "alt"],
+        default="answers",
+        help="zsRE edit target: answers[0] (paper's protocol, default) or alt (EasyEdit)",
+    )
+    bench.add_argument("--preset", help=f"hyper-parameter preset ({', '.join(preset_names())})")
+    bench.add_argument(
+        "--corpus",
+        default=None,
+        help="corpus for the key statistics and the held-out drift texts (default: the built-in "
+        "Wikipedia intros)",
+    )
+    bench.add_argument(
+        "--set",
+        dest="overrides",
+        type=parse_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a hyper-parameter for every method (repeatable)",
+    )
+    bench.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``metake bench``: run or resume a benchmark and print its table."""
+    import shlex
+    from datetime import datetime
+
+    from metake.evaluation.bench import BenchConfig, BenchRun
+    from metake.evaluation.report import markdown_table
+
+    if args.resume:
+        config, out = BenchRun.read_config(args.resume), args.resume
+    else:
+        config = BenchConfig(
+            model=args.model,
+            dataset=args.dataset,
+            data=str(data_path(args.dataset, args.data)),
+            methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+            edits=args.edits,
+            batch_size=args.batch_size,
+            seeds=args.seeds,
+            solver=args.solver,
+            zsre_target=args.zsre_target,
+            curve=not args.no_curve,
+            fluency_records=args.fluency_records,
+            drift_texts=args.drift_texts,
+            overrides=dict(args.overrides),
+            preset=args.preset,
+            corpus=args.corpus,
+            device=resolve_device(args.device),
+            command="metake " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        )
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = args.out or f"bench-runs/{config.model.replace('/', '_')}-{config.dataset}-{stamp}"
+    model, tokenizer = load_model(config.model, device=config.device, dtype=args.dtype)
+    start = time.perf_counter()
+    results = BenchRun(config, out, model, tokenizer).run()
+    agg = {"pre_edit": results["pre_edit"], "methods": results["aggregate"]}
+    print(markdown_table(agg, config.dataset))
+    print(f"{out}: results.json, results.md, plots; {time.perf_counter() - start:.0f} s")
+    return 0
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -192,8 +324,9 @@ def _requests_from_args(args: argparse.Namespace) -> list[EditRequest]:
         return load_requests(args.requests, args.zsre_target)
     if any(f is None for f in flags):
         raise MetakeError("give --prompt, --subject and --target (or --requests FILE)")
-    return parse_requests([{"prompt": args.prompt, "subject": args.subject,
-                            "target_new": args.target}])  # fmt: skip
+    return parse_requests(
+        [{"prompt": args.prompt, "subject": args.subject, "target_new": args.target}]
+    )
 
 
 def _observe(model, tokenizer, requests, checks, max_new_tokens) -> dict[str, Any]:
@@ -220,10 +353,18 @@ def cmd_edit(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
     editor = Editor(
-        model, tokenizer, args.method, solver=args.solver, preset=args.preset, model_id=args.model,
-        corpus=args.corpus, use_stats_cache=not args.no_stats_cache, seed=args.seed,
-        progress=not args.json, **_overrides(args),
-    )  # fmt: skip
+        model,
+        tokenizer,
+        args.method,
+        solver=args.solver,
+        preset=args.preset,
+        model_id=args.model,
+        corpus=args.corpus,
+        use_stats_cache=not args.no_stats_cache,
+        seed=args.seed,
+        progress=not args.json,
+        **_overrides(args),
+    )
     editor.prepare(requests)
     before = _observe(model, tokenizer, requests, args.check, args.max_new_tokens)
     start = time.perf_counter()
@@ -306,10 +447,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
     corpus = load_corpus(args.corpus)
     start = time.perf_counter()
     moments = get_second_moments(
-        model, tokenizer, list(hp.layers), corpus, model_id=args.model,
-        num_samples=hp.mom2_samples, max_length=hp.mom2_max_length, batch_size=args.batch_size,
-        accum_dtype=getattr(torch, hp.mom2_dtype), use_cache=not args.no_stats_cache,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        list(hp.layers),
+        corpus,
+        model_id=args.model,
+        num_samples=hp.mom2_samples,
+        max_length=hp.mom2_max_length,
+        batch_size=args.batch_size,
+        accum_dtype=getattr(torch, hp.mom2_dtype),
+        use_cache=not args.no_stats_cache,
+    )
     kind = "relative" if hp.nullspace_relative else "absolute"
     for layer, m in sorted(moments.items()):
         ns = null_space(m.mom2, hp.nullspace_threshold, hp.nullspace_relative)
@@ -331,8 +479,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
     print("MEMIT presets:")
     for name in preset_names():
         hp = preset_hparams(name)
-        print(f"  {name:14s} layers {list(hp.layers)}, v_lr {hp.v_lr}, v_steps {hp.v_steps}, "
-              f"lambda {hp.mom2_update_weight:g}, stats samples {hp.mom2_samples}")  # fmt: skip
+        print(
+            f"  {name:14s} layers {list(hp.layers)}, v_lr {hp.v_lr}, v_steps {hp.v_steps}, "
+            f"lambda {hp.mom2_update_weight:g}, stats samples {hp.mom2_samples}"
+        )
     return 0
 
 
@@ -350,14 +500,23 @@ def cmd_methods(args: argparse.Namespace) -> int:
     }
     print(f"methods (hyper-parameter values: {source}; layers come from the model's preset):")
     for method in METHODS:
-        print(textwrap.fill(METHOD_DESCRIPTIONS[method], 96, initial_indent=f"  {method:10s} ",
-                            subsequent_indent=" " * 13))  # fmt: skip
+        print(
+            textwrap.fill(
+                METHOD_DESCRIPTIONS[method],
+                96,
+                initial_indent=f"  {method:10s} ",
+                subsequent_indent=" " * 13,
+            )
+        )
         print(f"  {'':10s} reads: {'; '.join(g.split(' (')[0] for g in reads[method])}")
     for group, names in HPARAM_GROUPS.items():
         print(f"{group}:")
         for name in names:
-            print(f"  {name:24s} {values[name]!r}" if name != "layers" or args.preset else
-                  f"  {name:24s} (per model)")  # fmt: skip
+            print(
+                f"  {name:24s} {values[name]!r}"
+                if name != "layers" or args.preset
+                else f"  {name:24s} (per model)"
+            )
     return 0
 
 
@@ -368,6 +527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    for handler in logging.getLogger().handlers:  # the console shows only what -v asks for
+        handler.setLevel(level)
     try:
         return args.func(args)
     except (MetakeError, ValueError) as exc:  # user input: a message, not a traceback

@@ -392,6 +392,47 @@ class Editor:
             return self._prev_keys_cov[layer]
         return torch.zeros(dim, dim, dtype=torch.float64)
 
+    # ----- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What a later session needs to continue exactly where this one is.
+
+        The edited layers' current weights (``[d_out, d_in]``, not differences, so reloading is
+        bit-identical), AlphaEdit's key cache, the context prefixes and the edit history.
+        """
+        return {
+            "method": self.method,
+            "solver": self.solver,
+            "layers": list(self.hparams.layers),
+            "weights": {
+                layer: self.adapter.weight(self.model, layer).detach().cpu().clone()
+                for layer in self._originals
+            },  # fmt: skip
+            "prev_keys_cov": {k: v.clone() for k, v in self._prev_keys_cov.items()},
+            "contexts": list(self._contexts) if self._contexts is not None else None,
+            "history": [r.to_dict() for r in self.history],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue a session saved by :meth:`state_dict` on this (unedited) model."""
+        if self._originals:
+            raise MetakeError("load_state_dict needs an unedited session: call restore() first")
+        if (state["method"], state["solver"]) != (self.method, self.solver):
+            raise MetakeError(
+                f"checkpoint is for {state['method']}/{state['solver']}, this session is "
+                f"{self.method}/{self.solver}"
+            )
+        if list(state["layers"]) != list(self.hparams.layers):
+            raise MetakeError(f"checkpoint edits layers {state['layers']}, this session "
+                              f"{list(self.hparams.layers)}")  # fmt: skip
+        for layer, weight in state["weights"].items():
+            current = self.adapter.weight(self.model, int(layer))
+            self._originals[int(layer)] = current.detach().clone()
+            self.adapter.set_weight(self.model, int(layer), weight.to(current.device))
+        self._prev_keys_cov = {int(k): v.clone() for k, v in state["prev_keys_cov"].items()}
+        if state["contexts"] is not None:
+            self._contexts = list(state["contexts"])
+        self.history = parse_requests(state["history"]) if state["history"] else []
+
     # ----- undo and save ---------------------------------------------------------------------
     def accumulated_deltas(self) -> dict[str, torch.Tensor]:
         """``{module name: W_now - W_original}`` (``[d_out, d_in]``) over every edit so far."""

@@ -1,0 +1,376 @@
+"""``metake bench``: the paper's sequential-editing protocol, resumable, with a run folder.
+
+For every seed: sample ``edits`` records with the seed, score the unedited model on them
+(``pre_edit``), then for every method edit them sequentially in batches of ``batch_size`` (one
+:class:`~metake.editor.Editor` session), optionally score the records edited so far after each
+batch (the curve), score all of them after the last batch, and restore the original weights
+before the next method.
+
+Run folder::
+
+    config.json                 what was asked (a resumed run reads it back)
+    bench.log                   the log
+    parts/seed<S>/pre_edit.json the unedited model's scores
+    parts/seed<S>/<method>.json one finished method (per-record metrics, curve, timings)
+    parts/seed<S>/<method>.state.pt  checkpoint after the last finished batch (while running)
+    results.json, results.md, *.png  written by :mod:`metake.evaluation.report` at the end
+
+After every batch the session's state (edited weights, AlphaEdit's key cache, context prefixes)
+and the metrics so far are saved; ``resume`` continues from the last saved batch and ends with the
+same numbers as an uninterrupted run (every edit call reseeds, and the weights are stored, not
+re-added).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+import metake
+from metake.corpus import TextCorpus, load_corpus
+from metake.editor import METHODS, SOLVERS, Editor
+from metake.errors import MetakeError
+from metake.evaluation.datasets import EvalRecord, load_dataset, sample_records
+from metake.evaluation.evaluate import (
+    evaluate_records,
+    generation_fluency,
+    mean_metrics,
+    metric_names,
+)
+from metake.evaluation.metrics import text_perplexity
+from metake.stats import StatsCache
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class BenchConfig:
+    """Everything that defines a benchmark run (saved as ``config.json``)."""
+
+    model: str
+    dataset: str
+    data: str
+    methods: list[str]
+    edits: int
+    batch_size: int
+    seeds: list[int] = field(default_factory=lambda: [0])
+    solver: str = "alphaedit"  # the solver of a plain "metake"
+    zsre_target: str = "answers"
+    curve: bool = True  # score the records edited so far after every batch
+    fluency_records: int = 10  # records whose prompts are continued for the fluency score
+    drift_texts: int = 32  # held-out Wikipedia intros for the perplexity drift
+    overrides: dict[str, Any] = field(default_factory=dict)  # hyper-parameters, all methods
+    preset: str | None = None
+    corpus: str | None = None  # statistics (and held-out drift texts); None: built-in Wikipedia
+    device: str = "cpu"
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        for spec in self.methods:
+            method_spec(spec, self.solver)
+        if self.edits < 1 or self.batch_size < 1:
+            raise MetakeError("--edits and --batch-size must be at least 1")
+        if not self.seeds:
+            raise MetakeError("give at least one seed")
+        if len(set(self.methods)) != len(self.methods):
+            raise MetakeError(f"a method is listed twice: {', '.join(self.methods)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict."""
+        return asdict(self)
+
+
+def method_spec(spec: str, default_solver: str) -> tuple[str, str | None]:
+    """``"metake"`` → ``("metake", default_solver)``; ``"metake+memit"`` picks the solver."""
+    method, _, solver = spec.partition("+")
+    if method not in METHODS:
+        raise MetakeError(
+            f"unknown method {spec!r}; available: {', '.join(METHODS)} "
+            f"(and metake+SOLVER with SOLVER one of {', '.join(SOLVERS)})"
+        )
+    if solver and method != "metake":
+        raise MetakeError(f"{spec!r}: only metake takes a solver")
+    if method == "metake":
+        solver = solver or default_solver
+        if solver not in SOLVERS:
+            raise MetakeError(
+                f"{spec!r}: unknown solver {solver!r}; available: {', '.join(SOLVERS)}"
+            )
+        return method, solver
+    return method, None
+
+
+def package_versions() -> dict[str, str]:
+    """Versions that can change the numbers."""
+    import transformers
+
+    return {
+        "metake": metake.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+
+
+def held_out_texts(corpus: TextCorpus, count: int) -> list[str]:
+    """The last ``count`` texts of ``corpus`` (statistics read its first texts)."""
+    if count <= 0:
+        return []
+    return list(corpus.iter_texts())[-count:]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class BenchRun:
+    """One run folder: runs what is missing in it, then the report."""
+
+    def __init__(
+        self,
+        config: BenchConfig,
+        out: str | Path,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        stop_after_batches: int | None = None,
+        corpus: TextCorpus | None = None,
+        stats_cache: StatsCache | None = None,
+    ) -> None:
+        self.config = config
+        self.corpus = corpus if corpus is not None else load_corpus(config.corpus)
+        self.stats_cache = stats_cache
+        self.out = Path(out)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_after_batches = stop_after_batches  # tests: simulate an interruption
+        self.dataset = load_dataset(config.dataset, config.data, config.zsre_target, tokenizer)
+        self._drift_texts: list[str] | None = None
+
+    # ----- folder --------------------------------------------------------------------------
+    @classmethod
+    def read_config(cls, out: str | Path) -> BenchConfig:
+        """The configuration saved in a run folder (for ``--resume``)."""
+        path = Path(out) / CONFIG_FILE
+        if not path.is_file():
+            raise MetakeError(f"{out} is not a bench run folder (no {CONFIG_FILE})")
+        return BenchConfig(**json.loads(path.read_text(encoding="utf-8")))
+
+    def _prepare_folder(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / CONFIG_FILE
+        mine = self.config.to_dict()
+        if path.is_file():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            differ = sorted(k for k in mine if k != "command" and saved.get(k) != mine[k])
+            if differ:
+                raise MetakeError(
+                    f"{self.out} holds a run with another configuration ({', '.join(differ)}); "
+                    "use --resume with that folder alone, or another --out"
+                )
+        else:
+            _write_json(path, mine)
+
+    def _part(self, seed: int, name: str) -> Path:
+        folder = self.out / "parts" / f"seed{seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / name
+
+    @property
+    def drift_texts(self) -> list[str]:
+        """Held-out texts for the perplexity drift (loaded once)."""
+        if self._drift_texts is None:
+            self._drift_texts = held_out_texts(self.corpus, self.config.drift_texts)
+        return self._drift_texts
+
+    # ----- running ---------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run every missing (seed, method), then write and return the results."""
+        from metake.evaluation.report import write_report
+
+        self._prepare_folder()
+        handler = logging.FileHandler(self.out / "bench.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger("metake")
+        root.addHandler(handler)
+        previous_level = root.level
+        root.setLevel(min(previous_level or logging.INFO, logging.INFO))
+        try:
+            log.info("bench %s", json.dumps(self.config.to_dict()))
+            log.info(
+                "dataset %s: %d valid records, %d skipped",
+                self.dataset.path,
+                len(self.dataset.records),
+                len(self.dataset.skipped),
+            )
+            seeds = {}
+            for seed in self.config.seeds:
+                seeds[seed] = self._run_seed(seed)
+                if seeds[seed] is None:
+                    return {}
+            return write_report(self.out, self.config, self.dataset, seeds, package_versions())
+        finally:
+            root.removeHandler(handler)
+            root.setLevel(previous_level)
+            handler.close()
+
+    def _run_seed(self, seed: int) -> dict[str, Any] | None:
+        records = sample_records(self.dataset.records, self.config.edits, seed)
+        out = {"records": [r.index for r in records], "pre_edit": self._pre_edit(seed, records)}
+        out["methods"] = {}
+        for spec in self.config.methods:
+            result = self._run_method(seed, spec, records)
+            if result is None:  # interrupted on purpose (tests)
+                return None
+            out["methods"][spec] = result
+        return out
+
+    def _model_scores(self, records: Sequence[EvalRecord]) -> dict[str, Any]:
+        """Per-record metrics and model-level figures of the model as it is now."""
+        per_record = evaluate_records(self.model, self.tokenizer, records, self.config.dataset)
+        scores: dict[str, Any] = {"per_record": per_record}
+        if self.drift_texts:
+            scores["perplexity"] = text_perplexity(self.model, self.tokenizer, self.drift_texts)
+        if self.config.fluency_records > 0:
+            fluency = generation_fluency(
+                self.model, self.tokenizer, records[: self.config.fluency_records]
+            )
+            scores["fluency"] = fluency["fluency"]
+            scores["generations"] = fluency["texts"]
+        return scores
+
+    def _pre_edit(self, seed: int, records: Sequence[EvalRecord]) -> dict[str, Any]:
+        path = self._part(seed, "pre_edit.json")
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+        log.info("seed %d: scoring the unedited model on %d records", seed, len(records))
+        scores = self._model_scores(records)
+        _write_json(path, scores)
+        return scores
+
+    def _editor(self, spec: str, seed: int) -> Editor:
+        method, solver = method_spec(spec, self.config.solver)
+        editor = Editor(
+            self.model,
+            self.tokenizer,
+            method,
+            solver=solver,
+            preset=self.config.preset,
+            model_id=self.config.model,
+            corpus=self.corpus,
+            stats_cache=self.stats_cache,
+            seed=seed,
+            progress=False,
+            **self.config.overrides,
+        )
+        editor.load_statistics()
+        return editor
+
+    def _run_method(
+        self, seed: int, spec: str, records: Sequence[EvalRecord]
+    ) -> dict[str, Any] | None:
+        done_path = self._part(seed, f"{spec}.json")
+        if done_path.is_file():
+            log.info("seed %d %s: already done", seed, spec)
+            return json.loads(done_path.read_text(encoding="utf-8"))
+        state_path = self._part(seed, f"{spec}.state.pt")
+        editor = self._editor(spec, seed)
+        batches: list[dict[str, Any]] = []
+        curve: list[dict[str, Any]] = []
+        if state_path.is_file():
+            state = torch.load(state_path, weights_only=False)
+            editor.load_state_dict(state["editor"])
+            batches, curve = state["batches"], state["curve"]
+            log.info("seed %d %s: resuming after batch %d", seed, spec, len(batches))
+        size = self.config.batch_size
+        starts = list(range(0, len(records), size))
+        names = metric_names(self.config.dataset)
+        try:
+            bar = tqdm(starts, desc=f"seed {seed} {spec}", unit="batch", initial=len(batches))
+            for number, start in enumerate(starts):
+                if number < len(batches):
+                    continue
+                if self.stop_after_batches is not None and number >= self.stop_after_batches:
+                    return None
+                chunk = records[start : start + size]
+                begin = time.perf_counter()
+                report = editor.edit([r.request for r in chunk]).report
+                wall = time.perf_counter() - begin
+                batches.append(_batch_summary(report, wall, len(chunk)))
+                if self.config.curve:
+                    edited = records[: start + len(chunk)]
+                    scores = evaluate_records(
+                        self.model, self.tokenizer, edited, self.config.dataset
+                    )
+                    curve.append({"edits": len(edited), **mean_metrics(scores, names)})
+                state = {"editor": editor.state_dict(), "batches": batches, "curve": curve}
+                tmp = state_path.with_suffix(".tmp")
+                torch.save(state, tmp)
+                os.replace(tmp, state_path)
+                bar.update(1)
+                bar.set_postfix_str(f"{batches[-1]['seconds'] / len(chunk):.1f} s/edit")
+            bar.close()
+            scores = self._model_scores(records)
+        finally:
+            editor.restore()
+        seconds = sum(b["seconds"] for b in batches)
+        result = {
+            "method": editor.method,
+            "solver": editor.solver,
+            "hparams": editor.hparams.to_dict(),
+            **scores,
+            "curve": curve,
+            "batches": batches,
+            "seconds_edit": seconds,
+            "seconds_per_edit": seconds / len(records),
+        }
+        _write_json(done_path, result)
+        state_path.unlink(missing_ok=True)
+        return result
+
+
+def _batch_summary(report, wall: float, size: int) -> dict[str, Any]:
+    """What one batch took (``seconds``: Stage I + II; ``seconds_wall`` adds the first batch's
+    context prefixes), and how far Stage I / MetaKE's look-ahead got."""
+    return {
+        "size": size,
+        "seconds": report.seconds,
+        "seconds_wall": wall,
+        "seconds_stage1": report.seconds_stage1,
+        "seconds_lookahead": report.seconds_lookahead,
+        "seconds_stage2": report.seconds_stage2,
+        "stage1_target_prob": statistics.median(report.stage1_target_prob),
+        "lookahead_first": report.lookahead_history[0] if report.lookahead_history else None,
+        "lookahead_last": report.lookahead_history[-1] if report.lookahead_history else None,
+    }
+
+
+def run_bench(
+    config: BenchConfig,
+    out: str | Path,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    **options: Any,
+) -> dict[str, Any]:
+    """Run (or continue) a benchmark in ``out`` and return ``results.json``'s content.
+
+    ``options``: ``corpus`` (a :class:`TextCorpus`), ``stats_cache``, ``stop_after_batches``.
+    """
+    return BenchRun(config, out, model, tokenizer, **options).run()

@@ -1,0 +1,192 @@
+"""Bench results: ``results.json`` (everything), ``results.md`` (Table-1 shape), PNG plots.
+
+Aggregates are in percent: for each seed the mean over its edited records, then mean and
+standard deviation over seeds (sample standard deviation, ``n - 1``; 0 with one seed).
+Perplexity (drift) and fluency are absolute numbers, aggregated the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from metake.evaluation.datasets import EvalDataset
+from metake.evaluation.evaluate import MAIN_METRICS, mean_metrics, metric_names
+
+LABELS = {
+    "efficacy": "Eff.", "generalization": "Gen.", "specificity": "Spe.",
+    "efficacy_exact": "Eff. (whole answer)",
+    "efficacy_score": "Efficacy Score", "paraphrase_score": "Paraphrase Score",
+    "neighborhood_score": "Neighborhood Score", "efficacy_magnitude": "Eff. magnitude",
+    "paraphrase_magnitude": "Para. magnitude", "neighborhood_magnitude": "Neigh. magnitude",
+    "fluency": "Fluency", "perplexity": "Perplexity", "seconds_per_edit": "s / edit",
+}  # fmt: skip
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    """``{"mean", "std", "n"}``; the sample standard deviation (0 for a single value)."""
+    values = list(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
+def _seed_figures(scores: Mapping[str, Any], names: Sequence[str]) -> dict[str, float]:
+    """One seed's figures: metric means (percent), perplexity, fluency, seconds per edit."""
+    figures = mean_metrics(scores["per_record"], names)
+    for key in ("perplexity", "fluency", "seconds_per_edit"):
+        if scores.get(key) is not None:
+            figures[key] = scores[key]
+    return figures
+
+
+def aggregate(seeds: Mapping[int, Mapping[str, Any]], kind: str) -> dict[str, Any]:
+    """``{"pre_edit": {metric: mean_std}, "methods": {method: {metric: mean_std}}}``."""
+    names = metric_names(kind)
+    per_seed_pre = [_seed_figures(run["pre_edit"], names) for run in seeds.values()]
+    methods = list(next(iter(seeds.values()))["methods"])
+    out: dict[str, Any] = {"pre_edit": _combine(per_seed_pre), "methods": {}}
+    for method in methods:
+        figures = [_seed_figures(run["methods"][method], names) for run in seeds.values()]
+        out["methods"][method] = _combine(figures)
+    return out
+
+
+def _combine(per_seed: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    keys = [k for k in per_seed[0] if all(k in s for s in per_seed)]
+    return {k: mean_std([s[k] for s in per_seed]) for k in keys}
+
+
+def _cell(stat: Mapping[str, float] | None, digits: int = 2) -> str:
+    if stat is None:
+        return "–"
+    if stat["n"] > 1:
+        return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    return f"{stat['mean']:.{digits}f}"
+
+
+def markdown_table(agg: Mapping[str, Any], kind: str) -> str:
+    """Method rows (unedited model first), the Table 1 columns, then the other figures."""
+    columns = [*MAIN_METRICS[kind], "fluency", "perplexity", "seconds_per_edit"]
+    if kind != "counterfact":
+        columns.insert(3, "efficacy_exact")
+    head = "| Method | " + " | ".join(LABELS[c] for c in columns) + " |"
+    lines = [head, "|---|" + "---:|" * len(columns)]
+    rows = [("unedited", agg["pre_edit"])] + list(agg["methods"].items())
+    for name, figures in rows:
+        cells = [_cell(figures.get(c), 1 if c == "seconds_per_edit" else 2) for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(
+    out: Path,
+    config,
+    dataset: EvalDataset,
+    seeds: Mapping[int, Mapping[str, Any]],
+    versions: Mapping[str, str],
+) -> dict[str, Any]:
+    """Write ``results.json``, ``results.md`` and the plots; return the results dict."""
+    agg = aggregate(seeds, config.dataset)
+    results = {
+        "config": config.to_dict(),
+        "versions": dict(versions),
+        "model": config.model,
+        "dataset": {
+            "kind": dataset.kind,
+            "path": str(dataset.path),
+            "valid_records": len(dataset.records),
+            "skipped_records": len(dataset.skipped),
+            "zsre_target": dataset.zsre_target if dataset.kind == "zsre" else None,
+        },
+        "seeds": config.seeds,
+        "aggregate": {m: {k: v for k, v in figs.items()} for m, figs in agg["methods"].items()},
+        "pre_edit": agg["pre_edit"],
+        "runs": {str(seed): run for seed, run in seeds.items()},
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    (out / "results.md").write_text(_markdown(results, agg, config), encoding="utf-8")
+    write_plots(out, seeds, agg, config.dataset)
+    return results
+
+
+def _markdown(results: Mapping[str, Any], agg: Mapping[str, Any], config) -> str:
+    kind = config.dataset
+    target = f", edit target `{results['dataset']['zsre_target']}`" if kind == "zsre" else ""
+    versions = results["versions"]
+    seeds = ", ".join(map(str, config.seeds))
+    lines = [
+        f"# {kind} sequential editing on {config.model}",
+        "",
+        "```",
+        config.command or "(run from the Python API)",
+        "```",
+        "",
+        f"{config.edits} records per seed (seeds {seeds}) from `{results['dataset']['path']}`"
+        f"{target}, edited in batches of {config.batch_size}; every edited record scored after "
+        "the last batch. Metrics in percent, mean ± sample std over seeds; fluency is the "
+        "n-gram entropy of greedy continuations, perplexity is on held-out Wikipedia intros "
+        "(drift of general ability); s / edit is Stage I + II time.",
+        "",
+        markdown_table(agg, kind),
+        "",
+        f"metake {versions['metake']}, torch {versions['torch']}, transformers "
+        f"{versions['transformers']}, Python {versions['python']} ({versions['machine']}), "
+        f"device {config.device}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_plots(
+    out: Path, seeds: Mapping[int, Mapping[str, Any]], agg: Mapping[str, Any], kind: str
+) -> list[Path]:
+    """``metrics_vs_edits.png`` (if the curve was recorded) and ``final_metrics.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = MAIN_METRICS[kind]
+    paths = []
+    methods = list(agg["methods"])
+    runs = list(seeds.values())
+    if all(run["methods"][m]["curve"] for run in runs for m in methods):
+        fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
+        for ax, name in zip(axes[0], names, strict=True):
+            for method in methods:
+                curves = [run["methods"][method]["curve"] for run in runs]
+                xs = [p["edits"] for p in curves[0]]
+                ys = [statistics.fmean(c[i][name] for c in curves) for i in range(len(xs))]
+                ax.plot(xs, ys, marker="o", label=method)
+            pre = agg["pre_edit"].get(name)
+            if pre:
+                ax.axhline(pre["mean"], color="grey", linestyle="--", label="unedited")
+            ax.set_xlabel("edits so far")
+            ax.set_title(LABELS[name])
+            ax.set_ylim(0, 100)
+        axes[0][0].set_ylabel("% (records edited so far)")
+        axes[0][-1].legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out / "metrics_vs_edits.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names) * (len(methods) + 1) / 3, 3.6))
+    rows = [("unedited", agg["pre_edit"])] + list(agg["methods"].items())
+    width = 0.8 / len(rows)
+    for i, (label, figures) in enumerate(rows):
+        xs = [j + i * width for j in range(len(names))]
+        means = [figures[n]["mean"] if n in figures else 0 for n in names]
+        stds = [figures[n]["std"] if n in figures else 0 for n in names]
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], [LABELS[n] for n in names])
+    ax.set_ylabel("% after the last batch")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "final_metrics.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths

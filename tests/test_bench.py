@@ -1,0 +1,137 @@
+"""``metake bench`` on a tiny model: run folder, aggregates, resume after an interruption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_models import tiny_model, tiny_tokenizer
+
+from metake.corpus import TextCorpus
+from metake.errors import MetakeError
+from metake.evaluation.bench import BenchConfig, BenchRun, method_spec, run_bench
+from metake.stats import StatsCache
+
+TEXTS = [
+    "The river runs through the old town and meets the sea.",
+    "A small library opened near the station last spring.",
+    "Music and painting were taught at the village school.",
+    "The bridge was rebuilt after the flood of that year.",
+] * 5
+NAMES = ["Anna Berg", "Carl Dunn", "Eva Holm", "Ivan Roth", "Lena Ost", "Omar Said"]
+CITIES = ["Oslo", "Lima", "Rome", "Kiev", "Bern", "Doha"]
+
+
+def _zsre_file(tmp_path):
+    records = [
+        {"subject": name, "src": f"Where does {name} live?", "rephrase": f"{name} lives where?",
+         "answers": [city], "alt": "Paris", "loc": "nq question: colour of the sky",
+         "loc_ans": "blue"}
+        for name, city in zip(NAMES, CITIES, strict=True)
+    ]  # fmt: skip
+    path = tmp_path / "tiny_zsre.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def _config(tmp_path, **extra):
+    settings = dict(
+        model="tiny-llama", dataset="zsre", data=str(_zsre_file(tmp_path)),
+        methods=["memit", "alphaedit", "metake"], edits=4, batch_size=2, seeds=[0, 1],
+        fluency_records=2, drift_texts=3,
+        overrides={"layers": [0, 1], "v_steps": 3, "mom2_samples": 20, "mom2_update_weight": 10.0,
+                   "context_count": 1, "context_length": 3, "metake_steps": 2,
+                   "nullspace_threshold": 0.5, "nullspace_relative": True},
+    )  # fmt: skip
+    settings.update(extra)
+    return BenchConfig(**settings)
+
+
+def _run(config, out, model, tmp_path, **options):
+    return run_bench(config, out, model, tiny_tokenizer(),
+                     corpus=TextCorpus.from_texts(TEXTS, name="bench test texts"),
+                     stats_cache=StatsCache(tmp_path / "stats"), **options)  # fmt: skip
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_bench_writes_results_and_resume_gives_identical_numbers(tmp_path):
+    model = tiny_model("llama")
+    before = _weights(model)
+    config = _config(tmp_path)
+    full = _run(config, tmp_path / "full", model, tmp_path)
+
+    # the folder: results, table, plots, log, per-seed parts; no checkpoints left behind
+    out = tmp_path / "full"
+    for name in ("results.json", "results.md", "final_metrics.png", "metrics_vs_edits.png",
+                 "bench.log", "config.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert not list(out.rglob("*.state.pt"))
+    assert set(full["aggregate"]) == {"memit", "alphaedit", "metake"}
+    for method, figures in full["aggregate"].items():
+        for metric in ("efficacy", "generalization", "specificity", "seconds_per_edit"):
+            assert {"mean", "std"} <= set(figures[metric]), (method, metric)
+    assert set(full["pre_edit"]) >= {"efficacy", "generalization", "specificity", "perplexity"}
+    assert full["versions"]["torch"] == torch.__version__
+    run0 = full["runs"]["0"]
+    assert len(run0["methods"]["memit"]["per_record"]) == 4
+    assert [p["edits"] for p in run0["methods"]["memit"]["curve"]] == [2, 4]
+    assert run0["records"] != full["runs"]["1"]["records"]  # seeds draw different records
+    table = (out / "results.md").read_text(encoding="utf-8")
+    assert "| memit |" in table and "| unedited |" in table and "±" in table
+    for name, value in _weights(model).items():  # every method restored the model
+        assert torch.equal(value, before[name]), name
+
+    # interrupted after one batch of seed 0's first method, then resumed
+    part = tmp_path / "part"
+    assert _run(config, part, model, tmp_path, stop_after_batches=1) == {}
+    assert (part / "parts" / "seed0" / "memit.state.pt").is_file()
+    for name, value in _weights(model).items():  # interruption restored the model too
+        assert torch.equal(value, before[name]), name
+    resumed = _run(BenchRun.read_config(part), part, model, tmp_path)
+    for seed in ("0", "1"):
+        for method in config.methods:
+            a = full["runs"][seed]["methods"][method]
+            b = resumed["runs"][seed]["methods"][method]
+            assert a["per_record"] == b["per_record"], (seed, method)
+            assert a["curve"] == b["curve"], (seed, method)
+            assert a["perplexity"] == b["perplexity"]
+    for method, figures in full["aggregate"].items():
+        for metric in ("efficacy", "generalization", "specificity"):
+            assert figures[metric] == resumed["aggregate"][method][metric]
+
+
+def test_resume_checkpoint_restores_the_exact_weights(tmp_path):
+    model = tiny_model("gpt2")
+    config = _config(tmp_path, methods=["alphaedit"], seeds=[0], edits=6, curve=False)
+    _run(config, tmp_path / "a", model, tmp_path, stop_after_batches=2)
+    state = torch.load(tmp_path / "a" / "parts" / "seed0" / "alphaedit.state.pt",
+                       weights_only=False)  # fmt: skip
+    assert len(state["batches"]) == 2
+    assert state["editor"]["prev_keys_cov"]  # AlphaEdit's cache is part of the checkpoint
+    resumed = _run(config, tmp_path / "a", model, tmp_path)
+    fresh = _run(config, tmp_path / "b", model, tmp_path)
+    assert (resumed["runs"]["0"]["methods"]["alphaedit"]["per_record"]
+            == fresh["runs"]["0"]["methods"]["alphaedit"]["per_record"])  # fmt: skip
+
+
+def test_bench_config_errors(tmp_path):
+    with pytest.raises(MetakeError, match="unknown method"):
+        _config(tmp_path, methods=["memit", "magic"])
+    with pytest.raises(MetakeError, match="only metake"):
+        _config(tmp_path, methods=["memit+alphaedit"])
+    with pytest.raises(MetakeError, match="listed twice"):
+        _config(tmp_path, methods=["memit", "memit"])
+    assert method_spec("metake+memit", "alphaedit") == ("metake", "memit")
+    assert method_spec("metake", "rome") == ("metake", "rome")
+    model = tiny_model("llama")
+    _run(_config(tmp_path, methods=["memit"], seeds=[0], edits=2), tmp_path / "c", model,
+         tmp_path)  # fmt: skip
+    with pytest.raises(MetakeError, match="another configuration"):
+        _run(_config(tmp_path, methods=["memit"], seeds=[0], edits=4), tmp_path / "c", model,
+             tmp_path)  # fmt: skip
+    with pytest.raises(MetakeError, match="not a bench run folder"):
+        BenchRun.read_config(tmp_path / "nowhere")
