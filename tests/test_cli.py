@@ -110,3 +110,39 @@ def test_methods_lists_methods_and_their_hyperparameters(capsys):
     for name in ("rome", "memit", "alphaedit", "metake", "metake_lr", "nullspace_threshold"):
         assert name in out
     assert "mom2_update_weight       2000" in out
+
+
+def test_bench_command_runs_and_resumes(model_dir, tmp_path, capsys):
+    folder, corpus = model_dir
+    data = tmp_path / "own.jsonl"
+    rows = [
+        {
+            "prompt": "{} lives in",
+            "subject": name,
+            "target_new": city,
+            "rephrase_prompts": [f"The home of {name} is"],
+        }
+        for name, city in (("Anna Berg", "Oslo"), ("Carl Dunn", "Lima"), ("Eva Holm", "Rome"))
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n", encoding="utf-8")
+    out = tmp_path / "run"
+    args = ["bench", "--model", str(folder), "--corpus", str(corpus), "--device", "cpu",
+            "--dataset", "requests", "--data", str(data), "--methods", "memit,metake+memit",
+            "--edits", "2", "--batch-size", "1", "--seeds", "0", "--drift-texts", "2",
+            "--fluency-records", "1", "--out", str(out), "--set", "layers=[0,1]",
+            "--set", "v_steps=2", "--set", "context_count=1", "--set", "metake_steps=1",
+            "--set", "mom2_samples=8", "--set", "mom2_update_weight=10"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| memit |" in printed and "| metake+memit |" in printed
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["dataset"]["skipped_records"] == 1
+    assert results["config"]["command"].startswith("metake bench")
+    assert main(["bench", "--resume", str(out)]) == 0  # everything done: just the report again
+    assert "| memit |" in capsys.readouterr().out
+
+
+def test_bench_without_data_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.delenv("METAKE_COUNTERFACT_DATA", raising=False)
+    assert main(["bench", "--dataset", "counterfact"]) == 2
+    assert "METAKE_COUNTERFACT_DATA" in capsys.readouterr().err

@@ -292,7 +292,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             preset=args.preset,
             corpus=args.corpus,
             device=resolve_device(args.device),
-            command="metake " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            command="metake " + " ".join(shlex.quote(a) for a in args.argv),
         )
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         out = args.out or f"bench-runs/{config.model.replace('/', '_')}-{config.dataset}-{stamp}"
@@ -523,6 +523,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``metake`` command."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr

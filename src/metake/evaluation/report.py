@@ -149,7 +149,7 @@ def write_plots(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = MAIN_METRICS[kind]
+    names = [n for n in MAIN_METRICS[kind] if n in agg["pre_edit"]]  # those the data has
     paths = []
     methods = list(agg["methods"])
     runs = list(seeds.values())
