@@ -10,6 +10,7 @@ from metake.hparams import MemitHparams
 from metake.planners.prefix import PrefixCachedBatch
 from metake.planners.standard import base_hidden, build_planner_batch, compute_targets
 from metake.requests import parse_requests
+from metake.tokens import length_groups
 
 REQUESTS = parse_requests(
     [
@@ -57,3 +58,54 @@ def test_sliding_window_shorter_than_the_prompts_runs_whole_prompts():
     batch = build_planner_batch(tiny_tokenizer(), REQUESTS, CONTEXTS, "{} is a").batch
     assert not PrefixCachedBatch.supports(model, batch)
     assert PrefixCachedBatch.supports(tiny_model("llama"), batch)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_starting_at_the_edit_layer_equals_the_full_forward(model_type, prefix_cache):
+    """Replaying the cached residual stream below layer L changes nothing but the cost."""
+    model, tok = tiny_model(model_type), tiny_tokenizer()
+    hp = MemitHparams(layers=(2,), v_steps=4)
+    full = compute_targets(model, tok, REQUESTS, hp, CONTEXTS, prefix_cache, skip_lower=False)
+    skip = compute_targets(model, tok, REQUESTS, hp, CONTEXTS, prefix_cache, skip_lower=True)
+    torch.testing.assert_close(skip.v_init, full.v_init, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(skip.v_target, full.v_target, rtol=1e-5, atol=1e-6)
+    for module in model.modules():  # no patched forward left behind
+        assert "forward" not in vars(module)
+
+
+@pytest.mark.parametrize("max_groups", [1, 2, 5])
+def test_length_groups_give_the_same_targets(max_groups):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    hp = MemitHparams(layers=(1,), v_steps=4)
+    one = compute_targets(model, tok, REQUESTS, hp, CONTEXTS, max_groups=1)
+    many = compute_targets(model, tok, REQUESTS, hp, CONTEXTS, max_groups=max_groups)
+    torch.testing.assert_close(many.v_target, one.v_target, rtol=1e-5, atol=1e-6)
+
+
+def test_length_groups_cover_every_row_once_with_least_padding():
+    lengths = [5, 3, 9, 9, 2, 14, 3]
+    groups = length_groups(lengths, 3)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    area = sum(len(g) * max(lengths[i] for i in g) for g in groups)
+    ordered = sorted(lengths)  # brute force over every cut of the sorted rows into 3 groups
+    best = min(
+        a * ordered[a - 1] + (b - a) * ordered[b - 1] + (len(ordered) - b) * ordered[-1]
+        for a in range(1, len(ordered) - 1)
+        for b in range(a + 1, len(ordered))
+    )
+    assert area == best == 3 * 3 + 3 * 9 + 14
+    assert length_groups([4, 4, 4], 4) == [[0, 1, 2]]  # no gain from splitting equal rows
+
+
+def test_prompt_batch_select_trims_and_renumbers():
+    tok = tiny_tokenizer()
+    batch = build_planner_batch(tok, REQUESTS, CONTEXTS, "{} is a").batch
+    rows = torch.tensor([4, 1])
+    sub = batch.select(rows)
+    width = int(batch.attention_mask[rows].sum(1).max())
+    assert sub.input_ids.shape == (2, width)
+    assert torch.equal(sub.input_ids, batch.input_ids[rows, :width])
+    for local, row in enumerate(rows.tolist()):
+        mine = batch.target_ids[batch.target_rows == row]
+        assert torch.equal(sub.target_ids[sub.target_rows == local], mine)

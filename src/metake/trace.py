@@ -40,6 +40,7 @@ class Trace:
 
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    tuple_outputs: set[str] = field(default_factory=set)  # modules that returned a tuple
 
 
 @contextmanager
@@ -67,6 +68,8 @@ def capture(
                 x = args[0]
                 trace.inputs[name] = x.detach() if detach else x
             if outputs:
+                if not isinstance(output, torch.Tensor):
+                    trace.tuple_outputs.add(name)
                 y = main_tensor(output)
                 trace.outputs[name] = y.detach() if detach else y
             if name == stop_after:
@@ -127,3 +130,31 @@ def add_low_rank(module: nn.Module, down: torch.Tensor, up: torch.Tensor) -> Ite
         yield
     finally:
         handle.remove()
+
+
+@contextmanager
+def skip_layers_below(
+    layers: Sequence[nn.Module], hidden: torch.Tensor, as_tuple: bool = False
+) -> Iterator[None]:
+    """Make the decoder ``layers`` (all those below some layer ``L``) return ``hidden`` at once.
+
+    ``hidden`` (``[batch, seq, d]``) is what the last of them returned in an earlier forward of
+    the same inputs; the layer above then sees exactly its usual input, and the compute of the
+    lower layers is saved. Only ``forward`` is replaced (hooks and attributes stay), always
+    undone on exit. ``as_tuple``: the layers return ``(hidden, ...)`` tuples (older
+    transformers; :attr:`Trace.tuple_outputs` records which kind a real forward gave).
+    """
+    output = (hidden,) if as_tuple else hidden
+    patched = []
+
+    def forward(*args, **kwargs):
+        return output
+
+    try:
+        for module in layers:
+            module.forward = forward
+            patched.append(module)
+        yield
+    finally:
+        for module in patched:
+            del module.forward

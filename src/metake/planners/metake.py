@@ -43,6 +43,7 @@ from metake.planners.standard import (
     RowGroup,
     TargetPlan,
     build_planner_batch,
+    enter_at_layer,
     mean_per_row,
     row_groups,
     target_log_probs,
@@ -163,7 +164,7 @@ def _run_groups(
     """Each row's mean target NLL ``[rows]`` and the locality log-probs ``[P, vocab]``."""
     nll_parts, locality_parts = [], []
     for group, rows, positions in zip(groups, where.local_rows, where.positions, strict=True):
-        hidden = group.run()
+        hidden = group.forward()
         logp = target_log_probs(model, adapter, hidden, group.batch)
         nll_parts.append(-mean_per_row(logp, group.batch.target_rows, len(group.rows)))
         logits = adapter.logits(model, hidden[rows, positions]).float()
@@ -182,13 +183,15 @@ def lookahead_targets(
     contexts: Sequence[str],
     locality_prompts: Sequence[str] = LOCALITY_PROMPTS,
     max_groups: int = 4,
+    skip_lower: bool = True,
 ) -> RefinedPlan:
     """Refine ``plan.v_target`` (``[n, d]``) through the solver's ``gate`` (``[n, d_in]``).
 
     ``plan.v_init`` is the layer's current output ``Z`` at the subject's last token; the model is
     left exactly as it was (virtual weights only). Returns the refined targets and, per step,
     the meta-loss and its three terms (step 0 is the Stage I target itself). Prompts run in up
-    to ``max_groups`` groups of similar length (little compute spent on padding).
+    to ``max_groups`` groups of similar length (little compute spent on padding); with
+    ``skip_lower`` every step starts at layer ``L`` from the cached residual stream below it.
     """
     adapter = get_adapter(model)
     device = next(model.parameters()).device
@@ -199,6 +202,8 @@ def lookahead_targets(
     locality = locality.to(device)
     num_rows = batch.input_ids.shape[0]
     groups = row_groups(model, batch, tokenizer.pad_token_id, False, max_groups)
+    if skip_lower:
+        enter_at_layer(model, adapter, groups, plan.layer)
     where = _GroupedLocality.build(groups, locality, num_rows)
     n = planner.num_requests
     rewrite_rows = planner.num_rewrite_rows

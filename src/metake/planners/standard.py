@@ -40,7 +40,7 @@ from metake.tokens import (
     length_groups,
     pad_batch,
 )
-from metake.trace import add_at_positions, capture
+from metake.trace import add_at_positions, capture, skip_layers_below
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,34 @@ class RowGroup:
     rows: torch.Tensor
     batch: PromptBatch
     run: Callable[[], torch.Tensor]
+    skip: tuple[list[nn.Module], torch.Tensor, bool] | None = None  # see enter_at_layer
+
+    def forward(self) -> torch.Tensor:
+        """``run()``, with the layers below the entry layer replayed from their cached output."""
+        if self.skip is None:
+            return self.run()
+        layers, hidden, as_tuple = self.skip
+        with skip_layers_below(layers, hidden, as_tuple):
+            return self.run()
+
+
+@torch.no_grad()
+def enter_at_layer(
+    model: nn.Module, adapter: ArchAdapter, groups: Sequence[RowGroup], layer: int
+) -> None:
+    """Run every group once up to layer ``layer - 1`` and let later forwards start at ``layer``.
+
+    Planners change nothing below the last edit layer, so the residual stream entering it is the
+    same at every optimisation step; caching it saves ``layer`` of the model's layers per step.
+    """
+    if layer == 0:
+        return
+    name = adapter.layer_name(layer - 1)
+    lower = [adapter.layer_module(model, i) for i in range(layer)]
+    for group in groups:
+        with capture(model, [name], inputs=False, stop_after=name) as trace:
+            group.run()
+        group.skip = (lower, trace.outputs[name], name in trace.tuple_outputs)
 
 
 def row_groups(
@@ -210,6 +238,7 @@ def compute_targets(
     contexts: Sequence[str],
     prefix_cache: bool = True,
     max_groups: int = 4,
+    skip_lower: bool = True,
 ) -> TargetPlan:
     """Stage I for a batch: the target value ``v*`` (``[n, d]``) at the last edit layer.
 
@@ -224,6 +253,8 @@ def compute_targets(
     pb = build_planner_batch(tokenizer, requests, contexts, hparams.kl_prompt)
     full = pb.batch.to(device)
     groups = row_groups(model, full, tokenizer.pad_token_id, prefix_cache, max_groups)
+    if skip_lower:
+        enter_at_layer(model, adapter, groups, layer)
     n, num_rows = pb.num_requests, full.input_ids.shape[0]
     plain, kl_rows = pb.plain_rows().to(device), pb.kl_rows().to(device)
     request_of_row = pb.request_of_row.to(device)
@@ -234,7 +265,7 @@ def compute_targets(
     for group in groups:
         with (torch.no_grad(),
               capture(model, [layer_name], inputs=False, stop_after=layer_name) as tr):  # fmt: skip
-            group.run()
+            group.forward()
         local = torch.arange(len(group.rows), device=device)
         v_rows.append(tr.outputs[layer_name][local, group.batch.subject_last].float())
     v_all = _scatter_rows(groups, v_rows, num_rows)  # [rows, d]
@@ -316,7 +347,7 @@ def _grouped_forward(
         local = torch.arange(len(group.rows), device=group.rows.device)
         subject_last = group.batch.subject_last
         with add_at_positions(layer_module, local, subject_last, row_delta[group.rows]):
-            hidden = group.run()
+            hidden = group.forward()
         logp = target_log_probs(model, adapter, hidden, group.batch)
         nll_parts.append(-mean_per_row(logp, group.batch.target_rows, len(group.rows)))
         last_parts.append(hidden[local, subject_last])
