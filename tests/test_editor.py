@@ -238,3 +238,29 @@ def test_rome_session_writes_rank_one_updates_at_one_layer(tmp_path):
     assert len(two.report.stage1_target_prob) == 2
     editor.restore()
     _assert_same_state(model, original)
+
+
+def test_state_dict_continues_a_session_exactly(tmp_path):
+    model = tiny_model("llama")
+    original = _state(model)
+    first = _editor(model, tmp_path, method="alphaedit", nullspace_threshold=0.5,
+                    nullspace_relative=True)  # fmt: skip
+    first.edit(REQUESTS[:1])
+    state = first.state_dict()
+    first.edit(REQUESTS[1:])
+    expected = _state(model)
+    first.restore()
+    _assert_same_state(model, original)
+
+    second = _editor(model, tmp_path, method="alphaedit", nullspace_threshold=0.5,
+                     nullspace_relative=True)  # fmt: skip
+    second.load_state_dict(state)
+    assert [r.subject for r in second.history] == ["Anna Berg"]
+    second.edit(REQUESTS[1:])
+    _assert_same_state(model, expected)
+    with pytest.raises(MetakeError, match="unedited session"):
+        second.load_state_dict(state)
+    second.restore()
+    _assert_same_state(model, original)
+    with pytest.raises(MetakeError, match="checkpoint is for alphaedit"):
+        _editor(model, tmp_path).load_state_dict(state)

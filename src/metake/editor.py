@@ -424,6 +424,7 @@ class Editor:
         if list(state["layers"]) != list(self.hparams.layers):
             raise MetakeError(f"checkpoint edits layers {state['layers']}, this session "
                               f"{list(self.hparams.layers)}")  # fmt: skip
+        self.load_statistics()  # C0 must come from the unedited weights, read before loading
         for layer, weight in state["weights"].items():
             current = self.adapter.weight(self.model, int(layer))
             self._originals[int(layer)] = current.detach().clone()
