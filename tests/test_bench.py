@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from test_editor import TEXTS
 from tiny_models import tiny_model, tiny_tokenizer
 
 from metake.corpus import TextCorpus
@@ -13,12 +14,6 @@ from metake.errors import MetakeError
 from metake.evaluation.bench import BenchConfig, BenchRun, method_spec, run_bench
 from metake.stats import StatsCache
 
-TEXTS = [
-    "The river runs through the old town and meets the sea.",
-    "A small library opened near the station last spring.",
-    "Music and painting were taught at the village school.",
-    "The bridge was rebuilt after the flood of that year.",
-] * 5
 NAMES = ["Anna Berg", "Carl Dunn", "Eva Holm", "Ivan Roth", "Lena Ost", "Omar Said"]
 CITIES = ["Oslo", "Lima", "Rome", "Kiev", "Bern", "Doha"]
 

@@ -166,38 +166,62 @@ def parse_requests(
     return parsed
 
 
+@dataclass(frozen=True)
+class MalformedLine:
+    """A JSONL line that is not JSON (kept in place when bad lines are skipped, not raised)."""
+
+    number: int
+    message: str
+
+
+def read_json_records(
+    path: str | Path,
+    kind: str = "requests",
+    error: type[Exception] = InvalidRequestError,
+    keep_bad_lines: bool = False,
+) -> list[Any]:
+    """The records of a JSON file (a list, or one object) or a JSONL file (one per line).
+
+    Problems raise ``error`` naming the file (and line); with ``keep_bad_lines`` a malformed
+    JSONL line becomes a :class:`MalformedLine` in its place instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{kind} file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    if path.suffix == ".jsonl":
+        records: list[Any] = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                if not keep_bad_lines:
+                    raise error(f"{path}:{number}: malformed JSON: {exc.msg}") from exc
+                records.append(MalformedLine(number, f"line {number}: malformed JSON: {exc.msg}"))
+        return records
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(
+            f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from exc
+    if isinstance(records, Mapping):
+        return [records]
+    if not isinstance(records, list):
+        raise error(f"{path}: expected a JSON list of {kind} or one object")
+    return records
+
+
 def load_requests(
     path: str | Path, zsre_target: Literal["answers", "alt"] = "answers"
 ) -> list[EditRequest]:
     """Read requests from a JSON file (a list or one object) or a JSONL file (one per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidRequestError(f"requests file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise InvalidRequestError(
-            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"
-        ) from exc
-    if path.suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise InvalidRequestError(
-                        f"{path}:{number}: malformed JSON: {exc.msg}"
-                    ) from exc
-    else:
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InvalidRequestError(
-                f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-            ) from exc
-    if not isinstance(records, (list, dict)):
-        raise InvalidRequestError(f"{path}: expected a JSON list of requests or one request object")
+    records = read_json_records(path)
     try:
         return parse_requests(records, zsre_target)
     except InvalidRequestError as exc:

@@ -17,7 +17,6 @@ MEMIT style: ``requested_rewrite`` with ``target_new``/``target_true``, ``paraph
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from metake.errors import InvalidRequestError, MetakeError
-from metake.requests import EditRequest, parse_request
+from metake.requests import EditRequest, MalformedLine, parse_request, read_json_records
 
 log = logging.getLogger(__name__)
 
@@ -88,38 +87,9 @@ def data_path(kind: str, path: str | os.PathLike[str] | None) -> Path:
 
 
 def read_records(path: Path) -> list[Any]:
-    """The records of a JSON list file or a JSONL file (blank lines ignored)."""
-    if not path.is_file():
-        raise DatasetError(f"dataset file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not UTF-8 text") from exc
-    if path.suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    records.append(_Malformed(f"line {number}: malformed JSON"))
-        return records
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DatasetError(
-            f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-        ) from exc
-    if isinstance(records, Mapping):
-        records = [records]
-    if not isinstance(records, list):
-        raise DatasetError(f"{path}: expected a JSON list of records")
-    return records
-
-
-@dataclass(frozen=True)
-class _Malformed:
-    reason: str
+    """The records of a JSON list file or a JSONL file; a malformed JSONL line stays in place as
+    a :class:`~metake.requests.MalformedLine` (skipped and counted later)."""
+    return read_json_records(path, "dataset", DatasetError, keep_bad_lines=True)
 
 
 def _strings(value: Any, field_name: str) -> tuple[str, ...]:
@@ -189,8 +159,8 @@ def parse_record(
     kind: str, record: Any, index: int, zsre_target: Literal["answers", "alt"] = "answers"
 ) -> EvalRecord:
     """One raw record of dataset ``kind`` as an :class:`EvalRecord` (raises if malformed)."""
-    if isinstance(record, _Malformed):
-        raise InvalidRequestError(record.reason)
+    if isinstance(record, MalformedLine):
+        raise InvalidRequestError(record.message)
     if not isinstance(record, Mapping):
         raise InvalidRequestError(f"expected an object, got {type(record).__name__}")
     if kind == "zsre":
