@@ -102,7 +102,7 @@ def write_report(
             "zsre_target": dataset.zsre_target if dataset.kind == "zsre" else None,
         },
         "seeds": config.seeds,
-        "aggregate": {m: {k: v for k, v in figs.items()} for m, figs in agg["methods"].items()},
+        "aggregate": agg["methods"],
         "pre_edit": agg["pre_edit"],
         "runs": {str(seed): run for seed, run in seeds.items()},
     }
