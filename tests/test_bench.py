@@ -12,6 +12,7 @@ from tiny_models import tiny_model, tiny_tokenizer
 from metake.corpus import TextCorpus
 from metake.errors import MetakeError
 from metake.evaluation.bench import BenchConfig, BenchRun, method_spec, run_bench
+from metake.evaluation.report import progress_table
 from metake.stats import StatsCache
 
 NAMES = ["Anna Berg", "Carl Dunn", "Eva Holm", "Ivan Roth", "Lena Ost", "Omar Said"]
@@ -84,6 +85,9 @@ def test_bench_writes_results_and_resume_gives_identical_numbers(tmp_path):
     part = tmp_path / "part"
     assert _run(config, part, model, tmp_path, stop_after_batches=1) == {}
     assert (part / "parts" / "seed0" / "memit.state.pt").is_file()
+    progress = progress_table(part)
+    assert "pending: memit (checkpointed), alphaedit (not started)" in progress
+    assert "seed 1: not started" in progress
     for name, value in _weights(model).items():  # interruption restored the model too
         assert torch.equal(value, before[name]), name
     resumed = _run(BenchRun.read_config(part), part, model, tmp_path)

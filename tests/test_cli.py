@@ -140,6 +140,10 @@ def test_bench_command_runs_and_resumes(model_dir, tmp_path, capsys):
     assert results["config"]["command"].startswith("metake bench")
     assert main(["bench", "--resume", str(out)]) == 0  # everything done: just the report again
     assert "| memit |" in capsys.readouterr().out
+    assert main(["bench", "--progress", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("seed 0:") and "| metake+memit |" in printed
+    assert "pending" not in printed
 
 
 def test_bench_without_data_is_a_clear_error(monkeypatch, capsys):

@@ -223,6 +223,12 @@ def _add_bench_parser(sub) -> None:
         help="continue the run in DIR with its saved configuration",
     )
     bench.add_argument(
+        "--progress",
+        metavar="DIR",
+        default=None,
+        help="print what the run in DIR has finished so far, seed by seed, and exit",
+    )
+    bench.add_argument(
         "--no-curve",
         action="store_true",
         help="do not score the records edited so far after every batch",
@@ -272,6 +278,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from metake.evaluation.bench import BenchConfig, BenchRun
     from metake.evaluation.report import markdown_table
 
+    if args.progress:
+        from pathlib import Path
+
+        from metake.evaluation.report import progress_table
+
+        BenchRun.read_config(args.progress)  # a clear error for a folder that is not a run
+        print(progress_table(Path(args.progress)))
+        return 0
     if args.resume:
         config, out = BenchRun.read_config(args.resume), args.resume
     else:

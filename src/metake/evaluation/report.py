@@ -190,3 +190,39 @@ def write_plots(
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
+
+
+def progress_table(out: Path) -> str:
+    """What a run folder holds so far, seed by seed (finished methods; pending ones named).
+
+    Reads only the finished parts, so it works while a run is going or after it stopped.
+    """
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    kind = config["dataset"]
+    names = metric_names(kind)
+    sections = []
+    for seed in config["seeds"]:
+        folder = out / "parts" / f"seed{seed}"
+        pre = folder / "pre_edit.json"
+        if not pre.is_file():
+            sections.append(f"seed {seed}: not started")
+            continue
+        rows = {"pre_edit": _load_figures(pre, names), "methods": {}}
+        pending = []
+        for method in config["methods"]:
+            part = folder / f"{method}.json"
+            if part.is_file():
+                rows["methods"][method] = _load_figures(part, names)
+            else:
+                state = folder / f"{method}.state.pt"
+                pending.append(f"{method} ({'checkpointed' if state.is_file() else 'not started'})")
+        table = markdown_table(rows, kind)
+        todo = f"\npending: {', '.join(pending)}" if pending else ""
+        sections.append(f"seed {seed}:\n{table}{todo}")
+    return "\n\n".join(sections)
+
+
+def _load_figures(path: Path, names: Sequence[str]) -> dict[str, dict[str, float]]:
+    """One part file's figures, in the shape :func:`markdown_table` reads (one seed: n = 1)."""
+    figures = _seed_figures(json.loads(path.read_text(encoding="utf-8")), names)
+    return {k: mean_std([v]) for k, v in figures.items()}
