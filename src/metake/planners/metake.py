@@ -46,6 +46,7 @@ from metake.planners.standard import (
     enter_at_layer,
     mean_per_row,
     row_groups,
+    scatter_rows,
     target_log_probs,
 )
 from metake.requests import EditRequest
@@ -169,7 +170,7 @@ def _run_groups(
         nll_parts.append(-mean_per_row(logp, group.batch.target_rows, len(group.rows)))
         logits = adapter.logits(model, hidden[rows, positions]).float()
         locality_parts.append(torch.log_softmax(logits, dim=-1))
-    row_nll = torch.cat(nll_parts)[torch.argsort(torch.cat([g.rows for g in groups]))]
+    row_nll = scatter_rows(groups, nll_parts, num_rows)
     return row_nll, torch.cat(locality_parts)[where.order]
 
 

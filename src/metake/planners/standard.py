@@ -268,7 +268,7 @@ def compute_targets(
             group.forward()
         local = torch.arange(len(group.rows), device=device)
         v_rows.append(tr.outputs[layer_name][local, group.batch.subject_last].float())
-    v_all = _scatter_rows(groups, v_rows, num_rows)  # [rows, d]
+    v_all = scatter_rows(groups, v_rows, num_rows)  # [rows, d]
     v_init = v_all[plain]  # [n, d]
     init_norm2 = v_init.norm(dim=-1) ** 2
     max_norm = hparams.clamp_norm_factor * v_init.norm(dim=-1)
@@ -322,7 +322,7 @@ def compute_targets(
     )
 
 
-def _scatter_rows(groups: Sequence[RowGroup], parts: Sequence[torch.Tensor], num_rows: int):
+def scatter_rows(groups: Sequence[RowGroup], parts: Sequence[torch.Tensor], num_rows: int):
     """Per-group row tensors ``[R_g, ...]`` put back in global row order ``[num_rows, ...]``."""
     rows = torch.cat([g.rows for g in groups])
     stacked = torch.cat(list(parts))
@@ -351,4 +351,4 @@ def _grouped_forward(
         logp = target_log_probs(model, adapter, hidden, group.batch)
         nll_parts.append(-mean_per_row(logp, group.batch.target_rows, len(group.rows)))
         last_parts.append(hidden[local, subject_last])
-    return _scatter_rows(groups, nll_parts, num_rows), _scatter_rows(groups, last_parts, num_rows)
+    return scatter_rows(groups, nll_parts, num_rows), scatter_rows(groups, last_parts, num_rows)
