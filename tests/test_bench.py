@@ -134,3 +134,32 @@ def test_bench_config_errors(tmp_path):
              tmp_path)  # fmt: skip
     with pytest.raises(MetakeError, match="not a bench run folder"):
         BenchRun.read_config(tmp_path / "nowhere")
+
+
+def test_bench_runs_the_table1_baselines_and_resumes_prune(tmp_path):
+    """RECT, PRUNE, BLUE and ROME by name; PRUNE interrupted while finalised resumes exactly."""
+    model = tiny_model("llama")
+    before = _weights(model)
+    overrides = {"layers": [0, 1, 2], "rect_keep_fraction": 0.3}
+    config = _config(tmp_path, methods=["rome", "prune", "rect", "alphaedit_blue",
+                                        "metake+alphaedit_blue"], seeds=[0],
+                     overrides={**_config(tmp_path).overrides, **overrides})  # fmt: skip
+    full = _run(config, tmp_path / "full", model, tmp_path)
+    assert set(full["aggregate"]) == set(config.methods)
+    methods = full["runs"]["0"]["methods"]
+    assert methods["prune"]["solver"] == "memit_prune"
+    assert methods["metake+alphaedit_blue"]["solver"] == "alphaedit_blue"
+    assert methods["alphaedit_blue"]["hparams"]["layers"] == [0, 2]
+    assert methods["rome"]["hparams"]["layers"] == [2]
+    for name, value in _weights(model).items():
+        assert torch.equal(value, before[name]), name
+
+    part = tmp_path / "part"
+    prune_only = _config(tmp_path, methods=["prune"], seeds=[0],
+                         overrides={**_config(tmp_path).overrides, **overrides})  # fmt: skip
+    _run(prune_only, part, model, tmp_path, stop_after_batches=1)
+    state = torch.load(part / "parts" / "seed0" / "prune.state.pt", weights_only=False)
+    assert state["editor"]["finalized"]
+    resumed = _run(prune_only, part, model, tmp_path)
+    assert (resumed["runs"]["0"]["methods"]["prune"]["per_record"]
+            == methods["prune"]["per_record"])  # fmt: skip

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from tiny_models import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-import metake.solvers.memit as memit_module
+import metake.editor as editor_module
 from metake import Editor, InvalidRequestError, MetakeError
 from metake.corpus import TextCorpus
 from metake.editor import DELTA_FILE, EDITS_FILE
@@ -130,7 +130,7 @@ def test_failing_solve_rolls_the_batch_back(tmp_path, monkeypatch):
     editor = _editor(model, tmp_path)
     editor.edit(REQUESTS[:1])
     after_first = _state(model)
-    real = memit_module.memit_delta
+    real = editor_module.memit_delta
     calls = []
 
     def fail_on_second_layer(*args, **kwargs):
@@ -139,7 +139,7 @@ def test_failing_solve_rolls_the_batch_back(tmp_path, monkeypatch):
             raise RuntimeError("simulated failure in the second layer's solve")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(memit_module, "memit_delta", fail_on_second_layer)
+    monkeypatch.setattr(editor_module, "memit_delta", fail_on_second_layer)
     with pytest.raises(RuntimeError, match="simulated"):
         editor.edit(REQUESTS[1:])
     assert len(calls) == 2  # the first layer had been changed before the failure

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from metake import __version__
-from metake.editor import METHOD_DESCRIPTIONS, METHODS, SOLVERS, resolve_method
 from metake.errors import MetakeError
 from metake.evaluation.datasets import DATA_ENV, DATASETS, data_path
 from metake.hparams import HPARAM_GROUPS, MemitHparams, memit_hparams, preset_hparams, preset_names
+from metake.methods import METHOD_DESCRIPTIONS, METHODS, parse_solver, resolve_method
 from metake.models.load import BUILTIN_MODELS, DEFAULT_MODEL, load_model
 from metake.requests import EditRequest, load_requests, parse_requests
 
@@ -43,6 +43,24 @@ def parse_key_value(text: str) -> tuple[str, Any]:
         return key.strip(), json.loads(value)
     except json.JSONDecodeError:
         return key.strip(), value
+
+
+def _method_name(text: str) -> str:
+    """argparse type: a method (solver name or ``metake``), checked with a clear message."""
+    try:
+        resolve_method(text)
+    except MetakeError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _solver_name(text: str) -> str:
+    """argparse type: a solver name such as ``alphaedit`` or ``alphaedit_blue``."""
+    try:
+        parse_solver(text)
+    except MetakeError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def resolve_device(device: str) -> str:
@@ -107,14 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(edit)
     edit.add_argument(
-        "--method", default="memit", choices=list(METHODS),
+        "--method", default="memit", type=_method_name,
         help="memit (default), alphaedit (null-space projected, for sequential editing), rome "
-        "(rank-one, one layer, one request after another) or metake (look-ahead planner over "
-        "--solver); `metake methods` lists them with their hyper-parameters",
+        "(rank-one, one layer, one request after another), rect, prune, memit_blue, "
+        "alphaedit_blue (any BASE_OPTION composition, e.g. alphaedit_rect) or metake (look-ahead "
+        "planner over --solver); `metake methods` lists them with their hyper-parameters",
     )  # fmt: skip
     edit.add_argument(
-        "--solver", choices=list(SOLVERS), default=None,
-        help="for --method metake: the solver it plans for and that executes (default alphaedit)",
+        "--solver", type=_solver_name, default=None,
+        help="for --method metake: the solver it plans for and that executes (default "
+        "alphaedit; any solver name, e.g. alphaedit_blue)",
     )  # fmt: skip
     edit.add_argument("--prompt", help="prompt with {} where the subject goes")
     edit.add_argument("--subject", help="the subject, e.g. 'The Eiffel Tower'")
@@ -201,12 +221,13 @@ def _add_bench_parser(sub) -> None:
     bench.add_argument(
         "--methods",
         default="memit,alphaedit,metake",
-        help="comma-separated: rome, memit, alphaedit, metake (over --solver) or metake+SOLVER "
-        "(default: memit,alphaedit,metake)",
+        help="comma-separated: rome, memit, alphaedit, rect, prune, memit_blue, alphaedit_blue "
+        "(or any BASE_OPTION solver, e.g. alphaedit_rect), metake (over --solver) or "
+        "metake+SOLVER (default: memit,alphaedit,metake); see `metake methods`",
     )
     bench.add_argument(
         "--solver",
-        choices=list(SOLVERS),
+        type=_solver_name,
         default="alphaedit",
         help="the solver of a plain 'metake' (default alphaedit)",
     )
@@ -383,6 +404,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     before = _observe(model, tokenizer, requests, args.check, args.max_new_tokens)
     start = time.perf_counter()
     result = editor.edit(requests)
+    editor.finalize()  # PRUNE's restraint; nothing for other methods
     seconds = time.perf_counter() - start
     after = _observe(model, tokenizer, requests, args.check, args.max_new_tokens)
     out = {
@@ -505,24 +527,27 @@ def cmd_methods(args: argparse.Namespace) -> int:
     hp = preset_hparams(args.preset) if args.preset else MemitHparams(layers=(0,))
     values = hp.to_dict()
     source = f"preset {args.preset}" if args.preset else "built-in defaults"
-    groups = list(HPARAM_GROUPS)
-    reads = {
-        "rome": groups[:2],
-        "memit": groups[:2] + ["memit"],
-        "alphaedit": groups[:2] + ["alphaedit"],
-        "metake": groups[:2] + ["metake", "and the --solver's own"],
-    }
+    common = [group.split(" (")[0] for group in list(HPARAM_GROUPS)[:2]]
     print(f"methods (hyper-parameter values: {source}; layers come from the model's preset):")
     for method in METHODS:
+        if method == "metake":
+            reads = [*common, "metake", "and the --solver's own"]
+        else:
+            spec = parse_solver(resolve_method(method)[1])
+            reads = [*common, *(["memit"] if spec.base == "memit" else []),
+                     *(["alphaedit"] if spec.base == "alphaedit" else []),
+                     *(["rect"] if spec.rect else [])]  # fmt: skip
         print(
             textwrap.fill(
                 METHOD_DESCRIPTIONS[method],
                 96,
-                initial_indent=f"  {method:10s} ",
-                subsequent_indent=" " * 13,
+                initial_indent=f"  {method:15s} ",
+                subsequent_indent=" " * 18,
             )
         )
-        print(f"  {'':10s} reads: {'; '.join(g.split(' (')[0] for g in reads[method])}")
+        print(f"  {'':15s} reads: {'; '.join(reads)}")
+    print("  any other BASE_OPTION composition works too (base rome/memit/alphaedit, options\n"
+          "  _rect, _prune, _blue), e.g. alphaedit_rect; metake takes one as --solver")  # fmt: skip
     for group, names in HPARAM_GROUPS.items():
         print(f"{group}:")
         for name in names:

@@ -24,34 +24,37 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from metake.corpus import TextCorpus, load_corpus
 from metake.errors import MetakeError
 from metake.hparams import MemitHparams, memit_hparams
+from metake.methods import (
+    BASE_SOLVERS,
+    METHOD_DESCRIPTIONS,
+    METHODS,
+    SolverSpec,
+    parse_solver,
+    resolve_method,
+)
 from metake.models.adapters import get_adapter
 from metake.planners.metake import LOCALITY_PROMPTS, RefinedPlan, lookahead_targets
 from metake.planners.standard import TargetPlan, compute_targets, context_templates
 from metake.requests import EditRequest, parse_requests
 from metake.solvers.alphaedit import NullSpace, alphaedit_delta, alphaedit_gate, null_space
 from metake.solvers.memit import (
-    apply_memit,
+    LayerSolve,
     apply_spread,
     keys_and_values,
+    memit_delta,
     memit_gate,
     subject_activations,
 )
+from metake.solvers.prune import largest_singular_value, prune_delta
+from metake.solvers.rect import rect_delta
 from metake.solvers.rome import rome_delta, rome_gate
 from metake.stats import StatsCache, get_second_moments
 from metake.tokens import encode_request
 
 log = logging.getLogger(__name__)
 
-SOLVERS = ("rome", "memit", "alphaedit")
-METHODS = (*SOLVERS, "metake")
-METHOD_DESCRIPTIONS = {
-    "rome": "rank-one update of the last edit layer, one request after another (C0^-1 directed)",
-    "memit": "residual spread over the edit layers, lambda C0 + K K^T closed form per layer",
-    "alphaedit": "MEMIT's loop with the update projected onto C0's null space, and a key cache of "
-    "earlier batches for sequential editing",
-    "metake": "MetaKE: Stage I's targets refined by a look-ahead through the chosen solver's "
-    "closed form (gate M at the last edit layer), then that solver executes (--solver)",
-}
+SOLVERS = BASE_SOLVERS
+__all__ = ["METHODS", "METHOD_DESCRIPTIONS", "SOLVERS", "Editor", "resolve_method"]
 DELTA_FILE = "metake_deltas.safetensors"
 EDITS_FILE = "metake_edits.json"
 
@@ -98,28 +101,19 @@ class EditResult:
     requests: list[EditRequest]
 
 
-def resolve_method(method: str, solver: str | None = None) -> tuple[str, str]:
-    """``(method, solver)`` checked: ``metake`` runs over a solver (default ``alphaedit``)."""
-    if method not in METHODS:
-        raise MetakeError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
-    if solver is not None and solver not in SOLVERS:
-        raise MetakeError(f"unknown solver {solver!r}; available: {', '.join(SOLVERS)}")
-    if method == "metake":
-        return method, solver or "alphaedit"
-    if solver not in (None, method):
-        raise MetakeError(f"a solver is chosen for method 'metake' only; {method!r} is its own")
-    return method, method
-
-
 class Editor:
     """An editing session over one model: ``Editor(model, tokenizer).edit(requests)``.
 
-    ``method`` is ``"memit"``, ``"alphaedit"`` (MEMIT's loop with AlphaEdit's null-space
-    projected update and its cache of earlier batches' keys, kept by this session only),
-    ``"rome"`` (one rank-one update per request at the last edit layer, in order) or
-    ``"metake"``: the standard planner's targets refined by MetaKE's look-ahead through the
-    closed form of ``solver`` (any of the other three, default ``"alphaedit"``), which then
-    executes them. ``locality_prompts`` replaces MetaKE's generic locality prompts.
+    ``method`` is a solver name or ``"metake"``. Solvers are ``"memit"``, ``"alphaedit"``
+    (MEMIT's loop with AlphaEdit's null-space projected update and its cache of earlier batches'
+    keys, kept by this session only), ``"rome"`` (one rank-one update per request at the last edit
+    layer, in order), each optionally with ``_rect`` (RECT: every batch's update kept on its top
+    entries by relative change), ``_prune`` (PRUNE: the accumulated edit's large singular values
+    restrained by :meth:`finalize`) and ``_blue`` (BLUE: only the first and last edit layers, each
+    towards its own target); ``"rect"`` and ``"prune"`` are ``memit_rect`` and ``memit_prune``
+    (see :mod:`metake.methods`). ``"metake"`` refines the standard planner's targets by MetaKE's
+    look-ahead through the closed form of ``solver`` (any solver, default ``"alphaedit"``), which
+    then executes them. ``locality_prompts`` replaces MetaKE's generic locality prompts.
     Hyper-parameters come from the model's preset (or the fallback), then ``hparams`` (a full
     :class:`MemitHparams`) or keyword ``overrides`` such as ``layers=[4, 5]``, ``v_lr=0.5``.
     Statistics (C0 per edit layer) are computed once over ``corpus`` (default: the built-in
@@ -145,6 +139,7 @@ class Editor:
         **overrides: Any,
     ) -> None:
         self.method, self.solver = resolve_method(method, solver)
+        self.spec: SolverSpec = parse_solver(self.solver)
         self.model = model
         self.tokenizer = tokenizer
         self.locality_prompts = tuple(LOCALITY_PROMPTS if locality_prompts is None
@@ -154,10 +149,17 @@ class Editor:
             hparams = memit_hparams(model.config, preset, **overrides)
         elif overrides:
             hparams = hparams.with_overrides(**overrides)
-        if self.solver == "rome" and len(hparams.layers) > 1:
+        if self.spec.base == "rome" and len(hparams.layers) > 1:
             log.info("ROME edits one layer: using layer %d of %s", hparams.layers[-1],
                      list(hparams.layers))  # fmt: skip
             hparams = hparams.with_overrides(layers=[hparams.layers[-1]])
+        if self.spec.blue:
+            if len(hparams.layers) < 2:
+                raise MetakeError(f"BLUE edits the first and last of at least two layers, got "
+                                  f"layers {list(hparams.layers)}")  # fmt: skip
+            log.info("BLUE edits layers %d and %d of %s", hparams.layers[0], hparams.layers[-1],
+                     list(hparams.layers))  # fmt: skip
+            hparams = hparams.with_overrides(layers=[hparams.layers[0], hparams.layers[-1]])
         for layer in hparams.layers:
             self.adapter.mlp_out(model, layer)  # raises for a layer out of range
         self.hparams = hparams
@@ -175,6 +177,8 @@ class Editor:
         self._contexts: list[str] | None = None
         self._null_spaces: dict[int, NullSpace] = {}
         self._prev_keys_cov: dict[int, torch.Tensor] = {}  # AlphaEdit: sum of K K^T so far
+        self._raw_weights: dict[int, torch.Tensor] | None = None  # PRUNE: set while finalised
+        self._sigma_max: dict[int, float] = {}  # PRUNE: largest singular value of original W
         self.history: list[EditRequest] = []
 
     # ----- lazily computed, once per session -----------------------------------------------
@@ -255,25 +259,31 @@ class Editor:
         self.load_statistics()
         contexts = self.contexts
         start = time.perf_counter()
-        snapshot = {layer: self.adapter.weight(self.model, layer).detach().clone()
-                    for layer in hp.layers}  # fmt: skip
+        snapshot = self._layer_weights()  # as the caller sees the model (maybe finalised)
+        before = self._raw_weights or snapshot  # the weights editing continues from
         try:
-            if self.solver == "rome":
+            self._set_layer_weights(before)
+            if self.spec.base == "rome":
                 plans, refined, deltas, timing = self._edit_rome(parsed, contexts)
+            elif self.spec.blue:
+                plans, refined, deltas, timing = self._edit_blue(parsed, contexts)
             else:
                 plan, refinement, timing = self._plan(parsed, contexts)
                 plans, refined = [plan], [refinement] if refinement else []
                 targets = refinement.v_target if refinement else plan.v_target
-                deltas = self._solve(parsed, targets, contexts)
+                deltas = apply_spread(self.model, self.tokenizer, parsed, targets, hp.layers,
+                                      contexts, self._layer_solve())  # fmt: skip
+            if self.spec.rect:
+                deltas = self._apply_rect(before)
             new_keys_cov = self._accumulated_keys(parsed, contexts)
         except BaseException:
-            for layer, weight in snapshot.items():
-                self.adapter.set_weight(self.model, layer, weight)
+            self._set_layer_weights(snapshot)
             log.error("edit failed; the batch was rolled back")
             raise
         end = time.perf_counter()
-        for layer, weight in snapshot.items():
+        for layer, weight in before.items():
             self._originals.setdefault(layer, weight)
+        self._raw_weights = None
         self._prev_keys_cov.update(new_keys_cov)
         self.history.extend(parsed)
         stage1_seconds, lookahead_seconds = timing
@@ -302,29 +312,38 @@ class Editor:
         named = {self.adapter.mlp_out_name(layer): d for layer, d in deltas.items()}
         return EditResult(deltas=named, report=report, requests=parsed)
 
-    def _solve(
-        self, requests: list[EditRequest], targets: torch.Tensor, contexts: list[str]
-    ) -> dict[int, torch.Tensor]:
-        """Stage II with the session's solver; edits the model in place."""
+    def _layer_solve(self) -> LayerSolve:
+        """The session's per-layer closed form (MEMIT or AlphaEdit) for :func:`apply_spread`."""
         hp = self.hparams
-        if self.solver == "memit":
-            return apply_memit(self.model, self.tokenizer, requests, targets, hp.layers,
-                               self.second_moment, hp.mom2_update_weight, contexts)  # fmt: skip
+        if self.spec.base == "memit":
+            return lambda layer, keys, resid: memit_delta(
+                keys, resid, self.second_moment(layer), hp.mom2_update_weight
+            )
+        lam2 = self._alphaedit_lambda()
 
         def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
             prev = self._prev_keys(layer, keys.shape[1])
-            projector = self.null_space(layer).projector
-            return alphaedit_delta(keys, resid, projector, prev, hp.alphaedit_lambda)
+            return alphaedit_delta(keys, resid, self.null_space(layer).projector, prev, lam2)
 
-        return apply_spread(self.model, self.tokenizer, requests, targets, hp.layers, contexts,
-                            solve)  # fmt: skip
+        return solve
+
+    def _alphaedit_lambda(self) -> float:
+        """AlphaEdit's ridge ``lambda_2``; BLUE's own value when the preset gives one."""
+        hp = self.hparams
+        if self.spec.blue and hp.alphaedit_blue_lambda is not None:
+            return hp.alphaedit_blue_lambda
+        return hp.alphaedit_lambda
 
     def _plan(
-        self, requests: list[EditRequest], contexts: list[str]
+        self, requests: list[EditRequest], contexts: list[str], layer: int | None = None
     ) -> tuple[TargetPlan, RefinedPlan | None, tuple[float, float]]:
-        """Stage I (and MetaKE's look-ahead); returns plans and (planner, look-ahead) seconds."""
+        """Stage I at ``layer`` (default: the last edit layer), and MetaKE's look-ahead there.
+
+        Returns the plans and the (planner, look-ahead) seconds.
+        """
         start = time.perf_counter()
-        plan = compute_targets(self.model, self.tokenizer, requests, self.hparams, contexts)
+        hp = self.hparams if layer is None else self.hparams.with_overrides(layers=[layer])
+        plan = compute_targets(self.model, self.tokenizer, requests, hp, contexts)
         if self.method != "metake":
             return plan, None, (time.perf_counter() - start, 0.0)
         middle = time.perf_counter()
@@ -343,12 +362,12 @@ class Editor:
         for AlphaEdit its projector and accumulated key cache, exactly as the solver will.
         """
         hp = self.hparams
-        if self.solver == "memit":
+        if self.spec.base == "memit":
             return memit_gate(keys, self.second_moment(layer), hp.mom2_update_weight)
-        if self.solver == "alphaedit":
+        if self.spec.base == "alphaedit":
             prev = self._prev_keys(layer, keys.shape[1])
             projector = self.null_space(layer).projector
-            return alphaedit_gate(keys, projector, prev, hp.alphaedit_lambda)
+            return alphaedit_gate(keys, projector, prev, self._alphaedit_lambda())
         return rome_gate(keys, self.second_moment(layer))
 
     def _edit_rome(
@@ -371,11 +390,41 @@ class Editor:
             refined += [refinement] if refinement else []
         return plans, refined, {layer: total}, seconds
 
+    def _edit_blue(
+        self, requests: list[EditRequest], contexts: list[str]
+    ) -> tuple[list[TargetPlan], list[RefinedPlan], dict[int, torch.Tensor], tuple[float, float]]:
+        """BLUE: per edit layer, ascending, a target at that layer's own output (on the model as
+        the earlier layer's update left it) and the solver's update towards it with the full
+        residual; edits in place."""
+        plans, refined, deltas, seconds = [], [], {}, (0.0, 0.0)
+        for layer in self.hparams.layers:
+            plan, refinement, timing = self._plan(requests, contexts, layer)
+            seconds = (seconds[0] + timing[0], seconds[1] + timing[1])
+            targets = refinement.v_target if refinement else plan.v_target
+            deltas.update(apply_spread(self.model, self.tokenizer, requests, targets, [layer],
+                                       contexts, self._layer_solve()))  # fmt: skip
+            plans.append(plan)
+            refined += [refinement] if refinement else []
+        return plans, refined, deltas, seconds
+
+    def _apply_rect(self, before: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """RECT: keep each layer's batch update on its top entries by ``|Delta / W|``.
+
+        ``before`` holds the weights before this batch (``[d_out, d_in]`` per layer); the
+        update is what the solver applied since. Returns the kept updates.
+        """
+        kept = {}
+        for layer, weight in before.items():
+            delta = self.adapter.weight(self.model, layer).detach().float() - weight.float()
+            kept[layer] = rect_delta(delta, weight.float(), self.hparams.rect_keep_fraction)
+            self.adapter.set_weight(self.model, layer, weight.float() + kept[layer])
+        return {layer: delta.cpu() for layer, delta in kept.items()}
+
     def _accumulated_keys(
         self, requests: list[EditRequest], contexts: list[str]
     ) -> dict[int, torch.Tensor]:
         """AlphaEdit: ``C_prev + K K^T`` per layer, keys recomputed on the edited model."""
-        if self.solver != "alphaedit":
+        if self.spec.base != "alphaedit":
             return {}
         layers = self.hparams.layers
         keys, _ = subject_activations(self.model, self.tokenizer, requests, contexts, layers,
@@ -392,6 +441,50 @@ class Editor:
             return self._prev_keys_cov[layer]
         return torch.zeros(dim, dim, dtype=torch.float64)
 
+    def _layer_weights(self) -> dict[int, torch.Tensor]:
+        """Copies of the edit layers' current weights (``[d_out, d_in]`` each)."""
+        return {layer: self.adapter.weight(self.model, layer).detach().clone()
+                for layer in self.hparams.layers}  # fmt: skip
+
+    def _set_layer_weights(self, weights: Mapping[int, torch.Tensor]) -> None:
+        """Put ``{layer: weight [d_out, d_in]}`` into the model (no-op when already there)."""
+        for layer, weight in weights.items():
+            self.adapter.set_weight(self.model, layer, weight)
+
+    # ----- finalising (PRUNE) ------------------------------------------------------------------
+    @property
+    def finalized(self) -> bool:
+        """Whether the model holds :meth:`finalize`'s weights (PRUNE's restrained edit)."""
+        return self._raw_weights is not None
+
+    def finalize(self) -> dict[int, int]:
+        """Make the model ready for use: PRUNE restrains each layer's accumulated edit.
+
+        For ``*_prune`` methods the accumulated edit ``Delta W = W - W_original`` of each edited
+        layer gets its singular values above ``sigma_max(W_original)`` mapped to
+        ``ln(s) + sigma_max - ln(sigma_max)``; other methods are left as they are. The raw
+        weights are kept: the next :meth:`edit` continues from them (as PRUNE's reference
+        protocol does), :meth:`restore` undoes everything. Calling it twice changes nothing.
+        Returns ``{layer: number of singular values restrained}``.
+        """
+        if not self.spec.prune or not self._originals or self.finalized:
+            return {}
+        raw = self._layer_weights()
+        restrained_count = {}
+        for layer, original in self._originals.items():
+            if layer not in self._sigma_max:
+                self._sigma_max[layer] = largest_singular_value(original)
+            sigma_max = self._sigma_max[layer]
+            delta = raw[layer].double() - original.double()
+            restrained = prune_delta(delta, sigma_max)
+            self.adapter.set_weight(self.model, layer, original.double() + restrained)
+            count = int((torch.linalg.svdvals(delta) >= sigma_max).sum())
+            restrained_count[layer] = count
+            log.info("PRUNE layer %d: %d singular value(s) of the edit above sigma_max %.3g "
+                     "restrained", layer, count, sigma_max)  # fmt: skip
+        self._raw_weights = raw
+        return restrained_count
+
     # ----- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """What a later session needs to continue exactly where this one is.
@@ -404,9 +497,11 @@ class Editor:
             "solver": self.solver,
             "layers": list(self.hparams.layers),
             "weights": {
-                layer: self.adapter.weight(self.model, layer).detach().cpu().clone()
-                for layer in self._originals
+                layer: weight.detach().cpu().clone()
+                for layer, weight in (self._raw_weights or self._layer_weights()).items()
+                if layer in self._originals
             },  # fmt: skip
+            "finalized": self.finalized,
             "prev_keys_cov": {k: v.clone() for k, v in self._prev_keys_cov.items()},
             "contexts": list(self._contexts) if self._contexts is not None else None,
             "history": [r.to_dict() for r in self.history],
@@ -433,6 +528,8 @@ class Editor:
         if state["contexts"] is not None:
             self._contexts = list(state["contexts"])
         self.history = parse_requests(state["history"]) if state["history"] else []
+        if state.get("finalized"):
+            self.finalize()
 
     # ----- undo and save ---------------------------------------------------------------------
     def accumulated_deltas(self) -> dict[str, torch.Tensor]:
@@ -452,11 +549,17 @@ class Editor:
             self.adapter.set_weight(self.model, layer, weight)
         self._originals.clear()
         self._prev_keys_cov.clear()
+        self._raw_weights = None
         self.history.clear()
 
     def save(self, path: str | Path) -> Path:
-        """Write the edited model (safetensors), its tokenizer, the deltas and the edit list."""
+        """Write the edited model (safetensors), its tokenizer, the deltas and the edit list.
+
+        The session is finalised first (:meth:`finalize`: PRUNE's restraint), so the files hold
+        the model as it is meant to be used.
+        """
         path = Path(path)
+        self.finalize()
         path.mkdir(parents=True, exist_ok=True)
         if getattr(self.model, "hf_quantizer", None) is not None:
             raise MetakeError("a quantised model cannot be saved; load it de-quantised")

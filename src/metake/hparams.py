@@ -35,9 +35,12 @@ class MemitHparams:
     mom2_batch_size: int = 8
     mom2_dtype: str = "float64"
     # AlphaEdit (method="alphaedit"): null-space projector of C0 and its own ridge term
-    nullspace_threshold: float = 1e-2
+    nullspace_threshold: float = 2e-2  # AlphaEdit's configs for GPT2-XL, GPT-J, Llama3-8B
     nullspace_relative: bool = False  # threshold as a fraction of C0's largest eigenvalue
     alphaedit_lambda: float = 10.0
+    alphaedit_blue_lambda: float | None = None  # lambda_2 of alphaedit_blue (None: the above)
+    # RECT (solvers *_rect): share of each batch update's entries kept, by |Delta / W|
+    rect_keep_fraction: float = 0.4
     # MetaKE (method="metake"): look-ahead refinement of the targets through the solver's gate
     metake_steps: int = 15
     metake_lr: float = 5e-3
@@ -57,6 +60,10 @@ class MemitHparams:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"hparams: {name!r} must be positive")
+        if not 0.0 < self.rect_keep_fraction <= 1.0:
+            raise ValueError("hparams: 'rect_keep_fraction' must lie in (0, 1]")
+        if self.alphaedit_blue_lambda is not None and self.alphaedit_blue_lambda < 0:
+            raise ValueError("hparams: 'alphaedit_blue_lambda' must be >= 0")
         for name in ("v_steps", "metake_steps", "metake_edit_weight", "metake_locality_weight",
                      "metake_reg_weight", "alphaedit_lambda"):  # fmt: skip
             if getattr(self, name) < 0:
@@ -91,7 +98,10 @@ HPARAM_GROUPS: dict[str, tuple[str, ...]] = {
         "mom2_samples", "mom2_max_length", "mom2_batch_size", "mom2_dtype",
     ),
     "memit": ("mom2_update_weight",),
-    "alphaedit": ("nullspace_threshold", "nullspace_relative", "alphaedit_lambda"),
+    "alphaedit": (
+        "nullspace_threshold", "nullspace_relative", "alphaedit_lambda", "alphaedit_blue_lambda",
+    ),
+    "rect": ("rect_keep_fraction",),
     "metake": (
         "metake_steps", "metake_lr", "metake_edit_weight", "metake_locality_weight",
         "metake_reg_weight",

@@ -41,7 +41,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 import metake
 from metake.corpus import TextCorpus, load_corpus
-from metake.editor import METHODS, SOLVERS, Editor
+from metake.editor import Editor
 from metake.errors import MetakeError
 from metake.evaluation.datasets import EvalRecord, load_dataset, sample_records
 from metake.evaluation.evaluate import (
@@ -51,6 +51,7 @@ from metake.evaluation.evaluate import (
     metric_names,
 )
 from metake.evaluation.metrics import text_perplexity
+from metake.methods import resolve_method
 from metake.stats import StatsCache
 
 log = logging.getLogger(__name__)
@@ -96,22 +97,17 @@ class BenchConfig:
 
 
 def method_spec(spec: str, default_solver: str) -> tuple[str, str | None]:
-    """``"metake"`` → ``("metake", default_solver)``; ``"metake+memit"`` picks the solver."""
+    """``"metake"`` → ``("metake", default_solver)``; ``"metake+memit"`` picks the solver.
+
+    Any other spec is a solver name (``memit``, ``rect``, ``alphaedit_blue``, ...) and comes
+    back as ``(spec, None)``; unknown names raise :class:`MetakeError`.
+    """
     method, _, solver = spec.partition("+")
-    if method not in METHODS:
-        raise MetakeError(
-            f"unknown method {spec!r}; available: {', '.join(METHODS)} "
-            f"(and metake+SOLVER with SOLVER one of {', '.join(SOLVERS)})"
-        )
     if solver and method != "metake":
-        raise MetakeError(f"{spec!r}: only metake takes a solver")
+        raise MetakeError(f"{spec!r}: only metake takes a solver (metake+SOLVER)")
     if method == "metake":
-        solver = solver or default_solver
-        if solver not in SOLVERS:
-            raise MetakeError(
-                f"{spec!r}: unknown solver {solver!r}; available: {', '.join(SOLVERS)}"
-            )
-        return method, solver
+        return method, resolve_method(method, solver or default_solver)[1]
+    resolve_method(method)
     return method, None
 
 
@@ -312,6 +308,7 @@ class BenchRun:
                 chunk = records[start : start + size]
                 begin = time.perf_counter()
                 report = editor.edit([r.request for r in chunk]).report
+                editor.finalize()  # PRUNE: evaluate the restrained edit; the next batch goes on raw
                 wall = time.perf_counter() - begin
                 batches.append(_batch_summary(report, wall, len(chunk)))
                 if self.config.curve:

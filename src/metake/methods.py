@@ -1,0 +1,91 @@
+"""Method names: a base solver with composable options, and MetaKE's planner over any of them.
+
+A solver name is a base solver (``rome``, ``memit``, ``alphaedit``) followed by options joined with
+``_``: ``rect`` (RECT's sparsified update), ``prune`` (PRUNE's restrained singular values) and
+``blue`` (BLUE: edit only the first and last edit layers, each towards its own target). So
+``alphaedit_blue``, ``memit_rect`` or ``alphaedit_rect_prune`` are solvers; ``rect`` and ``prune``
+alone mean ``memit_rect`` and ``memit_prune``, the forms their papers evaluate. A method is a
+solver name or ``metake`` (the look-ahead planner over a ``--solver``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from metake.errors import MetakeError
+
+BASE_SOLVERS = ("rome", "memit", "alphaedit")
+OPTIONS = ("rect", "prune", "blue")
+ALIASES = {"rect": "memit_rect", "prune": "memit_prune"}
+DEFAULT_METAKE_SOLVER = "alphaedit"
+
+SOLVER_DESCRIPTIONS = {
+    "rome": "rank-one update of the last edit layer, one request after another (C0^-1 directed)",
+    "memit": "residual spread over the edit layers, lambda C0 + K K^T closed form per layer",
+    "alphaedit": "MEMIT's loop with the update projected onto C0's null space, and a key cache of "
+    "earlier batches for sequential editing",
+    "rect": "MEMIT, each batch's update kept only on its top rect_keep_fraction entries by "
+    "relative change |Delta/W| (RECT)",
+    "prune": "MEMIT; when the session is finalised (before evaluating or saving) the singular "
+    "values of each layer's accumulated edit above the original weight's largest one are "
+    "restrained to ln(s) + s_max - ln(s_max); editing goes on from the raw weights (PRUNE)",
+    "memit_blue": "MEMIT on the first and last edit layers only, each towards a target "
+    "optimised at its own output, full residual (BLUE)",
+    "alphaedit_blue": "AlphaEdit on the first and last edit layers only, each towards a target "
+    "optimised at its own output (AlphaEdit+BLUE)",
+}
+"""The named solvers ``metake methods`` lists; any other composition is accepted too."""
+
+METHOD_DESCRIPTIONS = {
+    **SOLVER_DESCRIPTIONS,
+    "metake": "MetaKE: Stage I's targets refined by a look-ahead through the chosen solver's "
+    "closed form (gate M at each solved layer), then that solver executes (--solver)",
+}
+METHODS = tuple(METHOD_DESCRIPTIONS)
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """A base solver (``rome``/``memit``/``alphaedit``) and which options it runs with."""
+
+    base: str
+    rect: bool = False
+    prune: bool = False
+    blue: bool = False
+
+    @property
+    def name(self) -> str:
+        """Canonical name, e.g. ``memit_rect`` or ``alphaedit_blue``."""
+        chosen = [option for option in OPTIONS if getattr(self, option)]
+        return "_".join([self.base, *chosen])
+
+
+def parse_solver(name: str) -> SolverSpec:
+    """``"alphaedit_blue"`` → ``SolverSpec("alphaedit", blue=True)``; clear error when unknown."""
+    parts = ALIASES.get(name, name).split("_")
+    base, options = parts[0], parts[1:]
+    known = f"a base solver ({', '.join(BASE_SOLVERS)}) with options _{', _'.join(OPTIONS)}"
+    if base not in BASE_SOLVERS:
+        raise MetakeError(f"unknown solver {name!r}; a solver is {known}, e.g. alphaedit_blue")
+    unknown = [o for o in options if o not in OPTIONS]
+    if unknown or len(set(options)) != len(options):
+        raise MetakeError(f"solver {name!r}: options must be distinct ones of {', '.join(OPTIONS)}")
+    if base == "rome" and "blue" in options:
+        raise MetakeError("solver 'rome_blue': ROME edits one layer, BLUE needs two")
+    return SolverSpec(base, **{option: True for option in options})
+
+
+def resolve_method(method: str, solver: str | None = None) -> tuple[str, str]:
+    """``(method, canonical solver name)``: ``metake`` runs over a solver (default alphaedit)."""
+    if method == "metake":
+        return method, parse_solver(solver or DEFAULT_METAKE_SOLVER).name
+    try:
+        spec = parse_solver(method)
+    except MetakeError:
+        raise MetakeError(
+            f"unknown method {method!r}; available: {', '.join(METHODS)} (and any solver "
+            f"composed as BASE_OPTION, e.g. alphaedit_rect)"
+        ) from None
+    if solver is not None and parse_solver(solver) != spec:
+        raise MetakeError(f"a solver is chosen for method 'metake' only; {method!r} is its own")
+    return method, spec.name
