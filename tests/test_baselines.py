@@ -11,7 +11,7 @@ from test_editor import REQUESTS, _assert_same_state, _editor, _state
 from tiny_models import tiny_model, tiny_tokenizer
 
 from metake import MetakeError
-from metake.methods import SolverSpec, parse_solver, resolve_method
+from metake.methods import TABLE1_METHODS, SolverSpec, parse_solver, resolve_method
 from metake.planners.standard import compute_targets
 from metake.solvers.memit import keys_and_values
 from metake.solvers.prune import prune_delta, restrain_singular_values
@@ -245,3 +245,19 @@ def test_metake_over_blue_and_rect_runs_and_restores(tmp_path):
         assert result.report.lookahead_history
         editor.restore()
         _assert_same_state(model, original)
+
+
+def test_table1_expands_to_the_papers_rows_and_cli_checks_names():
+    from metake.cli import build_parser
+    from metake.methods import expand_methods
+
+    assert expand_methods("table1") == list(TABLE1_METHODS)
+    assert expand_methods("memit, table1") == ["memit", *TABLE1_METHODS]
+    assert TABLE1_METHODS == ("rome", "memit", "prune", "rect", "alphaedit", "alphaedit_blue",
+                              "metake")  # fmt: skip
+    for name in TABLE1_METHODS:
+        resolve_method(name)
+    args = build_parser().parse_args(["edit", "--method", "metake", "--solver", "alphaedit_blue"])
+    assert (args.method, args.solver) == ("metake", "alphaedit_blue")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["edit", "--method", "alphaedit_fast"])

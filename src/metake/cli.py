@@ -18,7 +18,13 @@ from metake import __version__
 from metake.errors import MetakeError
 from metake.evaluation.datasets import DATA_ENV, DATASETS, data_path
 from metake.hparams import HPARAM_GROUPS, MemitHparams, memit_hparams, preset_hparams, preset_names
-from metake.methods import METHOD_DESCRIPTIONS, METHODS, parse_solver, resolve_method
+from metake.methods import (
+    METHOD_DESCRIPTIONS,
+    METHODS,
+    expand_methods,
+    parse_solver,
+    resolve_method,
+)
 from metake.models.load import BUILTIN_MODELS, DEFAULT_MODEL, load_model
 from metake.requests import EditRequest, load_requests, parse_requests
 
@@ -223,7 +229,8 @@ def _add_bench_parser(sub) -> None:
         default="memit,alphaedit,metake",
         help="comma-separated: rome, memit, alphaedit, rect, prune, memit_blue, alphaedit_blue "
         "(or any BASE_OPTION solver, e.g. alphaedit_rect), metake (over --solver) or "
-        "metake+SOLVER (default: memit,alphaedit,metake); see `metake methods`",
+        "metake+SOLVER (default: memit,alphaedit,metake); 'table1' stands for the paper's seven "
+        "rows: rome,memit,prune,rect,alphaedit,alphaedit_blue,metake; see `metake methods`",
     )
     bench.add_argument(
         "--solver",
@@ -314,7 +321,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             model=args.model,
             dataset=args.dataset,
             data=str(data_path(args.dataset, args.data)),
-            methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+            methods=expand_methods(args.methods),
             edits=args.edits,
             batch_size=args.batch_size,
             seeds=args.seeds,

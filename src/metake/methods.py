@@ -42,6 +42,14 @@ METHOD_DESCRIPTIONS = {
     "closed form (gate M at each solved layer), then that solver executes (--solver)",
 }
 METHODS = tuple(METHOD_DESCRIPTIONS)
+TABLE1_METHODS = ("rome", "memit", "prune", "rect", "alphaedit", "alphaedit_blue", "metake")
+"""The rows of the MetaKE paper's Table 1, in its order (``--methods table1``)."""
+
+
+def expand_methods(text: str) -> list[str]:
+    """Comma-separated method specs, with ``table1`` standing for :data:`TABLE1_METHODS`."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    return [m for name in names for m in (TABLE1_METHODS if name == "table1" else (name,))]
 
 
 @dataclass(frozen=True)
