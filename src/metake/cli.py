@@ -9,7 +9,7 @@ import resource
 import sys
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -51,22 +51,22 @@ def parse_key_value(text: str) -> tuple[str, Any]:
         return key.strip(), value
 
 
-def _method_name(text: str) -> str:
-    """argparse type: a method (solver name or ``metake``), checked with a clear message."""
-    try:
-        resolve_method(text)
-    except MetakeError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+def _checked_name(check: Callable[[str], object], what: str) -> Callable[[str], str]:
+    """An argparse type running ``check``; its :class:`MetakeError` becomes a usage error."""
+
+    def name(text: str) -> str:
+        try:
+            check(text)
+        except MetakeError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return text
+
+    name.__name__ = what  # argparse names the type in its messages
+    return name
 
 
-def _solver_name(text: str) -> str:
-    """argparse type: a solver name such as ``alphaedit`` or ``alphaedit_blue``."""
-    try:
-        parse_solver(text)
-    except MetakeError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+_method_name = _checked_name(resolve_method, "method")
+_solver_name = _checked_name(parse_solver, "solver")
 
 
 def resolve_device(device: str) -> str:
