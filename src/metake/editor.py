@@ -478,10 +478,12 @@ class Editor:
             delta = raw[layer].double() - original.double()
             restrained = prune_delta(delta, sigma_max)
             self.adapter.set_weight(self.model, layer, original.double() + restrained)
-            count = int((torch.linalg.svdvals(delta) >= sigma_max).sum())
+            sigma = torch.linalg.svdvals(delta)
+            count = int((sigma >= sigma_max).sum())
             restrained_count[layer] = count
-            log.info("PRUNE layer %d: %d singular value(s) of the edit above sigma_max %.3g "
-                     "restrained", layer, count, sigma_max)  # fmt: skip
+            log.info("PRUNE layer %d: %d singular value(s) of the edit (largest %.3g) at or "
+                     "above sigma_max %.3g restrained", layer, count, float(sigma[0]),
+                     sigma_max)  # fmt: skip
         self._raw_weights = raw
         return restrained_count
 
