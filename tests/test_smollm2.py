@@ -48,14 +48,20 @@ def test_metake_lookahead_lowers_the_meta_loss_and_only_the_solve_writes(smollm2
     layers = editor.hparams.layers
     before = {layer: editor.adapter.weight(model, layer).detach().clone() for layer in layers}
     planned = []
-    real_solve = editor._solve
+    real_layer_solve = editor._layer_solve
 
-    def solve_after_checking(*args, **kwargs):
-        planned.append(all(torch.equal(editor.adapter.weight(model, layer), before[layer])
-                           for layer in layers))  # fmt: skip
-        return real_solve(*args, **kwargs)
+    def layer_solve_after_checking():
+        solve = real_layer_solve()
 
-    editor._solve = solve_after_checking
+        def checked(*args, **kwargs):
+            if not planned:  # the first layer's solve: the weights must still be the original
+                planned.append(all(torch.equal(editor.adapter.weight(model, layer), before[layer])
+                                   for layer in layers))  # fmt: skip
+            return solve(*args, **kwargs)
+
+        return checked
+
+    editor._layer_solve = layer_solve_after_checking
     try:
         report = editor.edit([request]).report
         history = report.lookahead_history
