@@ -90,7 +90,7 @@ def main() -> int:
             row["lookahead_last"] = refined.history[-1]
         row["lookahead_seconds"] = time.perf_counter() - begin
         row["target_shift"] = float((targets - plan.v_target).norm(dim=-1).mean())
-        editor._solve(requests, targets, contexts)  # Stage II in place; undone below
+        editor.solve_targets(requests, targets, contexts)  # Stage II in place; undone below
         row["efficacy"] = 100 * statistics.mean(token_accuracy(model, tok, requests))
         row["mean_p_target"] = statistics.mean(target_probability(model, tok, r) for r in requests)
         row["heldout_kl"] = mean_kl(base_logp, next_token_log_probs(model, tok, texts)[0], mask)

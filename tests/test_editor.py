@@ -264,3 +264,19 @@ def test_state_dict_continues_a_session_exactly(tmp_path):
     _assert_same_state(model, original)
     with pytest.raises(MetakeError, match="checkpoint is for alphaedit"):
         _editor(model, tmp_path).load_state_dict(state)
+
+
+def test_solve_targets_is_the_edits_stage_two(tmp_path):
+    from metake.planners.standard import compute_targets
+
+    edited, scripted = tiny_model("llama"), tiny_model("llama")
+    result = _editor(edited, tmp_path).edit(REQUESTS)
+    editor = _editor(scripted, tmp_path)
+    parsed = editor.prepare(REQUESTS)
+    editor.load_statistics()
+    plan = compute_targets(scripted, editor.tokenizer, parsed, editor.hparams, editor.contexts)
+    deltas = editor.solve_targets(parsed, plan.v_target, editor.contexts)
+    for layer, delta in deltas.items():
+        torch.testing.assert_close(delta, result.deltas[f"model.layers.{layer}.mlp.down_proj"])
+    with pytest.raises(MetakeError, match="does not"):
+        _editor(scripted, tmp_path, method="memit_blue").solve_targets(parsed, plan.v_target, [""])

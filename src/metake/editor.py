@@ -312,6 +312,22 @@ class Editor:
         named = {self.adapter.mlp_out_name(layer): d for layer, d in deltas.items()}
         return EditResult(deltas=named, report=report, requests=parsed)
 
+    def solve_targets(
+        self, requests: list[EditRequest], targets: torch.Tensor, contexts: list[str]
+    ) -> dict[int, torch.Tensor]:
+        """Stage II alone, in place: write ``targets`` (``[n, d]`` at the last edit layer).
+
+        For scripts that study Stage I (e.g. ``benchmarks/metake_sweep.py``): the session's
+        MEMIT/AlphaEdit layer loop runs on the model as it is, with no rollback, RECT mask,
+        history or key cache update; the caller restores the weights. Returns
+        ``{layer: Delta [d_out, d_in]}``.
+        """
+        if self.spec.base == "rome" or self.spec.blue:
+            raise MetakeError(f"solve_targets spreads one target over the edit layers; "
+                              f"{self.solver} does not")  # fmt: skip
+        return apply_spread(self.model, self.tokenizer, requests, targets, self.hparams.layers,
+                            contexts, self._layer_solve())  # fmt: skip
+
     def _layer_solve(self) -> LayerSolve:
         """The session's per-layer closed form (MEMIT or AlphaEdit) for :func:`apply_spread`."""
         hp = self.hparams
