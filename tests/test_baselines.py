@@ -261,3 +261,16 @@ def test_table1_expands_to_the_papers_rows_and_cli_checks_names():
     assert (args.method, args.solver) == ("metake", "alphaedit_blue")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["edit", "--method", "alphaedit_fast"])
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gpt2", "gpt_neox"])
+def test_options_run_on_other_families_and_restore(model_type, tmp_path):
+    model = tiny_model(model_type)
+    original = _state(model)
+    for method in ("alphaedit_blue", "rect", "prune", "rome_rect"):
+        editor = _editor(model, tmp_path, method=method, layers=[0, 1, 2])
+        editor.edit(REQUESTS)
+        editor.finalize()
+        assert editor.accumulated_deltas()
+        editor.restore()
+        _assert_same_state(model, original)
