@@ -271,8 +271,7 @@ class Editor:
                 plan, refinement, timing = self._plan(parsed, contexts)
                 plans, refined = [plan], [refinement] if refinement else []
                 targets = refinement.v_target if refinement else plan.v_target
-                deltas = apply_spread(self.model, self.tokenizer, parsed, targets, hp.layers,
-                                      contexts, self._layer_solve())  # fmt: skip
+                deltas = self.solve_targets(parsed, targets, contexts)
             if self.spec.rect:
                 deltas = self._apply_rect(before)
             new_keys_cov = self._accumulated_keys(parsed, contexts)
