@@ -270,7 +270,7 @@ def test_method_and_solver_are_checked(tmp_path):
     assert resolve_method("memit") == ("memit", "memit")
     with pytest.raises(MetakeError, match="unknown solver"):
         resolve_method("metake", "fast")
-    with pytest.raises(MetakeError, match="for method 'metake' only"):
+    with pytest.raises(MetakeError, match="for metake methods only"):
         resolve_method("memit", "alphaedit")
     with pytest.raises(MetakeError, match="unknown method"):
         Editor(tiny_model("llama"), tiny_tokenizer(), "meta")

@@ -21,6 +21,7 @@ from metake.hparams import HPARAM_GROUPS, MemitHparams, memit_hparams, preset_hp
 from metake.methods import (
     METHOD_DESCRIPTIONS,
     METHODS,
+    PLANNER_METHODS,
     expand_methods,
     parse_solver,
     resolve_method,
@@ -141,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--solver", type=_solver_name, default=None,
         help="for --method metake: the solver it plans for and that executes (default "
         "alphaedit; any solver name, e.g. alphaedit_blue)",
+    )  # fmt: skip
+    edit.add_argument(
+        "--hypergradient", choices=("proxy", "exact"), default=None,
+        help="for --method metake: differentiate the look-ahead through the paper's last-layer "
+        "proxy (default) or exactly through the whole multi-layer solver (= metake_exact)",
     )  # fmt: skip
     edit.add_argument("--prompt", help="prompt with {} where the subject goes")
     edit.add_argument("--subject", help="the subject, e.g. 'The Eiffel Tower'")
@@ -349,6 +355,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides = dict(getattr(args, "overrides", []) or [])
+    if getattr(args, "hypergradient", None):
+        overrides["metake_hypergradient"] = args.hypergradient
     if args.layers:
         overrides["layers"] = args.layers
     if args.samples is not None:
@@ -466,7 +474,8 @@ def _print_edit(out: dict[str, Any], report) -> None:
             f"locality KL {first['locality_kl']:.4f} -> {last['locality_kl']:.4f}) in "
             f"{report.seconds_lookahead:.1f} s"
         )
-    method = report.method + (f" over {report.solver}" if report.method == "metake" else "")
+    over = f" over {report.solver}" if report.method in PLANNER_METHODS else ""
+    method = report.method + over
     print(
         f"{hits}/{len(out['requests'])} completions now start with their target. "
         f"Edited {report.num_requests} request(s) with {method} at layers {report.layers} "
@@ -537,7 +546,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     common = [group.split(" (")[0] for group in list(HPARAM_GROUPS)[:2]]
     print(f"methods (hyper-parameter values: {source}; layers come from the model's preset):")
     for method in METHODS:
-        if method == "metake":
+        if method in PLANNER_METHODS:
             reads = [*common, "metake", "and the --solver's own"]
         else:
             spec = parse_solver(resolve_method(method)[1])

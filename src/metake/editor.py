@@ -28,11 +28,13 @@ from metake.methods import (
     BASE_SOLVERS,
     METHOD_DESCRIPTIONS,
     METHODS,
+    PLANNER_METHODS,
     SolverSpec,
     parse_solver,
     resolve_method,
 )
 from metake.models.adapters import get_adapter
+from metake.planners.hypergradient import Channel, ProxyChannel, SpreadChannel
 from metake.planners.metake import LOCALITY_PROMPTS, RefinedPlan, lookahead_targets
 from metake.planners.standard import TargetPlan, compute_targets, context_templates
 from metake.requests import EditRequest, parse_requests
@@ -113,7 +115,9 @@ class Editor:
     towards its own target); ``"rect"`` and ``"prune"`` are ``memit_rect`` and ``memit_prune``
     (see :mod:`metake.methods`). ``"metake"`` refines the standard planner's targets by MetaKE's
     look-ahead through the closed form of ``solver`` (any solver, default ``"alphaedit"``), which
-    then executes them. ``locality_prompts`` replaces MetaKE's generic locality prompts.
+    then executes them; ``"metake_exact"`` differentiates that look-ahead exactly through the
+    whole multi-layer solver instead of the last-layer proxy. ``locality_prompts`` replaces
+    MetaKE's generic locality prompts.
     Hyper-parameters come from the model's preset (or the fallback), then ``hparams`` (a full
     :class:`MemitHparams`) or keyword ``overrides`` such as ``layers=[4, 5]``, ``v_lr=0.5``.
     Statistics (C0 per edit layer) are computed once over ``corpus`` (default: the built-in
@@ -140,6 +144,11 @@ class Editor:
     ) -> None:
         self.method, self.solver = resolve_method(method, solver)
         self.spec: SolverSpec = parse_solver(self.solver)
+        if self.method == "metake_exact":
+            if overrides.get("metake_hypergradient", "exact") != "exact":
+                raise MetakeError("method metake_exact differentiates exactly; drop "
+                                  "metake_hypergradient or use method metake")  # fmt: skip
+            overrides["metake_hypergradient"] = "exact"
         self.model = model
         self.tokenizer = tokenizer
         self.locality_prompts = tuple(LOCALITY_PROMPTS if locality_prompts is None
@@ -149,6 +158,7 @@ class Editor:
             hparams = memit_hparams(model.config, preset, **overrides)
         elif overrides:
             hparams = hparams.with_overrides(**overrides)
+        self.plans_through_solver = self.method in PLANNER_METHODS
         if self.spec.base == "rome" and len(hparams.layers) > 1:
             log.info("ROME edits one layer: using layer %d of %s", hparams.layers[-1],
                      list(hparams.layers))  # fmt: skip
@@ -359,16 +369,39 @@ class Editor:
         start = time.perf_counter()
         hp = self.hparams if layer is None else self.hparams.with_overrides(layers=[layer])
         plan = compute_targets(self.model, self.tokenizer, requests, hp, contexts)
-        if self.method != "metake":
+        if not self.plans_through_solver:
             return plan, None, (time.perf_counter() - start, 0.0)
         middle = time.perf_counter()
-        keys, _ = keys_and_values(self.model, self.tokenizer, requests, contexts, plan.layer,
-                                  plan.layer)  # fmt: skip
-        refined = lookahead_targets(self.model, self.tokenizer, requests, plan,
-                                    self.gate(plan.layer, keys), self.hparams, contexts,
-                                    self.locality_prompts)  # fmt: skip
+        channel = self.channel(requests, contexts, plan, hp.layers)
+        refined = lookahead_targets(self.model, self.tokenizer, requests, plan, channel,
+                                    self.hparams, contexts, self.locality_prompts)  # fmt: skip
         end = time.perf_counter()
         return plan, refined, (end - start, end - middle)
+
+    def channel(
+        self,
+        requests: list[EditRequest],
+        contexts: list[str],
+        plan: TargetPlan,
+        layers: Iterable[int] | None = None,
+        hypergradient: str | None = None,
+    ) -> Channel:
+        """How MetaKE's look-ahead sees this session's solver for ``requests``.
+
+        ``"proxy"``: the gate ``M`` at ``plan.layer`` (Eq. 7); ``"exact"``: the whole solver over
+        ``layers`` (default: the edit layers), replayed differentiably. Default: the hparams'
+        ``metake_hypergradient``. Both use the session's C0, projector and key cache.
+        """
+        hypergradient = hypergradient or self.hparams.metake_hypergradient
+        if hypergradient == "exact":
+            layers = list(self.hparams.layers if layers is None else layers)
+            return SpreadChannel(self.model, self.tokenizer, requests, layers, contexts,
+                                 self.gate)  # fmt: skip
+        keys, _ = keys_and_values(self.model, self.tokenizer, requests, contexts, plan.layer,
+                                  plan.layer)  # fmt: skip
+        module = self.adapter.mlp_out(self.model, plan.layer)
+        current = plan.v_init.to(keys.device, torch.promote_types(keys.dtype, torch.float32))
+        return ProxyChannel(module, plan.layer, self.gate(plan.layer, keys), current)
 
     def gate(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
         """The solver's linear map ``M`` (``[n, d_in]``) at ``layer``: its update is ``R^T M``.

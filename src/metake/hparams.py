@@ -47,6 +47,7 @@ class MemitHparams:
     metake_edit_weight: float = 1.0  # NLL of the targets under the virtual weights
     metake_locality_weight: float = 1.0  # KL(original || virtual) on the locality prompts
     metake_reg_weight: float = 1.0  # ||v* - v_plan||^2, v_plan being Stage I's target
+    metake_hypergradient: str = "proxy"  # "proxy" (Eq. 7-8) or "exact" (through every layer)
     preset: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -54,6 +55,8 @@ class MemitHparams:
             raise ValueError("hparams: 'layers' must name at least one layer")
         if sorted(set(self.layers)) != list(self.layers):
             raise ValueError(f"hparams: 'layers' must be ascending and distinct, got {self.layers}")
+        if self.metake_hypergradient not in ("proxy", "exact"):
+            raise ValueError("hparams: 'metake_hypergradient' must be 'proxy' or 'exact'")
         if self.mom2_dtype not in ("float32", "float64"):
             raise ValueError("hparams: 'mom2_dtype' must be 'float32' or 'float64'")
         positive = ("v_lr", "mom2_update_weight", "mom2_samples", "mom2_max_length", "metake_lr")
@@ -104,7 +107,7 @@ HPARAM_GROUPS: dict[str, tuple[str, ...]] = {
     "rect": ("rect_keep_fraction",),
     "metake": (
         "metake_steps", "metake_lr", "metake_edit_weight", "metake_locality_weight",
-        "metake_reg_weight",
+        "metake_reg_weight", "metake_hypergradient",
     ),
 }  # fmt: skip
 """Which hyper-parameters each part of the pipeline reads (``metake methods`` prints this)."""

@@ -40,7 +40,12 @@ METHOD_DESCRIPTIONS = {
     **SOLVER_DESCRIPTIONS,
     "metake": "MetaKE: Stage I's targets refined by a look-ahead through the chosen solver's "
     "closed form (gate M at each solved layer), then that solver executes (--solver)",
+    "metake_exact": "MetaKE with the exact hypergradient: the look-ahead differentiates through "
+    "the whole multi-layer solver (keys, residual spreading, every layer's solve) instead of "
+    "the last-layer proxy (metake_hypergradient=exact)",
 }
+PLANNER_METHODS = ("metake", "metake_exact")
+"""Methods that plan through a solver (``--solver``); the others are solvers themselves."""
 METHODS = tuple(METHOD_DESCRIPTIONS)
 TABLE1_METHODS = ("rome", "memit", "prune", "rect", "alphaedit", "alphaedit_blue", "metake")
 """The rows of the MetaKE paper's Table 1, in its order (``--methods table1``)."""
@@ -85,7 +90,7 @@ def parse_solver(name: str) -> SolverSpec:
 
 def resolve_method(method: str, solver: str | None = None) -> tuple[str, str]:
     """``(method, canonical solver name)``: ``metake`` runs over a solver (default alphaedit)."""
-    if method == "metake":
+    if method in PLANNER_METHODS:
         return method, parse_solver(solver or DEFAULT_METAKE_SOLVER).name
     try:
         spec = parse_solver(method)
@@ -95,5 +100,5 @@ def resolve_method(method: str, solver: str | None = None) -> tuple[str, str]:
             f"composed as BASE_OPTION, e.g. alphaedit_rect)"
         ) from None
     if solver is not None and parse_solver(solver) != spec:
-        raise MetakeError(f"a solver is chosen for method 'metake' only; {method!r} is its own")
+        raise MetakeError(f"a solver is chosen for metake methods only; {method!r} is its own")
     return method, spec.name

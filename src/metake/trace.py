@@ -133,6 +133,26 @@ def add_low_rank(module: nn.Module, down: torch.Tensor, up: torch.Tensor) -> Ite
 
 
 @contextmanager
+def add_delta(module: nn.Module, delta: torch.Tensor) -> Iterator[None]:
+    """Make a linear module act as ``W + delta`` (``delta``: ``[d_out, d_in]``) without writing W.
+
+    The output gains ``input @ delta^T`` at every position; gradients flow into ``delta``. The
+    dense counterpart of :func:`add_low_rank`, for updates that are not kept in factored form.
+    """
+
+    def hook(_module, args, output):
+        hidden = main_tensor(output)
+        change = args[0].to(delta.dtype) @ delta.T
+        return _replace_main_tensor(output, hidden + change.to(hidden.dtype))
+
+    handle = module.register_forward_hook(hook, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def skip_layers_below(
     layers: Sequence[nn.Module], hidden: torch.Tensor, as_tuple: bool = False
 ) -> Iterator[None]:

@@ -51,7 +51,7 @@ from metake.evaluation.evaluate import (
     metric_names,
 )
 from metake.evaluation.metrics import text_perplexity
-from metake.methods import resolve_method
+from metake.methods import PLANNER_METHODS, resolve_method
 from metake.stats import StatsCache
 
 log = logging.getLogger(__name__)
@@ -103,9 +103,9 @@ def method_spec(spec: str, default_solver: str) -> tuple[str, str | None]:
     back as ``(spec, None)``; unknown names raise :class:`MetakeError`.
     """
     method, _, solver = spec.partition("+")
-    if solver and method != "metake":
-        raise MetakeError(f"{spec!r}: only metake takes a solver (metake+SOLVER)")
-    if method == "metake":
+    if solver and method not in PLANNER_METHODS:
+        raise MetakeError(f"{spec!r}: only metake methods take a solver (metake+SOLVER)")
+    if method in PLANNER_METHODS:
         return method, resolve_method(method, solver or default_solver)[1]
     resolve_method(method)
     return method, None

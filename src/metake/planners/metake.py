@@ -29,7 +29,8 @@ the package (KL at every position). The chosen solver then executes with the ref
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -38,10 +39,12 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from metake.hparams import MemitHparams
 from metake.models.adapters import ArchAdapter, get_adapter
+from metake.planners.hypergradient import Channel, ProxyChannel
 from metake.planners.standard import (
     PlannerBatch,
     RowGroup,
     TargetPlan,
+    at_least_float32,
     build_planner_batch,
     enter_at_layer,
     mean_per_row,
@@ -51,7 +54,6 @@ from metake.planners.standard import (
 )
 from metake.requests import EditRequest
 from metake.tokens import EncodedPrompt, special_prefix
-from metake.trace import add_low_rank
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +170,87 @@ def _run_groups(
         hidden = group.forward()
         logp = target_log_probs(model, adapter, hidden, group.batch)
         nll_parts.append(-mean_per_row(logp, group.batch.target_rows, len(group.rows)))
-        logits = adapter.logits(model, hidden[rows, positions]).float()
+        logits = at_least_float32(adapter.logits(model, hidden[rows, positions]))
         locality_parts.append(torch.log_softmax(logits, dim=-1))
     row_nll = scatter_rows(groups, nll_parts, num_rows)
     return row_nll, torch.cat(locality_parts)[where.order]
+
+
+class MetaObjective:
+    """The meta-loss of Eq. 6 for one batch, evaluated under any virtual edit (a channel).
+
+    Built once per batch: the joint prompt batch, its length groups, the locality positions and
+    the original model's log-probs there. ``entry_layer``: the lowest layer any channel will
+    change; forwards start there from the cached residual stream (``None``: full forwards).
+    ``v_plan`` (``[n, d]``) is Stage I's target, the anchor of the meta-regulariser.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        requests: Sequence[EditRequest],
+        v_plan: torch.Tensor,
+        hparams: MemitHparams,
+        contexts: Sequence[str],
+        locality_prompts: Sequence[str] = LOCALITY_PROMPTS,
+        max_groups: int = 4,
+        entry_layer: int | None = None,
+    ) -> None:
+        self.model = model
+        self.hparams = hparams
+        self.adapter = get_adapter(model)
+        device = next(model.parameters()).device
+        planner, locality = _joint_batch(tokenizer, requests, contexts, hparams.kl_prompt,
+                                         locality_prompts)  # fmt: skip
+        batch = planner.batch.to(device)
+        self.locality = locality.to(device)
+        self.num_rows = batch.input_ids.shape[0]
+        self.groups = row_groups(model, batch, tokenizer.pad_token_id, False, max_groups)
+        if entry_layer is not None:
+            enter_at_layer(model, self.adapter, self.groups, entry_layer)
+        self.where = _GroupedLocality.build(self.groups, self.locality, self.num_rows)
+        self.num_requests = planner.num_requests
+        self.rewrite_rows = planner.num_rewrite_rows
+        self.request_of_row = planner.request_of_row[: self.rewrite_rows].to(device)
+        self.v_plan = v_plan.to(device)
+        with torch.no_grad():
+            _, self.original = _run_groups(model, self.adapter, self.groups, self.where,
+                                           self.num_rows)  # fmt: skip
+
+    def terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Under the model as it currently acts: target NLL per request ``[n]``, locality KL."""
+        row_nll, edited = _run_groups(self.model, self.adapter, self.groups, self.where,
+                                      self.num_rows)  # fmt: skip
+        nll = mean_per_row(row_nll[: self.rewrite_rows], self.request_of_row, self.num_requests)
+        kl_pos = (self.original.exp() * (self.original - edited)).sum(-1)  # [P]
+        kl = mean_per_row(kl_pos, self.locality.prompt_of_position, self.locality.num_prompts)
+        return nll, kl.mean()
+
+    def task_loss(self, nll: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
+        """The part of the meta-loss that reaches ``v*`` through the solver: edit + locality."""
+        hp = self.hparams
+        return hp.metake_edit_weight * nll.mean() + hp.metake_locality_weight * kl
+
+    def regulariser(self, v_star: torch.Tensor) -> torch.Tensor:
+        """``||v* - v_plan||^2``, averaged over requests (unweighted)."""
+        return ((v_star - self.v_plan.to(v_star.dtype)) ** 2).sum(-1).mean()
+
+    def __call__(
+        self, v_star: torch.Tensor, channel: Callable[[torch.Tensor], AbstractContextManager]
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Meta-loss of ``v_star`` (``[n, d]``) under ``channel``: (loss, NLL ``[n]``, terms)."""
+        with channel(v_star):
+            nll, kl = self.terms()
+        reg = self.regulariser(v_star)
+        loss = self.task_loss(nll, kl) + self.hparams.metake_reg_weight * reg
+        terms = {"edit_nll": nll.mean().item(), "locality_kl": kl.item(), "reg": reg.item(),
+                 "loss": loss.item()}  # fmt: skip
+        return loss, nll, terms
+
+
+StepObserver = Callable[[int, torch.Tensor, MetaObjective], None]
+"""Called at every look-ahead step with ``(step, v* [n, d], objective)`` (diagnostics)."""
 
 
 def lookahead_targets(
@@ -179,58 +258,44 @@ def lookahead_targets(
     tokenizer: PreTrainedTokenizerBase,
     requests: Sequence[EditRequest],
     plan: TargetPlan,
-    gate: torch.Tensor,
+    gate: torch.Tensor | Channel,
     hparams: MemitHparams,
     contexts: Sequence[str],
     locality_prompts: Sequence[str] = LOCALITY_PROMPTS,
     max_groups: int = 4,
     skip_lower: bool = True,
+    observer: StepObserver | None = None,
 ) -> RefinedPlan:
-    """Refine ``plan.v_target`` (``[n, d]``) through the solver's ``gate`` (``[n, d_in]``).
+    """Refine ``plan.v_target`` (``[n, d]``) through the solver: its gate or a channel.
 
-    ``plan.v_init`` is the layer's current output ``Z`` at the subject's last token; the model is
-    left exactly as it was (virtual weights only). Returns the refined targets and, per step,
-    the meta-loss and its three terms (step 0 is the Stage I target itself). Prompts run in up
-    to ``max_groups`` groups of similar length (little compute spent on padding); with
-    ``skip_lower`` every step starts at layer ``L`` from the cached residual stream below it.
+    ``gate`` is the solver's ``M`` (``[n, d_in]``) at ``plan.layer`` (the structural proxy) or a
+    :mod:`~metake.planners.hypergradient` channel (:class:`SpreadChannel`: the exact
+    hypergradient through the whole multi-layer solver). ``plan.v_init`` is the layer's current
+    output ``Z`` at the subject's last token; the model is left exactly as it was (virtual
+    weights only). Returns the refined targets and, per step, the meta-loss and its three terms
+    (step 0 is the Stage I target itself). Prompts run in up to ``max_groups`` groups of similar
+    length (little compute spent on padding); with ``skip_lower`` every step starts at the
+    channel's lowest changed layer from the cached residual stream below it.
     """
-    adapter = get_adapter(model)
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    planner, locality = _joint_batch(tokenizer, requests, contexts, hparams.kl_prompt,
-                                     locality_prompts)  # fmt: skip
-    batch = planner.batch.to(device)
-    locality = locality.to(device)
-    num_rows = batch.input_ids.shape[0]
-    groups = row_groups(model, batch, tokenizer.pad_token_id, False, max_groups)
-    if skip_lower:
-        enter_at_layer(model, adapter, groups, plan.layer)
-    where = _GroupedLocality.build(groups, locality, num_rows)
-    n = planner.num_requests
-    rewrite_rows = planner.num_rewrite_rows
-    request_of_row = planner.request_of_row[:rewrite_rows].to(device)
-    with torch.no_grad():
-        _, original = _run_groups(model, adapter, groups, where, num_rows)
-
-    current = plan.v_init.to(device=device, dtype=torch.float32)  # Z, [n, d]
-    v_plan = plan.v_target.to(device=device, dtype=torch.float32)
+    work_dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+    current = plan.v_init.to(device=device, dtype=work_dtype)  # Z, [n, d]
+    if isinstance(gate, torch.Tensor):
+        module = get_adapter(model).mlp_out(model, plan.layer)
+        gate = ProxyChannel(module, plan.layer, gate, current)
+    v_plan = plan.v_target.to(device=device, dtype=work_dtype)
+    objective = MetaObjective(model, tokenizer, requests, v_plan, hparams, contexts,
+                              locality_prompts, max_groups,
+                              gate.entry_layer if skip_lower else None)  # fmt: skip
     v_star = v_plan.clone().requires_grad_(True)
-    down = gate.to(device=device, dtype=dtype).T  # [d_in, n]
-    module = adapter.mlp_out(model, plan.layer)
     optimizer = torch.optim.Adam([v_star], lr=hparams.metake_lr)
     history: list[dict[str, float]] = []
-    nll = torch.zeros(n)
+    nll = torch.zeros(len(requests))
     for step in range(hparams.metake_steps + 1):
-        with add_low_rank(module, down, (v_star - current).to(dtype)):
-            row_nll, edited = _run_groups(model, adapter, groups, where, num_rows)
-        nll = mean_per_row(row_nll[:rewrite_rows], request_of_row, n)  # [n]
-        kl_pos = (original.exp() * (original - edited)).sum(-1)  # KL(original || virtual), [P]
-        kl = mean_per_row(kl_pos, locality.prompt_of_position, locality.num_prompts).mean()
-        reg = ((v_star - v_plan) ** 2).sum(-1).mean()
-        loss = (hparams.metake_edit_weight * nll.mean() + hparams.metake_locality_weight * kl
-                + hparams.metake_reg_weight * reg)  # fmt: skip
-        history.append({"step": step, "edit_nll": nll.mean().item(), "locality_kl": kl.item(),
-                        "reg": reg.item(), "loss": loss.item()})  # fmt: skip
+        if observer is not None:
+            observer(step, v_star.detach(), objective)
+        loss, nll, terms = objective(v_star, gate)
+        history.append({"step": step, **terms})
         log.debug("metake look-ahead step %d: %s", step, history[-1])
         if step == hparams.metake_steps:
             break

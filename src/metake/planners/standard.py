@@ -83,12 +83,17 @@ def base_hidden(model: nn.Module, batch: PromptBatch) -> torch.Tensor:
     return out[0]
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or float64 when it already is (half-precision models still get float32)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def target_log_probs(
     model: nn.Module, adapter: ArchAdapter, hidden: torch.Tensor, batch: PromptBatch
 ) -> torch.Tensor:
     """Log-probabilities ``[T]`` of every target token, from logits at target positions only."""
     h = hidden[batch.target_rows, batch.target_positions]
-    logp = torch.log_softmax(adapter.logits(model, h).float(), dim=-1)
+    logp = torch.log_softmax(at_least_float32(adapter.logits(model, h)), dim=-1)
     return logp.gather(-1, batch.target_ids[:, None]).squeeze(-1)
 
 
@@ -267,7 +272,7 @@ def compute_targets(
               capture(model, [layer_name], inputs=False, stop_after=layer_name) as tr):  # fmt: skip
             group.forward()
         local = torch.arange(len(group.rows), device=device)
-        v_rows.append(tr.outputs[layer_name][local, group.batch.subject_last].float())
+        v_rows.append(at_least_float32(tr.outputs[layer_name][local, group.batch.subject_last]))
     v_all = scatter_rows(groups, v_rows, num_rows)  # [rows, d]
     v_init = v_all[plain]  # [n, d]
     init_norm2 = v_init.norm(dim=-1) ** 2
@@ -284,7 +289,9 @@ def compute_targets(
         row_nll, last_hidden = _grouped_forward(model, adapter, layer_module, groups,
                                                 delta[request_of_row], num_rows)  # fmt: skip
         nll = mean_per_row(row_nll[rewrite], request_of_row[rewrite], n)  # [n]
-        kl_logp = torch.log_softmax(adapter.logits(model, last_hidden[kl_rows]).float(), dim=-1)
+        kl_logp = torch.log_softmax(
+            at_least_float32(adapter.logits(model, last_hidden[kl_rows])), dim=-1
+        )
         if kl_init is None:
             kl_init = kl_logp.detach()
         kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)  # KL(edited || original), [n]

@@ -43,7 +43,6 @@ def memit_delta(
     return resid.double().to(gate.device).T @ gate
 
 
-@torch.no_grad()
 def subject_activations(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -51,13 +50,16 @@ def subject_activations(
     contexts: Sequence[str],
     key_layers: Sequence[int],
     value_layer: int,
+    *,
+    track_grad: bool = False,
 ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Keys ``{layer: [n, d_in]}`` (context-averaged) and values ``[n, d]`` at ``value_layer``.
 
     Keys are the inputs of each layer's MLP output projection at the subject's last token,
     averaged over the context prefixes; values are the output of decoder layer ``value_layer``
     there, for the prompt without context (``contexts[0]`` must be ``""``). One forward, stopped
-    after the last module needed.
+    after the last module needed. With ``track_grad`` the forward keeps its autograd graph (for
+    differentiating through virtual updates, see :mod:`metake.planners.hypergradient`).
     """
     if contexts[0] != "":
         raise ValueError("the first context prefix must be the empty one")
@@ -71,13 +73,18 @@ def subject_activations(
     value_name = adapter.layer_name(value_layer)
     top = max(key_layers)
     stop = value_name if value_layer >= top else key_names[top]
-    with capture(model, [*key_names.values(), value_name], stop_after=stop) as tr:
+    with (
+        torch.set_grad_enabled(track_grad),
+        capture(model, [*key_names.values(), value_name], stop_after=stop,
+                detach=not track_grad) as tr,
+    ):  # fmt: skip
         model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     rows = torch.arange(len(encoded), device=device)
     n, c = len(requests), len(contexts)
 
-    def at_subject(acts: torch.Tensor) -> torch.Tensor:  # [n, c, d]
-        return acts[rows, batch.subject_last].view(n, c, -1).float()
+    def at_subject(acts: torch.Tensor) -> torch.Tensor:  # [n, c, d], float32 or float64
+        dtype = torch.promote_types(acts.dtype, torch.float32)
+        return acts[rows, batch.subject_last].view(n, c, -1).to(dtype)
 
     keys = {layer: at_subject(tr.inputs[name]).mean(1) for layer, name in key_names.items()}
     return keys, at_subject(tr.outputs[value_name])[:, 0]

@@ -1,0 +1,180 @@
+"""The exact hypergradient through the multi-layer solver, against the solver itself.
+
+``spread_deltas`` replays Stage II differentiably; its gradient is checked against central finite
+differences of the meta-loss after the *real* solver (``apply_spread`` with the solvers' own
+update functions) wrote its weights, in float64. With one edit layer the exact hypergradient
+must equal the structural proxy's.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+from test_editor import REQUESTS, _editor, _state
+from tiny_models import tiny_model, tiny_tokenizer
+
+from metake import MetakeError
+from metake.evaluation.bench import method_spec
+from metake.hparams import MemitHparams
+from metake.models.adapters import get_adapter
+from metake.planners.hypergradient import ProxyChannel, SpreadChannel, spread_deltas
+from metake.planners.metake import LOCALITY_PROMPTS, MetaObjective
+from metake.requests import parse_requests
+from metake.solvers.alphaedit import alphaedit_delta, alphaedit_gate, null_space
+from metake.solvers.memit import apply_spread, keys_and_values, memit_delta, memit_gate
+
+CONTEXTS = ["", "Some words. "]
+LAYERS = (0, 1, 2)
+
+
+def _moments(dim: int) -> dict[int, torch.Tensor]:
+    """A random positive definite C0 per layer (``[dim, dim]``, float64)."""
+    g = torch.Generator().manual_seed(11)
+    out = {}
+    for layer in LAYERS:
+        a = torch.randn(dim, 2 * dim, generator=g, dtype=torch.float64)
+        out[layer] = a @ a.T / a.shape[1]
+    return out
+
+
+def _solvers(dim: int):
+    """Per solver: its gate ``(layer, keys) -> M`` and its own update ``(layer, K, R) -> Delta``."""
+    mom2 = _moments(dim)
+    projector = {layer: null_space(c, 0.5, relative=True).projector for layer, c in mom2.items()}
+    prev = {layer: 0.2 * c for layer, c in mom2.items()}
+    return {
+        "memit": (
+            lambda layer, k: memit_gate(k, mom2[layer], 3.0),
+            lambda layer, k, r: memit_delta(k, r, mom2[layer], 3.0),
+        ),
+        "alphaedit": (
+            lambda layer, k: alphaedit_gate(k, projector[layer], prev[layer], 0.5),
+            lambda layer, k, r: alphaedit_delta(k, r, projector[layer], prev[layer], 0.5),
+        ),
+    }
+
+
+def _setup(layers=LAYERS):
+    """A float64 tiny GPT-2 (whose norms, unlike Llama's, stay in float64), requests, targets
+    at the last layer and the meta-objective."""
+    model = tiny_model("gpt2").double()
+    tok = tiny_tokenizer()
+    requests = parse_requests(REQUESTS)
+    _, values = keys_and_values(model, tok, requests, CONTEXTS, layers[-1], layers[-1])
+    g = torch.Generator().manual_seed(4)
+    targets = values + 0.3 * torch.randn(values.shape, generator=g, dtype=torch.float64)
+    hp = MemitHparams(layers=layers, metake_reg_weight=0.5)
+    objective = MetaObjective(model, tok, requests, targets, hp, CONTEXTS, LOCALITY_PROMPTS[:3])
+    return model, tok, requests, values, targets, objective
+
+
+def _loss_after_solver(objective, tok, requests, v, solve) -> float:
+    """Meta-loss after the real solver wrote its update for targets ``v``; weights restored."""
+    model, adapter = objective.model, objective.adapter
+    before = {layer: adapter.weight(model, layer).detach().clone() for layer in LAYERS}
+    try:
+        apply_spread(model, tok, requests, v, LAYERS, CONTEXTS, solve)
+        with torch.no_grad():
+            loss, _, _ = objective(v, lambda _v: nullcontext())  # no virtual edit
+        return float(loss)
+    finally:
+        for layer, weight in before.items():
+            adapter.set_weight(model, layer, weight)
+
+
+@pytest.mark.parametrize("solver", ["memit", "alphaedit"])
+def test_spread_deltas_equal_the_solvers_updates(solver):
+    model, tok, requests, _, targets, _ = _setup()
+    dim = get_adapter(model).weight(model, 0).shape[1]
+    gate, solve = _solvers(dim)[solver]
+    state = _state(model)
+    virtual = spread_deltas(model, tok, requests, targets, LAYERS, CONTEXTS, gate)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # untouched
+    real = apply_spread(model, tok, requests, targets, LAYERS, CONTEXTS, solve)
+    for layer in LAYERS:
+        torch.testing.assert_close(virtual[layer].detach().float(), real[layer], rtol=1e-5,
+                                   atol=1e-7)  # fmt: skip
+
+
+@pytest.mark.parametrize("solver", ["memit", "alphaedit"])
+def test_exact_hypergradient_matches_finite_differences_of_the_real_solver(solver):
+    model, tok, requests, _, targets, objective = _setup()
+    dim = get_adapter(model).weight(model, 0).shape[1]
+    gate, solve = _solvers(dim)[solver]
+    channel = SpreadChannel(model, tok, requests, LAYERS, CONTEXTS, gate)
+    v = targets.clone().requires_grad_(True)
+    loss, _, _ = objective(v, channel)
+    (grad,) = torch.autograd.grad(loss, v)
+    after_solver = _loss_after_solver(objective, tok, requests, targets, solve)
+    assert loss.item() == pytest.approx(after_solver, rel=1e-9)
+    g = torch.Generator().manual_seed(8)
+    eps = 1e-4
+    for _ in range(3):
+        direction = torch.randn(targets.shape, generator=g, dtype=torch.float64)
+        up = _loss_after_solver(objective, tok, requests, targets + eps * direction, solve)
+        down = _loss_after_solver(objective, tok, requests, targets - eps * direction, solve)
+        numeric = (up - down) / (2 * eps)
+        assert float((grad * direction).sum()) == pytest.approx(numeric, rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.parametrize("solver", ["memit", "alphaedit"])
+def test_exact_equals_proxy_when_one_layer_is_edited(solver):
+    layer = 1
+    model, tok, requests, values, targets, objective = _setup(layers=(layer,))
+    dim = get_adapter(model).weight(model, 0).shape[1]
+    gate, _ = _solvers(dim)[solver]
+    keys, _ = keys_and_values(model, tok, requests, CONTEXTS, layer, layer)
+    module = get_adapter(model).mlp_out(model, layer)
+    proxy = ProxyChannel(module, layer, gate(layer, keys), values)
+    exact = SpreadChannel(model, tok, requests, [layer], CONTEXTS, gate)
+    grads, losses = [], []
+    for channel in (proxy, exact):
+        v = targets.clone().requires_grad_(True)
+        loss, _, _ = objective(v, channel)
+        grads.append(torch.autograd.grad(loss, v)[0])
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-10)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-8, atol=1e-12)
+
+
+def test_exact_and_proxy_differ_over_several_layers():
+    model, tok, requests, values, targets, objective = _setup()
+    dim = get_adapter(model).weight(model, 0).shape[1]
+    gate, _ = _solvers(dim)["memit"]
+    keys, _ = keys_and_values(model, tok, requests, CONTEXTS, LAYERS[-1], LAYERS[-1])
+    module = get_adapter(model).mlp_out(model, LAYERS[-1])
+    proxy = ProxyChannel(module, LAYERS[-1], gate(LAYERS[-1], keys), values)
+    exact = SpreadChannel(model, tok, requests, LAYERS, CONTEXTS, gate)
+    grads = []
+    for channel in (proxy, exact):
+        v = targets.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(objective(v, channel)[0], v)[0])
+    assert not torch.allclose(grads[0], grads[1], rtol=1e-3)
+
+
+def test_metake_exact_session_edits_and_reports_its_lookahead(tmp_path):
+    model = tiny_model("llama")
+    state = _state(model)
+    exact = _editor(model, tmp_path, method="metake_exact", solver="memit", metake_steps=2)
+    assert exact.hparams.metake_hypergradient == "exact"
+    result = exact.edit(REQUESTS)
+    assert [h["step"] for h in result.report.lookahead_history] == [0, 1, 2]
+    assert result.report.seconds_lookahead > 0
+    exact_deltas = {k: v.clone() for k, v in result.deltas.items()}
+    exact.restore()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    proxy = _editor(model, tmp_path, method="metake", solver="memit", metake_steps=2)
+    proxy_deltas = proxy.edit(REQUESTS).deltas
+    assert any(not torch.allclose(exact_deltas[k], proxy_deltas[k]) for k in exact_deltas)
+
+
+def test_metake_exact_names_and_errors(tmp_path):
+    assert method_spec("metake_exact", "alphaedit") == ("metake_exact", "alphaedit")
+    assert method_spec("metake_exact+memit", "alphaedit") == ("metake_exact", "memit")
+    with pytest.raises(MetakeError, match="metake_exact"):
+        _editor(tiny_model("llama"), tmp_path, method="metake_exact",
+                metake_hypergradient="proxy")  # fmt: skip
+    with pytest.raises(ValueError, match="metake_hypergradient"):
+        MemitHparams(layers=(0,), metake_hypergradient="approximate")
