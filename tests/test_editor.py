@@ -280,3 +280,27 @@ def test_solve_targets_is_the_edits_stage_two(tmp_path):
         torch.testing.assert_close(delta, result.deltas[f"model.layers.{layer}.mlp.down_proj"])
     with pytest.raises(MetakeError, match="does not"):
         _editor(scripted, tmp_path, method="memit_blue").solve_targets(parsed, plan.v_target, [""])
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_apply_targets_equals_edit_with_the_same_targets(method, tmp_path):
+    from metake.planners.standard import compute_targets
+
+    planned, direct = tiny_model("llama"), tiny_model("llama")
+    first = _editor(planned, tmp_path, method=method)
+    result = first.edit(REQUESTS)
+    second = _editor(direct, tmp_path, method=method)
+    torch.manual_seed(second.seed)
+    second.load_statistics()
+    requests = second.prepare(REQUESTS)
+    plan = compute_targets(direct, second.tokenizer, requests, second.hparams, second.contexts)
+    deltas = second.apply_targets(requests, plan.v_target)
+    for layer in second.hparams.layers:
+        name = second.adapter.mlp_out_name(layer)
+        torch.testing.assert_close(deltas[layer], result.deltas[name])
+    assert len(second.history) == len(REQUESTS)
+    if method == "alphaedit":  # the key cache advanced exactly as in edit()
+        for layer in second.hparams.layers:
+            torch.testing.assert_close(second._prev_keys_cov[layer], first._prev_keys_cov[layer])
+    with pytest.raises(MetakeError, match="targets must be"):
+        second.apply_targets(requests, plan.v_target[:1])

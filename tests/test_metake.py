@@ -218,7 +218,7 @@ def test_metake_never_mutates_weights_before_the_final_solve(solver, tmp_path, m
     model = tiny_model("llama")
     editor = _editor(model, tmp_path, method="metake", solver=solver, metake_lr=0.05)
     original = _state(model)
-    real_layer_solve = editor._layer_solve
+    real_layer_solve = editor.layer_solve
     seen = []
 
     def checked_layer_solve():
@@ -233,7 +233,7 @@ def test_metake_never_mutates_weights_before_the_final_solve(solver, tmp_path, m
 
         return checked
 
-    monkeypatch.setattr(editor, "_layer_solve", checked_layer_solve)
+    monkeypatch.setattr(editor, "layer_solve", checked_layer_solve)
     result = editor.edit(REQUESTS)
     assert seen and result.report.seconds_lookahead > 0
     history = result.report.lookahead_history

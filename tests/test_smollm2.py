@@ -48,7 +48,7 @@ def test_metake_lookahead_lowers_the_meta_loss_and_only_the_solve_writes(smollm2
     layers = editor.hparams.layers
     before = {layer: editor.adapter.weight(model, layer).detach().clone() for layer in layers}
     planned = []
-    real_layer_solve = editor._layer_solve
+    real_layer_solve = editor.layer_solve
 
     def layer_solve_after_checking():
         solve = real_layer_solve()
@@ -61,7 +61,7 @@ def test_metake_lookahead_lowers_the_meta_loss_and_only_the_solve_writes(smollm2
 
         return checked
 
-    editor._layer_solve = layer_solve_after_checking
+    editor.layer_solve = layer_solve_after_checking
     try:
         report = editor.edit([request]).report
         history = report.lookahead_history

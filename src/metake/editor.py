@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,10 @@ log = logging.getLogger(__name__)
 SOLVERS = BASE_SOLVERS
 __all__ = ["METHODS", "METHOD_DESCRIPTIONS", "SOLVERS", "Editor", "resolve_method"]
 DELTA_FILE = "metake_deltas.safetensors"
+_StageOutput = tuple[
+    list[TargetPlan], list[RefinedPlan], dict[int, torch.Tensor], tuple[float, float]
+]
+"""What an editing path returns: Stage I plans, look-ahead refinements, updates, seconds."""
 EDITS_FILE = "metake_edits.json"
 
 
@@ -269,32 +273,14 @@ class Editor:
         self.load_statistics()
         contexts = self.contexts
         start = time.perf_counter()
-        snapshot = self._layer_weights()  # as the caller sees the model (maybe finalised)
-        before = self._raw_weights or snapshot  # the weights editing continues from
-        try:
-            self._set_layer_weights(before)
-            if self.spec.base == "rome":
-                plans, refined, deltas, timing = self._edit_rome(parsed, contexts)
-            elif self.spec.blue:
-                plans, refined, deltas, timing = self._edit_blue(parsed, contexts)
-            else:
-                plan, refinement, timing = self._plan(parsed, contexts)
-                plans, refined = [plan], [refinement] if refinement else []
-                targets = refinement.v_target if refinement else plan.v_target
-                deltas = self.solve_targets(parsed, targets, contexts)
-            if self.spec.rect:
-                deltas = self._apply_rect(before)
-            new_keys_cov = self._accumulated_keys(parsed, contexts)
-        except BaseException:
-            self._set_layer_weights(snapshot)
-            log.error("edit failed; the batch was rolled back")
-            raise
+        if self.spec.base == "rome":
+            run = self._edit_rome
+        elif self.spec.blue:
+            run = self._edit_blue
+        else:
+            run = self._edit_spread
+        plans, refined, deltas, timing = self._atomic(parsed, contexts, run)
         end = time.perf_counter()
-        for layer, weight in before.items():
-            self._originals.setdefault(layer, weight)
-        self._raw_weights = None
-        self._prev_keys_cov.update(new_keys_cov)
-        self.history.extend(parsed)
         stage1_seconds, lookahead_seconds = timing
         report = EditReport(
             method=self.method,
@@ -321,6 +307,62 @@ class Editor:
         named = {self.adapter.mlp_out_name(layer): d for layer, d in deltas.items()}
         return EditResult(deltas=named, report=report, requests=parsed)
 
+    def apply_targets(
+        self, requests: Iterable[Mapping[str, Any] | EditRequest], targets: torch.Tensor
+    ) -> dict[int, torch.Tensor]:
+        """Stage II alone as a session edit: write ``targets`` (``[n, d]`` at the last edit layer).
+
+        For your own Stage I (or a study of it, like ``metake diagnose``): the batch applies
+        atomically, with the solver's RECT mask, AlphaEdit key cache and history, exactly as
+        :meth:`edit` would with these targets. Returns ``{layer: Delta [d_out, d_in]}``.
+        """
+        parsed = self.prepare(requests)
+        last = self.hparams.layers[-1]
+        width = self.adapter.weight(self.model, last).shape[0]
+        if tuple(targets.shape) != (len(parsed), width):
+            raise MetakeError(f"targets must be [{len(parsed)}, {width}] (one row per request at "
+                              f"layer {last}), got {list(targets.shape)}")  # fmt: skip
+        self.load_statistics()
+
+        def run(parsed: list[EditRequest], contexts: list[str]) -> _StageOutput:
+            return [], [], self.solve_targets(parsed, targets, contexts), (0.0, 0.0)
+
+        return self._atomic(parsed, self.contexts, run)[2]
+
+    def _atomic(
+        self,
+        parsed: list[EditRequest],
+        contexts: list[str],
+        run: Callable[[list[EditRequest], list[str]], _StageOutput],
+    ) -> _StageOutput:
+        """``run(parsed, contexts)`` (edits the model in place) as one session edit, all or
+        nothing: then RECT's mask, AlphaEdit's key cache, the originals and the history."""
+        snapshot = self._layer_weights()  # as the caller sees the model (maybe finalised)
+        before = self._raw_weights or snapshot  # the weights editing continues from
+        try:
+            self._set_layer_weights(before)
+            plans, refined, deltas, timing = run(parsed, contexts)
+            if self.spec.rect:
+                deltas = self._apply_rect(before)
+            new_keys_cov = self._accumulated_keys(parsed, contexts)
+        except BaseException:
+            self._set_layer_weights(snapshot)
+            log.error("edit failed; the batch was rolled back")
+            raise
+        for layer, weight in before.items():
+            self._originals.setdefault(layer, weight)
+        self._raw_weights = None
+        self._prev_keys_cov.update(new_keys_cov)
+        self.history.extend(parsed)
+        return plans, refined, deltas, timing
+
+    def _edit_spread(self, requests: list[EditRequest], contexts: list[str]) -> _StageOutput:
+        """MEMIT/AlphaEdit: one Stage I (and look-ahead) at the last layer, spread over all."""
+        plan, refinement, timing = self._plan(requests, contexts)
+        targets = refinement.v_target if refinement else plan.v_target
+        deltas = self.solve_targets(requests, targets, contexts)
+        return [plan], [refinement] if refinement else [], deltas, timing
+
     def solve_targets(
         self, requests: list[EditRequest], targets: torch.Tensor, contexts: list[str]
     ) -> dict[int, torch.Tensor]:
@@ -335,9 +377,9 @@ class Editor:
             raise MetakeError(f"solve_targets spreads one target over the edit layers; "
                               f"{self.solver} does not")  # fmt: skip
         return apply_spread(self.model, self.tokenizer, requests, targets, self.hparams.layers,
-                            contexts, self._layer_solve())  # fmt: skip
+                            contexts, self.layer_solve())  # fmt: skip
 
-    def _layer_solve(self) -> LayerSolve:
+    def layer_solve(self) -> LayerSolve:
         """The session's per-layer closed form (MEMIT or AlphaEdit) for :func:`apply_spread`."""
         hp = self.hparams
         if self.spec.base == "memit":
@@ -418,9 +460,7 @@ class Editor:
             return alphaedit_gate(keys, projector, prev, self._alphaedit_lambda())
         return rome_gate(keys, self.second_moment(layer))
 
-    def _edit_rome(
-        self, requests: list[EditRequest], contexts: list[str]
-    ) -> tuple[list[TargetPlan], list[RefinedPlan], dict[int, torch.Tensor], tuple[float, float]]:
+    def _edit_rome(self, requests: list[EditRequest], contexts: list[str]) -> _StageOutput:
         """ROME: plan and apply one rank-one update per request, in order; edits in place."""
         layer = self.hparams.layers[-1]
         plans, refined, total, seconds = [], [], None, (0.0, 0.0)
@@ -438,9 +478,7 @@ class Editor:
             refined += [refinement] if refinement else []
         return plans, refined, {layer: total}, seconds
 
-    def _edit_blue(
-        self, requests: list[EditRequest], contexts: list[str]
-    ) -> tuple[list[TargetPlan], list[RefinedPlan], dict[int, torch.Tensor], tuple[float, float]]:
+    def _edit_blue(self, requests: list[EditRequest], contexts: list[str]) -> _StageOutput:
         """BLUE: per edit layer, ascending, a target at that layer's own output (on the model as
         the earlier layer's update left it) and the solver's update towards it with the full
         residual; edits in place."""
@@ -450,7 +488,7 @@ class Editor:
             seconds = (seconds[0] + timing[0], seconds[1] + timing[1])
             targets = refinement.v_target if refinement else plan.v_target
             deltas.update(apply_spread(self.model, self.tokenizer, requests, targets, [layer],
-                                       contexts, self._layer_solve()))  # fmt: skip
+                                       contexts, self.layer_solve()))  # fmt: skip
             plans.append(plan)
             refined += [refinement] if refinement else []
         return plans, refined, deltas, seconds
