@@ -1,4 +1,4 @@
-"""Shared test set-up: thread count for tiny models, the real-model fixture, data paths."""
+"""Shared test set-up: threads for tiny models, the real-model and tiny-folder fixtures, data."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_model, tiny_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -35,3 +36,15 @@ def smollm2():
     from metake import load_model
 
     return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture()
+def model_dir(tmp_path, monkeypatch):
+    """A tiny Llama saved to a folder, a small corpus file, and a private statistics cache."""
+    monkeypatch.setenv("METAKE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Text number {i} about rivers and towns." for i in range(12)))
+    return folder, corpus

@@ -5,23 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny_models import tiny_model, tiny_tokenizer
 
 from metake.cli import main
 
 FAST = ["--layers", "0,1", "--samples", "8", "--set", "v_steps=2", "--set", "context_count=1",
         "--set", "mom2_update_weight=10", "--device", "cpu", "--max-new-tokens", "5"]  # fmt: skip
-
-
-@pytest.fixture()
-def model_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("METAKE_CACHE", str(tmp_path / "cache"))
-    folder = tmp_path / "tiny"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(f"Text number {i} about rivers and towns." for i in range(12)))
-    return folder, corpus
 
 
 def test_edit_json_output_and_save(model_dir, tmp_path, capsys):

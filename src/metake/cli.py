@@ -204,7 +204,84 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--preset", help=f"show a preset's values ({', '.join(preset_names())})")
     methods.set_defaults(func=cmd_methods)
     _add_bench_parser(sub)
+    _add_diagnose_parser(sub)
     return parser
+
+
+def _add_diagnose_parser(sub) -> None:
+    diag = sub.add_parser(
+        "diagnose",
+        help="measure the paper's theorems on your model and edits (beta, trap, proxy fidelity)",
+        description="Run MetaKE over --solver on --edits dataset records in sequential batches "
+        "and measure, per batch: spectral suppression (gamma, beta, the realised fraction of "
+        "each layer's residual, Stage I's target against MetaKE's), the static regularisation "
+        "trap (one global lambda swept over every edit), and proxy fidelity (the structural "
+        "proxy's hypergradient against the exact one through the whole multi-layer solver: "
+        "cosine, alpha, rho; cross-layer drifts eps_C, eps_k). Writes diagnostics.json, "
+        "summary.md and PNG plots into --out and prints the summary.",
+    )
+    _add_model_args(diag)
+    _add_stats_args(diag)
+    diag.add_argument("--dataset", choices=list(DATASETS), default="zsre",
+                      help="zsre (default), counterfact or requests")  # fmt: skip
+    diag.add_argument("--data", default=None, help="the dataset file (see `metake bench`)")
+    diag.add_argument("--edits", type=int, default=50, help="records to edit (default 50)")
+    diag.add_argument("--batch-size", type=int, default=25, help="edits per batch (default 25)")
+    diag.add_argument(
+        "--solver", type=_solver_name, default="alphaedit",
+        help="memit or alphaedit (default), the solver MetaKE plans for and that executes",
+    )  # fmt: skip
+    diag.add_argument(
+        "--fidelity-every", type=int, default=1,
+        help="compare proxy and exact hypergradient every N look-ahead steps (default 1)",
+    )  # fmt: skip
+    diag.add_argument("--seed", type=int, default=0, help="record sampling and torch seed")
+    diag.add_argument("--layers", type=_int_list, help="edit layers (default: the preset's)")
+    diag.add_argument("--preset", help=f"hyper-parameter preset ({', '.join(preset_names())})")
+    diag.add_argument(
+        "--set", dest="overrides", type=parse_key_value, action="append", default=[],
+        help="override a hyper-parameter, e.g. --set metake_steps=10 (repeatable)",
+    )  # fmt: skip
+    diag.add_argument("--out", required=True, help="folder for the report")
+    diag.set_defaults(func=cmd_diagnose)
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    """``metake diagnose``: the theory diagnostics report."""
+    import shlex
+    from pathlib import Path
+
+    from metake.diagnostics.plots import write_plots
+    from metake.diagnostics.run import diagnose, summary_markdown
+    from metake.editor import Editor
+    from metake.evaluation.datasets import load_dataset, sample_records
+
+    if args.edits < 1:
+        raise MetakeError("--edits must be at least 1")
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
+    dataset = load_dataset(args.dataset, args.data, tokenizer=tokenizer)
+    records = sample_records(dataset.records, args.edits, args.seed)
+    editor = Editor(model, tokenizer, "metake", solver=args.solver, preset=args.preset,
+                    model_id=args.model, corpus=args.corpus,
+                    use_stats_cache=not args.no_stats_cache, seed=args.seed,
+                    **_overrides(args))  # fmt: skip
+    start = time.perf_counter()
+    report = diagnose(editor, [r.request for r in records], args.batch_size, args.fidelity_every)
+    report["seconds"] = time.perf_counter() - start
+    report["command"] = "metake " + " ".join(shlex.quote(a) for a in args.argv)
+    report.update(model=args.model, dataset=args.dataset, data=str(dataset.path),
+                  edits=args.edits, batch_size=args.batch_size, seed=args.seed,
+                  device=str(device))  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "diagnostics.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    write_plots(report, out)
+    summary = summary_markdown(report)
+    (out / "summary.md").write_text(summary, encoding="utf-8")
+    print(summary)
+    print(f"{out}: diagnostics.json, summary.md, 4 plots; {report['seconds']:.0f} s")
+    return 0
 
 
 def _add_bench_parser(sub) -> None:
@@ -234,9 +311,10 @@ def _add_bench_parser(sub) -> None:
         "--methods",
         default="memit,alphaedit,metake",
         help="comma-separated: rome, memit, alphaedit, rect, prune, memit_blue, alphaedit_blue "
-        "(or any BASE_OPTION solver, e.g. alphaedit_rect), metake (over --solver) or "
-        "metake+SOLVER (default: memit,alphaedit,metake); 'table1' stands for the paper's seven "
-        "rows: rome,memit,prune,rect,alphaedit,alphaedit_blue,metake; see `metake methods`",
+        "(or any BASE_OPTION solver, e.g. alphaedit_rect), metake (over --solver), "
+        "metake_exact (exact hypergradient) or metake+SOLVER (default: memit,alphaedit,metake); "
+        "'table1' stands for the paper's seven rows: rome,memit,prune,rect,alphaedit,"
+        "alphaedit_blue,metake; see `metake methods`",
     )
     bench.add_argument(
         "--solver",

@@ -386,7 +386,7 @@ class Editor:
             return lambda layer, keys, resid: memit_delta(
                 keys, resid, self.second_moment(layer), hp.mom2_update_weight
             )
-        lam2 = self._alphaedit_lambda()
+        lam2 = self.alphaedit_lambda()
 
         def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
             prev = self._prev_keys(layer, keys.shape[1])
@@ -394,7 +394,7 @@ class Editor:
 
         return solve
 
-    def _alphaedit_lambda(self) -> float:
+    def alphaedit_lambda(self) -> float:
         """AlphaEdit's ridge ``lambda_2``; BLUE's own value when the preset gives one."""
         hp = self.hparams
         if self.spec.blue and hp.alphaedit_blue_lambda is not None:
@@ -457,7 +457,7 @@ class Editor:
         if self.spec.base == "alphaedit":
             prev = self._prev_keys(layer, keys.shape[1])
             projector = self.null_space(layer).projector
-            return alphaedit_gate(keys, projector, prev, self._alphaedit_lambda())
+            return alphaedit_gate(keys, projector, prev, self.alphaedit_lambda())
         return rome_gate(keys, self.second_moment(layer))
 
     def _edit_rome(self, requests: list[EditRequest], contexts: list[str]) -> _StageOutput:
@@ -520,6 +520,10 @@ class Editor:
             k = layer_keys.double().cpu()
             out[layer] = self._prev_keys(layer, k.shape[1]) + k.T @ k
         return out
+
+    def key_cache(self, layer: int) -> torch.Tensor:
+        """AlphaEdit's ``C_prev`` of ``layer``: earlier batches' keys, ``[d_in, d_in]`` float64."""
+        return self._prev_keys(layer, self.adapter.weight(self.model, layer).shape[1])
 
     def _prev_keys(self, layer: int, dim: int) -> torch.Tensor:
         """AlphaEdit's ``C_prev`` of ``layer`` (``[dim, dim]`` float64; zeros before any batch)."""

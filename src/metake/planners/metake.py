@@ -249,8 +249,8 @@ class MetaObjective:
         return loss, nll, terms
 
 
-StepObserver = Callable[[int, torch.Tensor, MetaObjective], None]
-"""Called at every look-ahead step with ``(step, v* [n, d], objective)`` (diagnostics)."""
+StepObserver = Callable[[int, torch.Tensor], None]
+"""Called at every look-ahead step with ``(step, v* [n, d])``, before its update (diagnostics)."""
 
 
 def lookahead_targets(
@@ -293,7 +293,7 @@ def lookahead_targets(
     nll = torch.zeros(len(requests))
     for step in range(hparams.metake_steps + 1):
         if observer is not None:
-            observer(step, v_star.detach(), objective)
+            observer(step, v_star.detach())
         loss, nll, terms = objective(v_star, gate)
         history.append({"step": step, **terms})
         log.debug("metake look-ahead step %d: %s", step, history[-1])
