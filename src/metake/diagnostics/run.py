@@ -191,6 +191,7 @@ def summarise(batches: Sequence[dict[str, Any]], last: int) -> dict[str, Any]:
         "median_rho": _median([s["rho"] for s in steps]),
         "median_relative_error": _median([s["relative_error"] for s in steps]),
         "trap_best_share_both": [max(b["trap"]["both"]) for b in batches],
+        "trap_cost_spread": [b["trap"]["cost_spread"] for b in batches],
     }
 
 
@@ -260,6 +261,8 @@ def summary_markdown(report: dict[str, Any]) -> str:
          [s["median_target_norm_stage1"], s["median_target_norm_metake"]]),
         ("**Theorem 2** best share of edits both progressing and within budget, one lambda",
          s["trap_best_share_both"]),
+        ("p90 / p10 over edits of the disruption per unit realised change",
+         s["trap_cost_spread"]),
         ("**Theorem 3** median cos(g_true, g_proxy) over all steps (at step 0)",
          [s["median_cosine"], s["median_cosine_step0"]]),
         ("smallest cosine", s["min_cosine"]),

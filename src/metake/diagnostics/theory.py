@@ -124,6 +124,8 @@ class TrapSweep:
     min_beta: float
     best_lambda_per_edit: list[float | None]  # largest grid lambda giving progress (None: none)
     safe_lambda_per_edit: list[float | None]  # smallest grid lambda within budget
+    cost_per_realised: list[float]  # m^T C0 m / beta^2 at the solver's lambda, per edit
+    cost_spread: float  # its 90th / 10th percentile: how anisotropic the edits' costs are
 
 
 def trap(
@@ -139,7 +141,8 @@ def trap(
     ``needed`` (``[n]``) is the norm of the change each edit asks for (``||v* - z||``). Per edit
     and ``lambda``: progress is ``beta >= min_beta``; its disruption of preserved keys is
     ``(beta ||u||)^2 c`` with ``c = m^T C0 m / beta^2`` (cost per unit squared *realised* change,
-    fixed by the key). The budget is the median disruption at the solver's own ``lambda``.
+    fixed by the key; its spread over edits is the anisotropy the theorem is about). The budget
+    is the median disruption at the solver's own ``lambda``.
     """
     needed = needed.double()
     lambdas = [geometry.lam * f for f in factors]
@@ -150,6 +153,8 @@ def trap(
         costs.append(disruption_per_unit(g, keys, mom2).cpu() * needed.cpu() ** 2)
     own = factors.index(1.0) if 1.0 in factors else len(factors) // 2
     budget = float(costs[own].median())
+    per_realised = costs[own] / (betas[own] * needed.cpu()) ** 2  # fixed by the key
+    spread = torch.quantile(per_realised, 0.9) / torch.quantile(per_realised, 0.1)
     progress = [b >= min_beta for b in betas]
     safe = [c <= budget for c in costs]
     n = len(needed)
@@ -170,4 +175,6 @@ def trap(
         min_beta=min_beta,
         best_lambda_per_edit=best,
         safe_lambda_per_edit=lowest_safe,
+        cost_per_realised=[float(c) for c in per_realised],
+        cost_spread=float(spread),
     )
