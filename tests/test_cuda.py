@@ -33,15 +33,28 @@ def test_stage_one_on_cuda_matches_cpu(model_type):
     torch.testing.assert_close(gpu.v_target.cpu(), cpu.v_target, rtol=0, atol=0.05)
 
 
-@pytest.mark.parametrize("solver", ["memit", "alphaedit", "rome"])
-def test_metake_edit_on_cuda_matches_cpu(solver, tmp_path):
+@pytest.mark.parametrize(
+    ("method", "solver"),
+    [("metake", "memit"), ("metake", "alphaedit"), ("metake", "rome"),
+     ("metake_exact", "memit"), ("metake_exact", "alphaedit")],
+)  # fmt: skip
+def test_metake_edit_on_cuda_matches_cpu(method, solver, tmp_path):
     base = tiny_model("llama")
-    settings = dict(method="metake", solver=solver, metake_steps=3, metake_lr=0.05,
+    settings = dict(method=method, solver=solver, metake_steps=3, metake_lr=0.05,
                     nullspace_threshold=0.5, nullspace_relative=True)  # fmt: skip
     on_cpu = _editor(copy.deepcopy(base), tmp_path, **settings).edit(REQUESTS)
     on_gpu = _editor(copy.deepcopy(base).to("cuda"), tmp_path, **settings).edit(REQUESTS)
     for name, delta in on_cpu.deltas.items():
         torch.testing.assert_close(on_gpu.deltas[name].cpu(), delta, rtol=1e-3, atol=1e-4)
+
+
+def test_diagnose_on_cuda(tmp_path):
+    from metake.diagnostics.run import diagnose
+
+    editor = _editor(tiny_model("llama").to("cuda"), tmp_path, method="metake", metake_steps=2,
+                     nullspace_threshold=0.5, nullspace_relative=True)  # fmt: skip
+    report = diagnose(editor, editor.prepare(REQUESTS), batch_size=2, progress=False)
+    assert report["summary"]["median_cosine"] is not None
 
 
 def test_bench_runs_and_resumes_on_cuda(tmp_path):
