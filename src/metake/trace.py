@@ -7,8 +7,8 @@ whose first element is the hidden state: :func:`main_tensor` handles both.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 
 import torch
@@ -112,44 +112,41 @@ def add_at_positions(
 
 
 @contextmanager
-def add_low_rank(module: nn.Module, down: torch.Tensor, up: torch.Tensor) -> Iterator[None]:
+def _add_to_output(
+    module: nn.Module, change: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """Add ``change(input)`` to the module's main output in every forward (out of place)."""
+
+    def hook(_module, args, output):
+        hidden = main_tensor(output)
+        return _replace_main_tensor(output, hidden + change(args[0]).to(hidden.dtype))
+
+    handle = module.register_forward_hook(hook, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def add_low_rank(
+    module: nn.Module, down: torch.Tensor, up: torch.Tensor
+) -> AbstractContextManager[None]:
     """Make a linear module act as ``W + (down @ up)^T``: output ``+= (input @ down) @ up``.
 
     ``down`` is ``[d_in, r]`` and ``up`` is ``[r, d_out]``; the module's weight is not touched
     (the change is computed from its input at every position), and gradients flow into both
     factors. This is how a weight update ``Delta = up^T down^T`` is tried out functionally.
     """
-
-    def hook(_module, args, output):
-        hidden = main_tensor(output)
-        change = (args[0].to(down.dtype) @ down) @ up
-        return _replace_main_tensor(output, hidden + change.to(hidden.dtype))
-
-    handle = module.register_forward_hook(hook, prepend=True)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return _add_to_output(module, lambda x: (x.to(down.dtype) @ down) @ up)
 
 
-@contextmanager
-def add_delta(module: nn.Module, delta: torch.Tensor) -> Iterator[None]:
+def add_delta(module: nn.Module, delta: torch.Tensor) -> AbstractContextManager[None]:
     """Make a linear module act as ``W + delta`` (``delta``: ``[d_out, d_in]``) without writing W.
 
     The output gains ``input @ delta^T`` at every position; gradients flow into ``delta``. The
     dense counterpart of :func:`add_low_rank`, for updates that are not kept in factored form.
     """
-
-    def hook(_module, args, output):
-        hidden = main_tensor(output)
-        change = args[0].to(delta.dtype) @ delta.T
-        return _replace_main_tensor(output, hidden + change.to(hidden.dtype))
-
-    handle = module.register_forward_hook(hook, prepend=True)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return _add_to_output(module, lambda x: x.to(delta.dtype) @ delta.T)
 
 
 @contextmanager
