@@ -182,6 +182,13 @@ def test_diagnose_refuses_solvers_it_cannot_measure(tmp_path):
         diagnose(editor, editor.prepare(REQUESTS), batch_size=2)
 
 
+def test_diagnose_cli_rejects_bad_input_before_loading(capsys):
+    assert main(["diagnose", "--solver", "rome", "--out", "x", "--model", "missing"]) == 2
+    assert "spread solvers" in capsys.readouterr().err
+    assert main(["diagnose", "--edits", "0", "--out", "x", "--model", "missing"]) == 2
+    assert "--edits" in capsys.readouterr().err
+
+
 def test_diagnose_cli_writes_the_report(model_dir, tmp_path):
     folder, corpus = model_dir
     data = tmp_path / "requests.json"

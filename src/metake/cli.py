@@ -252,12 +252,13 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from metake.diagnostics.plots import write_plots
-    from metake.diagnostics.run import diagnose, summary_markdown
+    from metake.diagnostics.run import check_solver, diagnose, summary_markdown
     from metake.editor import Editor
     from metake.evaluation.datasets import load_dataset, sample_records
 
     if args.edits < 1:
         raise MetakeError("--edits must be at least 1")
+    check_solver(args.solver)  # before loading anything heavy
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
     dataset = load_dataset(args.dataset, args.data, tokenizer=tokenizer)

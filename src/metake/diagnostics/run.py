@@ -43,6 +43,7 @@ from metake.diagnostics.theory import (
 )
 from metake.editor import Editor
 from metake.errors import MetakeError
+from metake.methods import parse_solver
 from metake.planners.hypergradient import ProxyChannel, SpreadChannel
 from metake.planners.metake import MetaObjective, lookahead_targets
 from metake.planners.standard import TargetPlan, compute_targets
@@ -195,6 +196,14 @@ def summarise(batches: Sequence[dict[str, Any]], last: int) -> dict[str, Any]:
     }
 
 
+def check_solver(name: str) -> None:
+    """Raise unless ``name`` is a solver ``metake diagnose`` can measure (memit, alphaedit)."""
+    spec = parse_solver(name)
+    if spec.base not in ("memit", "alphaedit") or spec.blue or spec.rect or spec.prune:
+        raise MetakeError(f"diagnose measures the spread solvers memit and alphaedit (without "
+                          f"options); got {name}")  # fmt: skip
+
+
 def diagnose(
     editor: Editor,
     requests: Sequence[EditRequest],
@@ -203,9 +212,7 @@ def diagnose(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the diagnostics over ``requests`` in sequential batches; returns the report dict."""
-    if editor.spec.base not in ("memit", "alphaedit") or editor.spec.blue or editor.spec.rect:
-        raise MetakeError(f"diagnose measures the spread solvers memit and alphaedit (without "
-                          f"options); got {editor.solver}")  # fmt: skip
+    check_solver(editor.solver)
     if batch_size < 1 or fidelity_every < 1:
         raise MetakeError("batch size and --fidelity-every must be at least 1")
     editor.load_statistics()
