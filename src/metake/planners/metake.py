@@ -20,10 +20,13 @@ written) and minimises, with Adam for ``metake_steps`` steps,
            + w_reg  * ||V* - V_plan||^2                   (V_plan: Stage I's target)
 
 Because ``Delta_L`` is linear in ``V*``, autograd through the hook gives exactly the paper's
-proxy gradient ``(dL/dDelta_L) M^T`` (task signal times structural gate), Eq. 8. The locality set
-never uses evaluation data: it is each request's ``"{subject} is a"`` prompt (KL at the positions
-from the subject's last token on) and :data:`LOCALITY_PROMPTS`, generic sentences shipped with
-the package (KL at every position). The chosen solver then executes with the refined ``V*``.
+proxy gradient ``(dL/dDelta_L) M^T`` (task signal times structural gate), Eq. 8. Passing a
+:class:`~metake.planners.hypergradient.SpreadChannel` instead of the gate makes the virtual edit
+the whole multi-layer solve, and the gradient the exact hypergradient (``metake_exact``). The
+locality set never uses evaluation data: it is each request's ``"{subject} is a"`` prompt (KL at
+the positions from the subject's last token on) and :data:`LOCALITY_PROMPTS`, generic sentences
+shipped with the package (KL at every position). The chosen solver then executes with the
+refined ``V*``.
 """
 
 from __future__ import annotations
