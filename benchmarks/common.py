@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import sys
@@ -25,3 +26,15 @@ def write_table(out: Path, lines: list[str]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
+
+
+def one_batch_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """Arguments of the scripts that time one batch of zsRE requests (records START..+EDITS)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default="../shared/data/zsre/zsre_1k.json")
+    parser.add_argument("--start", type=int, default=500)
+    parser.add_argument("--edits", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=out)
+    return parser

@@ -12,13 +12,12 @@ and how far apart their refined targets are. Writes ``OUT.json`` and ``OUT.md``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import command_line, write_json, write_table
+from common import command_line, one_batch_parser, write_json, write_table
 
 from metake import Editor, load_model, load_requests
 from metake.planners.metake import lookahead_targets
@@ -27,14 +26,8 @@ from metake.planners.standard import compute_targets
 
 def main() -> int:
     """Time both look-aheads and write the results."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="../shared/data/zsre/zsre_1k.json")
-    parser.add_argument("--start", type=int, default=500)
-    parser.add_argument("--edits", type=int, default=10)
+    parser = one_batch_parser(__doc__, "benchmarks/results/exact_cost_smollm2")
     parser.add_argument("--solver", default="alphaedit")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default="benchmarks/results/exact_cost_smollm2")
     args = parser.parse_args()
     model, tok = load_model(args.model, device=args.device)
     requests = load_requests(args.data)[args.start : args.start + args.edits]

@@ -11,13 +11,12 @@ resulting targets. Writes ``OUT.json`` and ``OUT.md``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import command_line, write_json, write_table
+from common import command_line, one_batch_parser, write_json, write_table
 
 from metake import Editor, load_model, load_requests
 from metake.planners.standard import compute_targets
@@ -25,13 +24,7 @@ from metake.planners.standard import compute_targets
 
 def main() -> int:
     """Time both runs and write the results."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="../shared/data/zsre/zsre_1k.json")
-    parser.add_argument("--start", type=int, default=500)
-    parser.add_argument("--edits", type=int, default=10)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default="benchmarks/results/stage1_speed_smollm2")
+    parser = one_batch_parser(__doc__, "benchmarks/results/stage1_speed_smollm2")
     args = parser.parse_args()
     model, tok = load_model(args.model, device=args.device)
     requests = load_requests(args.data)[args.start : args.start + args.edits]
