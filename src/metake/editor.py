@@ -58,11 +58,11 @@ log = logging.getLogger(__name__)
 SOLVERS = BASE_SOLVERS
 __all__ = ["METHODS", "METHOD_DESCRIPTIONS", "SOLVERS", "Editor", "resolve_method"]
 DELTA_FILE = "metake_deltas.safetensors"
+EDITS_FILE = "metake_edits.json"
 _StageOutput = tuple[
     list[TargetPlan], list[RefinedPlan], dict[int, torch.Tensor], tuple[float, float]
 ]
 """What an editing path returns: Stage I plans, look-ahead refinements, updates, seconds."""
-EDITS_FILE = "metake_edits.json"
 
 
 @dataclass
@@ -162,7 +162,6 @@ class Editor:
             hparams = memit_hparams(model.config, preset, **overrides)
         elif overrides:
             hparams = hparams.with_overrides(**overrides)
-        self.plans_through_solver = self.method in PLANNER_METHODS
         if self.spec.base == "rome" and len(hparams.layers) > 1:
             log.info("ROME edits one layer: using layer %d of %s", hparams.layers[-1],
                      list(hparams.layers))  # fmt: skip
@@ -411,7 +410,7 @@ class Editor:
         start = time.perf_counter()
         hp = self.hparams if layer is None else self.hparams.with_overrides(layers=[layer])
         plan = compute_targets(self.model, self.tokenizer, requests, hp, contexts)
-        if not self.plans_through_solver:
+        if self.method not in PLANNER_METHODS:
             return plan, None, (time.perf_counter() - start, 0.0)
         middle = time.perf_counter()
         channel = self.channel(requests, contexts, plan, hp.layers)
