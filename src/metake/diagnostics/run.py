@@ -115,7 +115,7 @@ def _batch(
     layers = list(hp.layers)
     last = layers[-1]
     torch.manual_seed(editor.seed)
-    keys, values = subject_activations(model, tok, requests, contexts, layers, last)
+    keys, _ = subject_activations(model, tok, requests, contexts, layers, last)
     plan = compute_targets(model, tok, requests, hp, contexts)
     before = {}
     for layer in layers:
