@@ -250,3 +250,97 @@ def test_out_of_range_layer(model_type):
             adapter.add_to_weight(model, layer, torch.zeros(hidden, inter))
         with pytest.raises(ValueError, match="out of range"):
             adapter.set_weight(model, layer, torch.zeros(hidden, inter))
+
+
+@pytest.mark.parametrize("model_type", [t for t in MODEL_TYPES if not t.startswith("gemma3")])
+def test_no_post_mlp_norm_means_residual_changes_pass_through(model_type):
+    model = tiny_model(model_type)
+    adapter = get_adapter(model)
+    assert adapter.mlp_out_norm(model, 0) is None
+    resid = torch.randn(2, model.config.get_text_config().hidden_size)
+    assert adapter.residual_to_projection(model, 0, resid, torch.randn_like(resid)) is resid
+
+
+def _gemma_mlp_trace(model: nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projection output ``x`` and post-norm output ``y`` (``[tokens, d]``) of ``layer``."""
+    adapter = get_adapter(model)
+    norm_name = f"{adapter.layer_name(layer)}.{adapter.mlp_out_norm_path}"
+    proj_name = adapter.mlp_out_name(layer)
+    with torch.no_grad(), capture(model, [proj_name, norm_name], inputs=False) as trace:
+        model(_ids())
+    return trace.outputs[proj_name].flatten(0, 1), trace.outputs[norm_name].flatten(0, 1)
+
+
+def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gemma3"])
+def test_residual_to_projection_reaches_any_output_the_norm_can_give(model_type):
+    """Asked for the change to another token's post-norm output, the mapped change of ``x``
+    makes the norm give exactly that output (with ``eps = 0``, which would otherwise make the
+    reachable set depend on ``rms(x)`` a little)."""
+    model = tiny_model(model_type)
+    adapter = get_adapter(model)
+    adapter.mlp_out_norm(model, 1).eps = 0.0
+    x, y = _gemma_mlp_trace(model, 1)
+    resid = y.roll(1, dims=0) - y  # every row's goal is a reachable output
+    moved = x + adapter.residual_to_projection(model, 1, resid, x)
+    with torch.no_grad():
+        reached = adapter.mlp_out_norm(model, 1)(moved)
+    torch.testing.assert_close(reached, y + resid, rtol=1e-4, atol=1e-4)
+    eps = adapter.mlp_out_norm(model, 1).eps
+    torch.testing.assert_close(_rms(moved, eps), _rms(x, eps), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3_text", "gemma3"])
+def test_residual_to_projection_gives_the_nearest_reachable_output(model_type):
+    """For an unreachable goal ``y + R`` the output reached is the nearest point of the norm's
+    output ellipsoid ``{g * u : rms(u) = 1}``: the miss is normal to it there (``(y + R) - y'
+    = mu * y' / g^2``) and random points of the ellipsoid are farther away."""
+    model = tiny_model(model_type)
+    adapter = get_adapter(model)
+    norm = adapter.mlp_out_norm(model, 2)
+    x, y = _gemma_mlp_trace(model, 2)
+    x, y = x.double(), y.double()
+    g = (1.0 + norm.weight).double().detach()
+    resid = 0.5 * torch.randn_like(y, generator=torch.Generator().manual_seed(0))
+    moved = x + adapter.residual_to_projection(model, 2, resid, x)
+    reached = g * moved / _rms(moved, norm.eps)
+    miss = y + resid - reached
+    normal = reached / g**2
+    mu = (miss * normal).sum(-1, keepdim=True) / (normal * normal).sum(-1, keepdim=True)
+    torch.testing.assert_close(miss, mu * normal, rtol=1e-6, atol=1e-6)
+    others = torch.randn(200, *x.shape, dtype=torch.float64, generator=torch.Generator())
+    others = reached + 0.05 * others * reached.abs().mean()
+    on_ellipsoid = g * others / _rms(others, 0.0)
+    farther = (on_ellipsoid - (y + resid)).norm(dim=-1) >= miss.norm(dim=-1) - 1e-9
+    assert bool(farther.all())
+
+
+def test_residual_to_projection_leaves_zero_gain_coordinates_and_has_the_implicit_gradient():
+    """Coordinates whose gain is 0 are not moved; autograd through the bisection's root equals
+    central finite differences (float64)."""
+    model = tiny_model("gemma3_text").double()
+    adapter = get_adapter(model)
+    norm = adapter.mlp_out_norm(model, 1)
+    with torch.no_grad():
+        norm.weight[3] = -1.0  # Gemma's gain 1 + w is 0 there
+    x, _ = _gemma_mlp_trace(model, 1)
+    resid = 0.3 * torch.randn_like(x, generator=torch.Generator().manual_seed(1))
+    change = adapter.residual_to_projection(model, 1, resid, x)
+    assert torch.equal(change[:, 3], torch.zeros_like(change[:, 3]))
+
+    def first_row(r: torch.Tensor) -> torch.Tensor:
+        return adapter.residual_to_projection(model, 1, r.unsqueeze(0), x[:1])[0]
+
+    r0 = resid[0].clone().requires_grad_(True)
+    weights = torch.randn_like(x[0], generator=torch.Generator().manual_seed(2))
+    (grad,) = torch.autograd.grad((first_row(r0) * weights).sum(), r0)
+    direction = torch.randn_like(r0, generator=torch.Generator().manual_seed(3))
+    step = 1e-5
+    with torch.no_grad():
+        up = (first_row(resid[0] + step * direction) * weights).sum()
+        down = (first_row(resid[0] - step * direction) * weights).sum()
+    numeric = (up - down) / (2 * step)
+    assert float((grad * direction).sum()) == pytest.approx(float(numeric), rel=1e-5)

@@ -9,6 +9,7 @@ must equal the structural proxy's.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import partial
 
 import pytest
 import torch
@@ -23,7 +24,13 @@ from metake.planners.hypergradient import ProxyChannel, SpreadChannel, spread_de
 from metake.planners.metake import LOCALITY_PROMPTS, MetaObjective
 from metake.requests import parse_requests
 from metake.solvers.alphaedit import alphaedit_delta, alphaedit_gate, null_space
-from metake.solvers.memit import apply_spread, keys_and_values, memit_delta, memit_gate
+from metake.solvers.memit import (
+    apply_spread,
+    keys_and_values,
+    memit_delta,
+    memit_gate,
+    subject_activations,
+)
 
 CONTEXTS = ["", "Some words. "]
 LAYERS = (0, 1, 2)
@@ -56,10 +63,10 @@ def _solvers(dim: int):
     }
 
 
-def _setup(layers=LAYERS):
-    """A float64 tiny GPT-2 (whose norms, unlike Llama's, stay in float64), requests, targets
-    at the last layer and the meta-objective."""
-    model = tiny_model("gpt2").double()
+def _setup(layers=LAYERS, model_type="gpt2"):
+    """A float64 tiny model (GPT-2's norms, unlike Llama's or Gemma's, stay in float64),
+    requests, targets at the last layer and the meta-objective."""
+    model = tiny_model(model_type).double()
     tok = tiny_tokenizer()
     requests = parse_requests(REQUESTS)
     _, values = keys_and_values(model, tok, requests, CONTEXTS, layers[-1], layers[-1])
@@ -137,6 +144,34 @@ def test_exact_equals_proxy_when_one_layer_is_edited(solver):
         losses.append(loss.item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-10)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-8, atol=1e-12)
+
+
+def test_gemma3_virtual_updates_and_one_layer_proxy_go_through_the_post_mlp_norm():
+    """On Gemma3 (a norm after the MLP) the virtual updates still equal the real solver's, and
+    with one edit layer the proxy, which maps its residual through that norm, equals the exact
+    channel (float32 norms, so looser tolerances than GPT-2's float64)."""
+    model, tok, requests, values, targets, objective = _setup(model_type="gemma3_text")
+    dim = get_adapter(model).weight(model, 0).shape[1]
+    gate, solve = _solvers(dim)["memit"]
+    virtual = spread_deltas(model, tok, requests, targets, LAYERS, CONTEXTS, gate)
+    state = _state(model)
+    real = apply_spread(model, tok, requests, targets, LAYERS, CONTEXTS, solve)
+    for layer in LAYERS:
+        torch.testing.assert_close(virtual[layer].detach(), real[layer].double(), rtol=1e-4,
+                                   atol=1e-6)  # fmt: skip
+    model.load_state_dict(state)
+    layer = 2
+    acts = subject_activations(model, tok, requests, CONTEXTS, [layer], layer)
+    adapter = get_adapter(model)
+    module = adapter.mlp_out(model, layer)
+    to_projection = partial(adapter.residual_to_projection, model, layer,
+                            outputs=acts.projections[layer])  # fmt: skip
+    proxy = ProxyChannel(module, layer, gate(layer, acts.keys[layer]), values, to_projection)
+    exact = SpreadChannel(model, tok, requests, [layer], CONTEXTS, gate)
+    losses = [objective(targets, channel)[0].item() for channel in (proxy, exact)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    unscaled = ProxyChannel(module, layer, gate(layer, acts.keys[layer]), values)
+    assert objective(targets, unscaled)[0].item() != pytest.approx(losses[1], rel=1e-3)
 
 
 def test_exact_and_proxy_differ_over_several_layers():

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from metake.solvers.alphaedit import NullSpace, alphaedit_delta, alphaedit_gate,
 from metake.solvers.memit import (
     LayerSolve,
     apply_spread,
-    keys_and_values,
+    layer_residuals,
     memit_delta,
     memit_gate,
     subject_activations,
@@ -438,11 +439,17 @@ class Editor:
             layers = list(self.hparams.layers if layers is None else layers)
             return SpreadChannel(self.model, self.tokenizer, requests, layers, contexts,
                                  self.gate)  # fmt: skip
-        keys, _ = keys_and_values(self.model, self.tokenizer, requests, contexts, plan.layer,
-                                  plan.layer)  # fmt: skip
+        acts = subject_activations(self.model, self.tokenizer, requests, contexts, [plan.layer],
+                                   plan.layer)  # fmt: skip
+        keys = acts.keys[plan.layer]
         module = self.adapter.mlp_out(self.model, plan.layer)
         current = plan.v_init.to(keys.device, torch.promote_types(keys.dtype, torch.float32))
-        return ProxyChannel(module, plan.layer, self.gate(plan.layer, keys), current)
+        to_projection = None
+        if self.adapter.mlp_out_norm(self.model, plan.layer) is not None:
+            to_projection = partial(self.adapter.residual_to_projection, self.model, plan.layer,
+                                    outputs=acts.projections[plan.layer])  # fmt: skip
+        return ProxyChannel(module, plan.layer, self.gate(plan.layer, keys), current,
+                            to_projection)  # fmt: skip
 
     def gate(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
         """The solver's linear map ``M`` (``[n, d_in]``) at ``layer``: its update is ``R^T M``.
@@ -467,10 +474,10 @@ class Editor:
             plan, refinement, timing = self._plan([request], contexts)
             seconds = (seconds[0] + timing[0], seconds[1] + timing[1])
             target = refinement.v_target if refinement else plan.v_target
-            keys, values = keys_and_values(
-                self.model, self.tokenizer, [request], contexts, layer, layer
-            )
-            delta = rome_delta(keys[0], target[0] - values[0], self.second_moment(layer))
+            acts = subject_activations(self.model, self.tokenizer, [request], contexts, [layer],
+                                       layer)  # fmt: skip
+            resid = layer_residuals(self.model, acts, layer, target, 1)
+            delta = rome_delta(acts.keys[layer][0], resid[0], self.second_moment(layer))
             self.adapter.add_to_weight(self.model, layer, delta)
             total = delta.float().cpu() if total is None else total + delta.float().cpu()
             plans.append(plan)
@@ -512,8 +519,8 @@ class Editor:
         if self.spec.base != "alphaedit":
             return {}
         layers = self.hparams.layers
-        keys, _ = subject_activations(self.model, self.tokenizer, requests, contexts, layers,
-                                      layers[-1])  # fmt: skip
+        keys = subject_activations(self.model, self.tokenizer, requests, contexts, layers,
+                                   layers[-1]).keys  # fmt: skip
         out = {}
         for layer, layer_keys in keys.items():
             k = layer_keys.double().cpu()

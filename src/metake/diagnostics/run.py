@@ -115,7 +115,7 @@ def _batch(
     layers = list(hp.layers)
     last = layers[-1]
     torch.manual_seed(editor.seed)
-    keys, _ = subject_activations(model, tok, requests, contexts, layers, last)
+    keys = subject_activations(model, tok, requests, contexts, layers, last).keys
     plan = compute_targets(model, tok, requests, hp, contexts)
     before = {}
     for layer in layers:

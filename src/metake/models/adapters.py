@@ -6,6 +6,9 @@ One table, keyed by ``config.model_type``. An adapter knows, for layer ``i``:
 * the MLP output projection (its *input* is the key ``k``, its weight ``W`` maps keys to values),
 * the weight of that projection in ``[out, in]`` orientation (GPT-2's ``Conv1D`` stores it
   transposed as ``[in, out]``; the adapter hides that),
+* the norm, if any, between that projection and the residual add (Gemma3's
+  ``post_feedforward_layernorm``), through which a change of the projection's output reaches the
+  residual stream (:meth:`ArchAdapter.residual_to_projection`),
 * the final norm and the unembedding.
 
 Nothing here matches on module-name substrings: every path is written down per model type.
@@ -30,6 +33,7 @@ class ArchAdapter:
     mlp_out_path: str  # relative to one decoder layer, e.g. "mlp.down_proj"
     final_norm_path: str  # e.g. "model.norm"
     weight_is_transposed: bool = False  # True for GPT-2's Conv1D ([in, out] storage)
+    mlp_out_norm_path: str | None = None  # RMSNorm between projection and residual add (Gemma3)
     note: str = ""
 
     # ----- module lookup -------------------------------------------------------------------
@@ -58,6 +62,36 @@ class ArchAdapter:
         """The MLP output projection module of layer ``layer``."""
         self._check_layer(model, layer)
         return model.get_submodule(self.mlp_out_name(layer))
+
+    def mlp_out_norm(self, model: nn.Module, layer: int) -> nn.Module | None:
+        """The norm applied to the MLP output before the residual add, or ``None``."""
+        if self.mlp_out_norm_path is None:
+            return None
+        self._check_layer(model, layer)
+        return model.get_submodule(f"{self.layer_name(layer)}.{self.mlp_out_norm_path}")
+
+    def residual_to_projection(
+        self, model: nn.Module, layer: int, resid: torch.Tensor, outputs: torch.Tensor
+    ) -> torch.Tensor:
+        """Change ``[n, d]`` of the projection's output that moves the residual stream by
+        ``resid`` (``[n, d]``) as nearly as it can, the projection's outputs being ``outputs``.
+
+        Without a norm after the MLP the two coincide and ``resid`` is returned. With an RMSNorm
+        ``y = g * x / rms(x)`` there (Gemma3) see :func:`rms_norm_preimage`; ``g`` is read from
+        the module (its output for an all-ones input), so Llama-style ``w`` and Gemma-style
+        ``1 + w`` gains are both handled. Differentiable in ``resid`` and ``outputs``.
+        """
+        norm = self.mlp_out_norm(model, layer)
+        if norm is None:
+            return resid
+        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)))
+        param = next(norm.parameters())
+        with torch.no_grad():
+            ones = torch.ones(1, outputs.shape[-1], device=param.device, dtype=param.dtype)
+            gain = norm(ones)[0].double().to(resid.device) * (1.0 + eps) ** 0.5
+        x = outputs.to(device=resid.device, dtype=torch.float64)
+        change = rms_norm_preimage(x, gain, resid.double(), eps)  # float64 for the bisection
+        return change.to(torch.promote_types(resid.dtype, torch.float32))
 
     def final_norm(self, model: nn.Module) -> nn.Module:
         """The norm applied to the last hidden state before the unembedding."""
@@ -114,6 +148,56 @@ class ArchAdapter:
             raise ValueError(f"layer {layer} out of range: this model has layers 0..{n - 1}")
 
 
+def rms_norm_preimage(
+    x: torch.Tensor, gain: torch.Tensor, resid: torch.Tensor, eps: float = 0.0
+) -> torch.Tensor:
+    """Change ``[n, d]`` of ``x`` (``[n, d]``) that moves ``y = gain * x / rms(x)`` by ``resid``
+    (``[n, d]``) as nearly as an RMSNorm can; ``gain`` is ``[d]``.
+
+    The norm's outputs lie on the ellipsoid ``sum_j (y_j / g_j)^2 = const`` (``rms`` of ``x /
+    rms(x)`` is 1), so ``y + resid`` is first projected onto it, the nearest point in the
+    Euclidean norm being ``y'_j = t_j g_j^2 / (g_j^2 + mu)`` (``t = y + resid``) with the
+    multiplier ``mu`` found by bisection; then ``x' = rms(x) * y' / g`` keeps ``rms(x)`` and
+    gives exactly ``y'``. Coordinates with ``g_j = 0`` keep their ``x_j``. ``mu`` gets one
+    Newton step outside ``no_grad`` from its root, so autograd sees the implicit derivative.
+    """
+    r = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()  # [n, 1]
+    u = x / r  # [n, d]
+    live = gain != 0
+    g = torch.where(live, gain, torch.ones_like(gain))
+    g2 = g * g
+    target = torch.where(live, gain * u + resid, torch.zeros_like(resid))  # t, [n, d]
+    budget = torch.where(live, u * u, torch.zeros_like(u)).sum(-1, keepdim=True)  # [n, 1]
+    tg = target * g  # [n, d]
+
+    def excess(mu: torch.Tensor) -> torch.Tensor:  # [n, 1], decreasing in mu
+        return (
+            torch.where(live, tg / (g2 + mu), torch.zeros_like(tg)).pow(2).sum(-1, keepdim=True)
+            - budget
+        )
+
+    with torch.no_grad():
+        pole = g2[live].min()
+        low = torch.full_like(budget, -float(pole)) * (1 - 1e-12)
+        high = (tg.detach().pow(2).sum(-1, keepdim=True) / budget.clamp_min(1e-30)).sqrt()
+        high = torch.maximum(high, torch.zeros_like(high)) + 1e-12
+        for _ in range(200):
+            mid = (low + high) / 2
+            above = excess(mid) > 0
+            low = torch.where(above, mid, low)
+            high = torch.where(above, high, mid)
+        mu0 = (low + high) / 2
+    mu0 = mu0.detach().requires_grad_(torch.is_grad_enabled() and target.requires_grad)
+    if target.requires_grad and torch.is_grad_enabled():
+        value = excess(mu0)
+        (slope,) = torch.autograd.grad(value.sum(), mu0, create_graph=True)
+        mu = mu0 - value / slope  # one Newton step from the root: mu itself, implicit derivative
+    else:
+        mu = mu0.detach()
+    u_new = torch.where(live, tg / (g2 + mu), u)
+    return r * (u_new - u)
+
+
 _LLAMA_LIKE = dict(layers_path="model.layers", mlp_out_path="mlp.down_proj",
                    final_norm_path="model.norm")  # fmt: skip
 
@@ -132,15 +216,17 @@ ADAPTERS: dict[str, ArchAdapter] = {
         ArchAdapter(
             "gemma3_text",
             **_LLAMA_LIKE,
+            mlp_out_norm_path="post_feedforward_layernorm",
             note="Gemma3 normalises the MLP output (post_feedforward_layernorm) before the "
-            "residual add, so a change of the projection's output reaches the residual stream "
-            "through that norm; MEMIT's layer-by-layer recomputation of the residual absorbs it.",
+            "residual add; residual changes are mapped into the projection's output space "
+            "through that norm (residual_to_projection).",
         ),
         ArchAdapter(
             "gemma3",
             layers_path="model.language_model.layers",
             mlp_out_path="mlp.down_proj",
             final_norm_path="model.language_model.norm",
+            mlp_out_norm_path="post_feedforward_layernorm",
             note="Gemma3 multimodal wrapper; the text decoder is edited.",
         ),
     ]

@@ -27,7 +27,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from metake.models.adapters import get_adapter
 from metake.requests import EditRequest
-from metake.solvers.memit import subject_activations
+from metake.solvers.memit import layer_residuals, subject_activations
 from metake.trace import add_delta, add_low_rank
 
 GateFn = Callable[[int, torch.Tensor], torch.Tensor]
@@ -66,10 +66,10 @@ def spread_deltas(
     last = layers[-1]
     for i, layer in enumerate(layers):
         with virtual_deltas(model, deltas):
-            keys, values = subject_activations(model, tokenizer, requests, contexts, [layer], last,
-                                               track_grad=True)  # fmt: skip
-        resid = (targets - values.to(targets.dtype)) / (len(layers) - i)  # [n, d]
-        deltas[layer] = resid.double().T @ gate(layer, keys[layer])
+            acts = subject_activations(model, tokenizer, requests, contexts, [layer], last,
+                                       track_grad=True)  # fmt: skip
+        resid = layer_residuals(model, acts, layer, targets, len(layers) - i)  # [n, d]
+        deltas[layer] = resid.double().T @ gate(layer, acts.keys[layer])
     return deltas
 
 
@@ -81,6 +81,10 @@ class ProxyChannel:
     layer: int
     gate: torch.Tensor  # M, [n, d_in]
     current: torch.Tensor  # z, the layer's output at the subject's last token, [n, d]
+    to_projection: Callable[[torch.Tensor], torch.Tensor] | None = None  # see below
+
+    # ``to_projection`` maps the residual ``[n, d]`` to the change of the projection's output
+    # where a norm follows the MLP (Gemma3; :meth:`ArchAdapter.residual_to_projection`).
 
     @property
     def entry_layer(self) -> int:
@@ -91,7 +95,10 @@ class ProxyChannel:
         """Virtual weights for targets ``v_star`` (``[n, d]``)."""
         dtype = next(self.module.parameters()).dtype
         down = self.gate.to(device=v_star.device, dtype=dtype).T  # [d_in, n]
-        return add_low_rank(self.module, down, (v_star - self.current).to(dtype))
+        resid = v_star - self.current
+        if self.to_projection is not None:
+            resid = self.to_projection(resid)
+        return add_low_rank(self.module, down, resid.to(dtype))
 
 
 @dataclass

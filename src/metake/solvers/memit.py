@@ -5,7 +5,9 @@ For edit layers ``l_1 < ... < l_m`` (the last one, ``L``, holds the targets ``v*
 1. with the current weights, compute the keys ``K`` (``[n, d_in]``: input of the MLP output
    projection at the subject's last token, averaged over the context prefixes) and the current
    values ``z`` of layer ``L`` (``[n, d]``) at the subject's last token of the plain prompt;
-2. residual ``R = (v* - z) / (number of layers still to edit)``;
+2. residual ``R = (v* - z) / (number of layers still to edit)``, read as a change of the
+   layer's projection output (the same, except where a norm follows the MLP, as in Gemma3: see
+   :meth:`metake.models.adapters.ArchAdapter.residual_to_projection`);
 3. ``Delta = R^T K (lambda C0 + K^T K)^-1`` in float64 (``[d_out, d_in]``), the minimiser of
    ``||Delta K^T - R^T||^2 + lambda tr(Delta C0 Delta^T)``;
 4. add ``Delta`` to the layer's weight before moving to the next layer.
@@ -14,6 +16,7 @@ For edit layers ``l_1 < ... < l_m`` (the last one, ``L``, holds the targets ``v*
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -43,6 +46,14 @@ def memit_delta(
     return resid.double().to(gate.device).T @ gate
 
 
+class SubjectActivations(NamedTuple):
+    """What one forward records at the subject's last token (see :func:`subject_activations`)."""
+
+    keys: dict[int, torch.Tensor]  # {layer: [n, d_in]}, context-averaged projection inputs
+    values: torch.Tensor  # [n, d], output of the value layer, prompt without context
+    projections: dict[int, torch.Tensor]  # {layer: [n, d]}, projection outputs, no context
+
+
 def subject_activations(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -52,14 +63,16 @@ def subject_activations(
     value_layer: int,
     *,
     track_grad: bool = False,
-) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """Keys ``{layer: [n, d_in]}`` (context-averaged) and values ``[n, d]`` at ``value_layer``.
+) -> SubjectActivations:
+    """Keys ``{layer: [n, d_in]}`` (context-averaged), values ``[n, d]`` at ``value_layer`` and
+    the projections' outputs ``{layer: [n, d]}``.
 
     Keys are the inputs of each layer's MLP output projection at the subject's last token,
     averaged over the context prefixes; values are the output of decoder layer ``value_layer``
-    there, for the prompt without context (``contexts[0]`` must be ``""``). One forward, stopped
-    after the last module needed. With ``track_grad`` the forward keeps its autograd graph (for
-    differentiating through virtual updates, see :mod:`metake.planners.hypergradient`).
+    there, and projections the output of each key layer's projection, both for the prompt
+    without context (``contexts[0]`` must be ``""``). One forward, stopped after the last module
+    needed. With ``track_grad`` the forward keeps its autograd graph (for differentiating
+    through virtual updates, see :mod:`metake.planners.hypergradient`).
     """
     if contexts[0] != "":
         raise ValueError("the first context prefix must be the empty one")
@@ -87,7 +100,8 @@ def subject_activations(
         return acts[rows, batch.subject_last].view(n, c, -1).to(dtype)
 
     keys = {layer: at_subject(tr.inputs[name]).mean(1) for layer, name in key_names.items()}
-    return keys, at_subject(tr.outputs[value_name])[:, 0]
+    projections = {layer: at_subject(tr.outputs[name])[:, 0] for layer, name in key_names.items()}
+    return SubjectActivations(keys, at_subject(tr.outputs[value_name])[:, 0], projections)
 
 
 def keys_and_values(
@@ -99,8 +113,22 @@ def keys_and_values(
     value_layer: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys ``[n, d_in]`` at ``layer`` and values ``[n, d]`` at ``value_layer`` (one forward)."""
-    keys, values = subject_activations(model, tokenizer, requests, contexts, [layer], value_layer)
-    return keys[layer], values
+    acts = subject_activations(model, tokenizer, requests, contexts, [layer], value_layer)
+    return acts.keys[layer], acts.values
+
+
+def layer_residuals(
+    model: nn.Module,
+    acts: SubjectActivations,
+    layer: int,
+    targets: torch.Tensor,
+    share: int,
+) -> torch.Tensor:
+    """Residuals ``[n, d_out]`` for ``layer``'s solve: ``(v* - z) / share`` (``targets`` ``[n,
+    d]``, ``z = acts.values``) as a change of that layer's projection output."""
+    resid = (targets - acts.values.to(device=targets.device, dtype=targets.dtype)) / share
+    return get_adapter(model).residual_to_projection(model, layer, resid,
+                                                     acts.projections[layer])  # fmt: skip
 
 
 LayerSolve = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -126,9 +154,10 @@ def apply_spread(
     deltas: dict[int, torch.Tensor] = {}
     last = layers[-1]
     for i, layer in enumerate(layers):
-        keys, values = keys_and_values(model, tokenizer, requests, contexts, layer, last)
-        resid = (targets.to(values.device) - values) / (len(layers) - i)
-        delta = solve(layer, keys, resid)
+        acts = subject_activations(model, tokenizer, requests, contexts, [layer], last)
+        resid = layer_residuals(model, acts, layer, targets.to(acts.values.device),
+                                len(layers) - i)  # fmt: skip
+        delta = solve(layer, acts.keys[layer], resid)
         adapter.add_to_weight(model, layer, delta)
         deltas[layer] = delta.float().cpu()
     return deltas
