@@ -87,7 +87,8 @@ class ArchAdapter:
         eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)))
         param = next(norm.parameters())
         with torch.no_grad():
-            ones = torch.ones(1, outputs.shape[-1], device=param.device, dtype=param.dtype)
+            dtype = torch.promote_types(param.dtype, torch.float32)  # no bf16 rounding of g
+            ones = torch.ones(1, outputs.shape[-1], device=param.device, dtype=dtype)
             gain = norm(ones)[0].double().to(resid.device) * (1.0 + eps) ** 0.5
         x = outputs.to(device=resid.device, dtype=torch.float64)
         change = rms_norm_preimage(x, gain, resid.double(), eps)  # float64 for the bisection
@@ -158,8 +159,8 @@ def rms_norm_preimage(
     rms(x)`` is 1), so ``y + resid`` is first projected onto it, the nearest point in the
     Euclidean norm being ``y'_j = t_j g_j^2 / (g_j^2 + mu)`` (``t = y + resid``) with the
     multiplier ``mu`` found by bisection; then ``x' = rms(x) * y' / g`` keeps ``rms(x)`` and
-    gives exactly ``y'``. Coordinates with ``g_j = 0`` keep their ``x_j``. ``mu`` gets one
-    Newton step outside ``no_grad`` from its root, so autograd sees the implicit derivative.
+    gives exactly ``y'``. Coordinates with ``g_j = 0`` keep their ``x_j``. Differentiable in
+    ``x`` and ``resid`` (through ``mu`` as an implicit function).
     """
     r = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()  # [n, 1]
     u = x / r  # [n, d]
@@ -187,13 +188,12 @@ def rms_norm_preimage(
             low = torch.where(above, mid, low)
             high = torch.where(above, high, mid)
         mu0 = (low + high) / 2
-    mu0 = mu0.detach().requires_grad_(torch.is_grad_enabled() and target.requires_grad)
-    if target.requires_grad and torch.is_grad_enabled():
-        value = excess(mu0)
-        (slope,) = torch.autograd.grad(value.sum(), mu0, create_graph=True)
-        mu = mu0 - value / slope  # one Newton step from the root: mu itself, implicit derivative
+    if torch.is_grad_enabled() and target.requires_grad:
+        # one Newton step from the root: mu0 itself in value, the implicit derivative in autograd
+        slope = -2 * torch.where(live, tg.pow(2) / (g2 + mu0).pow(3), torch.zeros_like(tg))
+        mu = mu0 - excess(mu0) / slope.sum(-1, keepdim=True)
     else:
-        mu = mu0.detach()
+        mu = mu0
     u_new = torch.where(live, tg / (g2 + mu), u)
     return r * (u_new - u)
 
