@@ -14,7 +14,7 @@ from metake import MetakeError
 from metake.methods import TABLE1_METHODS, SolverSpec, parse_solver, resolve_method
 from metake.planners.standard import compute_targets
 from metake.solvers.memit import keys_and_values
-from metake.solvers.prune import prune_delta, restrain_singular_values
+from metake.solvers.prune import prune_delta, prune_with_spectrum, restrain_singular_values
 from metake.solvers.rect import rect_delta, rect_mask
 
 
@@ -97,6 +97,10 @@ def test_prune_delta_keeps_singular_vectors_and_maps_singular_values():
     assert torch.allclose(torch.linalg.svdvals(out)[:6], mapped.sort(descending=True).values)
     # nothing changes when every singular value is below sigma_max
     assert torch.allclose(prune_delta(delta, 100.0), delta, atol=1e-10)
+    # the spectrum reported with it is the edit's own, before the map
+    same, spectrum = prune_with_spectrum(delta, sigma_max)
+    assert torch.equal(same, out)
+    assert torch.allclose(spectrum[:6], sigma, atol=1e-10)
 
 
 # ----- in a session -----------------------------------------------------------------------------

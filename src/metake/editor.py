@@ -48,7 +48,7 @@ from metake.solvers.memit import (
     memit_gate,
     subject_activations,
 )
-from metake.solvers.prune import largest_singular_value, prune_delta
+from metake.solvers.prune import largest_singular_value, prune_with_spectrum
 from metake.solvers.rect import rect_delta
 from metake.solvers.rome import rome_delta, rome_gate
 from metake.stats import StatsCache, get_second_moments
@@ -572,9 +572,8 @@ class Editor:
                 self._sigma_max[layer] = largest_singular_value(original)
             sigma_max = self._sigma_max[layer]
             delta = raw[layer].double() - original.double()
-            restrained = prune_delta(delta, sigma_max)
+            restrained, sigma = prune_with_spectrum(delta, sigma_max)
             self.adapter.set_weight(self.model, layer, original.double() + restrained)
-            sigma = torch.linalg.svdvals(delta)
             count = int((sigma >= sigma_max).sum())
             restrained_count[layer] = count
             log.info("PRUNE layer %d: %d singular value(s) of the edit (largest %.3g) at or "

@@ -35,5 +35,11 @@ def largest_singular_value(weight: torch.Tensor) -> float:
 
 def prune_delta(delta: torch.Tensor, sigma_max: float) -> torch.Tensor:
     """PRUNE's restrained edit ``[d_out, d_in]`` (float64): ``U diag(F(sigma)) V^T`` of delta."""
+    return prune_with_spectrum(delta, sigma_max)[0]
+
+
+def prune_with_spectrum(delta: torch.Tensor, sigma_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`prune_delta` ``[d_out, d_in]`` and the edit's singular values before it (``[r]``,
+    descending), from one SVD."""
     u, sigma, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    return (u * restrain_singular_values(sigma, sigma_max)) @ vh
+    return (u * restrain_singular_values(sigma, sigma_max)) @ vh, sigma
