@@ -105,6 +105,13 @@ def test_trap_sweep_is_monotone_and_its_budget_is_the_median_at_the_solvers_lamb
     assert all(
         b <= min(p, s) for b, p, s in zip(sweep.both, sweep.progress, sweep.safe, strict=True)
     )
+    # a looser budget (a higher quantile) and a lower progress bar only admit more edits
+    loose = trap(geometry, keys, needed, mom2, min_beta=0.2, budget_quantile=0.9)
+    assert loose.budget == pytest.approx(float(torch.quantile(own, 0.9)))
+    assert all(a >= b for a, b in zip(loose.safe, sweep.safe, strict=True))
+    assert all(a >= b for a, b in zip(loose.progress, sweep.progress, strict=True))
+    with pytest.raises(ValueError, match="min_beta"):
+        trap(geometry, keys, needed, mom2, min_beta=0.0)
 
 
 def test_drifts_are_zero_at_the_last_layer():
@@ -187,6 +194,9 @@ def test_diagnose_cli_rejects_bad_input_before_loading(capsys):
     assert "spread solvers" in capsys.readouterr().err
     assert main(["diagnose", "--edits", "0", "--out", "x", "--model", "missing"]) == 2
     assert "--edits" in capsys.readouterr().err
+    for flag, value in (("--trap-min-beta", "0"), ("--trap-budget-quantile", "1.5")):
+        assert main(["diagnose", flag, value, "--out", "x", "--model", "missing"]) == 2
+        assert flag in capsys.readouterr().err
 
 
 def test_diagnose_cli_writes_the_report(model_dir, tmp_path):
@@ -198,9 +208,13 @@ def test_diagnose_cli_writes_the_report(model_dir, tmp_path):
                  "--edits", "3", "--batch-size", "2", "--solver", "memit", "--corpus", str(corpus),
                  "--samples", "8", "--layers", "0,1", "--set", "metake_steps=1", "--set",
                  "v_steps=2", "--set", "context_count=1", "--device", "cpu",
+                 "--trap-min-beta", "0.3", "--trap-budget-quantile", "0.9",
                  "--out", str(out)])  # fmt: skip
     assert code == 0
     report = json.loads((out / "diagnostics.json").read_text())
     assert report["edits"] == 3 and len(report["batches"]) == 2
-    assert (out / "summary.md").read_text().startswith("# metake diagnose")
+    assert report["trap_options"] == {"min_beta": 0.3, "budget_quantile": 0.9}
+    assert all(b["trap"]["min_beta"] == 0.3 for b in report["batches"])
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# metake diagnose") and "beta >= 0.3" in summary
     assert (out / "proxy_fidelity.png").exists()

@@ -235,6 +235,15 @@ def _add_diagnose_parser(sub) -> None:
         "--fidelity-every", type=int, default=1,
         help="compare proxy and exact hypergradient every N look-ahead steps (default 1)",
     )  # fmt: skip
+    diag.add_argument(
+        "--trap-min-beta", type=float, default=0.5,
+        help="Theorem 2: an edit progresses when its beta is at least this (default 0.5)",
+    )  # fmt: skip
+    diag.add_argument(
+        "--trap-budget-quantile", type=float, default=0.5,
+        help="Theorem 2: the disruption budget is this quantile of the edits' disruption at the "
+        "solver's own lambda (default 0.5, the median)",
+    )  # fmt: skip
     diag.add_argument("--seed", type=int, default=0, help="record sampling and torch seed")
     diag.add_argument("--layers", type=_int_list, help="edit layers (default: the preset's)")
     diag.add_argument("--preset", help=f"hyper-parameter preset ({', '.join(preset_names())})")
@@ -252,13 +261,14 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from metake.diagnostics.plots import write_plots
-    from metake.diagnostics.run import check_solver, diagnose, summary_markdown
+    from metake.diagnostics.run import TrapOptions, check_solver, diagnose, summary_markdown
     from metake.editor import Editor
     from metake.evaluation.datasets import load_dataset, sample_records
 
     if args.edits < 1:
         raise MetakeError("--edits must be at least 1")
     check_solver(args.solver)  # before loading anything heavy
+    trap_options = TrapOptions(args.trap_min_beta, args.trap_budget_quantile)
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
     dataset = load_dataset(args.dataset, args.data, tokenizer=tokenizer)
@@ -268,7 +278,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
                     use_stats_cache=not args.no_stats_cache, seed=args.seed,
                     **_overrides(args))  # fmt: skip
     start = time.perf_counter()
-    report = diagnose(editor, [r.request for r in records], args.batch_size, args.fidelity_every)
+    report = diagnose(editor, [r.request for r in records], args.batch_size, args.fidelity_every,
+                      trap_options=trap_options)  # fmt: skip
     report["seconds"] = time.perf_counter() - start
     report["command"] = "metake " + " ".join(shlex.quote(a) for a in args.argv)
     report.update(model=args.model, dataset=args.dataset, data=str(dataset.path),

@@ -26,6 +26,7 @@ import logging
 import statistics
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -107,7 +108,7 @@ def _execution(
 
 
 def _batch(
-    editor: Editor, requests: list[EditRequest], fidelity_every: int
+    editor: Editor, requests: list[EditRequest], fidelity_every: int, trap_options: TrapOptions
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Every measurement of one batch; returns them and MetaKE's refined targets."""
     model, tok, hp = editor.model, editor.tokenizer, editor.hparams
@@ -137,7 +138,9 @@ def _batch(
                                 editor.locality_prompts, observer=observe)  # fmt: skip
     seconds = time.perf_counter() - start
     needed = (plan.v_target - plan.v_init.to(plan.v_target)).norm(dim=-1)
-    sweep = trap(solver_geometry(editor, last), keys[last], needed, editor.second_moment(last))
+    sweep = trap(solver_geometry(editor, last), keys[last], needed, editor.second_moment(last),
+                 min_beta=trap_options.min_beta,
+                 budget_quantile=trap_options.budget_quantile)  # fmt: skip
     record = {
         "subjects": [r.subject for r in requests],
         "attenuation_before_edit": before,
@@ -204,24 +207,42 @@ def check_solver(name: str) -> None:
                           f"options); got {name}")  # fmt: skip
 
 
+@dataclass(frozen=True)
+class TrapOptions:
+    """Theorem 2's thresholds: progress is ``beta >= min_beta``; the disruption budget is the
+    ``budget_quantile`` of the edits' disruption at the solver's own ``lambda``."""
+
+    min_beta: float = 0.5
+    budget_quantile: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.min_beta <= 1.0:
+            raise MetakeError(f"--trap-min-beta must be in (0, 1], got {self.min_beta}")
+        if not 0.0 <= self.budget_quantile <= 1.0:
+            raise MetakeError(f"--trap-budget-quantile must be in [0, 1], got "
+                              f"{self.budget_quantile}")  # fmt: skip
+
+
 def diagnose(
     editor: Editor,
     requests: Sequence[EditRequest],
     batch_size: int,
     fidelity_every: int = 1,
     progress: bool = True,
+    trap_options: TrapOptions | None = None,
 ) -> dict[str, Any]:
     """Run the diagnostics over ``requests`` in sequential batches; returns the report dict."""
     check_solver(editor.solver)
     if batch_size < 1 or fidelity_every < 1:
         raise MetakeError("batch size and --fidelity-every must be at least 1")
+    trap_options = trap_options or TrapOptions()
     editor.load_statistics()
     layers = list(editor.hparams.layers)
     batches = []
     chunks = [list(requests[i : i + batch_size]) for i in range(0, len(requests), batch_size)]
     for chunk in tqdm(chunks, desc="diagnose", unit="batch", disable=not progress):
         parsed = editor.prepare(chunk)
-        record, targets = _batch(editor, parsed, fidelity_every)
+        record, targets = _batch(editor, parsed, fidelity_every, trap_options)
         editor.apply_targets(parsed, targets)
         batches.append(record)
     mom2s = {layer: editor.second_moment(layer) for layer in layers}
@@ -229,6 +250,7 @@ def diagnose(
         "solver": editor.solver,
         "layers": layers,
         "hparams": editor.hparams.to_dict(),
+        "trap_options": asdict(trap_options),
         "eps_C": {str(k): v for k, v in spectral_drift(mom2s, layers[-1]).items()},
         "batches": batches,
         "summary": summarise(batches, layers[-1]),
@@ -255,6 +277,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
             pairs = zip(b["eps_k"][str(layer)], b["key_norm"][str(last)], strict=True)
             rel += [d / n for d, n in pairs]
         eps_k.append(f"L{layer}: {_fmt(_median(rel))}")
+    trap = report.get("trap_options", asdict(TrapOptions()))  # reports before the options
     rows = [
         (f"**Theorem 1** median beta at layer {last}, before the batch",
          s["median_beta_before_edit"]),
@@ -266,8 +289,9 @@ def summary_markdown(report: dict[str, Any]) -> str:
          [s["median_realised_share_stage1"], s["median_realised_share_metake"]]),
         ("median ||v* - z||: Stage I / MetaKE target",
          [s["median_target_norm_stage1"], s["median_target_norm_metake"]]),
-        ("**Theorem 2** best share of edits both progressing and within budget, one lambda",
-         s["trap_best_share_both"]),
+        (f"**Theorem 2** best share of edits both progressing (beta >= {trap['min_beta']}) and "
+         f"within budget (quantile {trap['budget_quantile']} of the disruption at the solver's "
+         "lambda), one lambda", s["trap_best_share_both"]),
         ("p90 / p10 over edits of the disruption per unit realised change",
          s["trap_cost_spread"]),
         ("**Theorem 3** median cos(g_true, g_proxy) over all steps (at step 0)",

@@ -122,6 +122,7 @@ class TrapSweep:
     both: list[float]  # share with both, per lambda
     budget: float
     min_beta: float
+    budget_quantile: float  # the budget is this quantile of the disruption at the own lambda
     best_lambda_per_edit: list[float | None]  # largest grid lambda giving progress (None: none)
     safe_lambda_per_edit: list[float | None]  # smallest grid lambda within budget
     cost_per_realised: list[float]  # m^T C0 m / beta^2 at the solver's lambda, per edit
@@ -135,6 +136,7 @@ def trap(
     mom2: torch.Tensor,
     factors: tuple[float, ...] = (1 / 64, 1 / 16, 1 / 4, 1.0, 4.0, 16.0, 64.0),
     min_beta: float = 0.5,
+    budget_quantile: float = 0.5,
 ) -> TrapSweep:
     """Sweep the solver's ``lambda`` by ``factors`` around its own value, every key solved alone.
 
@@ -142,8 +144,13 @@ def trap(
     and ``lambda``: progress is ``beta >= min_beta``; its disruption of preserved keys is
     ``(beta ||u||)^2 c`` with ``c = m^T C0 m / beta^2`` (cost per unit squared *realised* change,
     fixed by the key; its spread over edits is the anisotropy the theorem is about). The budget
-    is the median disruption at the solver's own ``lambda``.
+    is the ``budget_quantile`` of the disruption at the solver's own ``lambda`` (the median by
+    default).
     """
+    if not 0.0 < min_beta <= 1.0:
+        raise ValueError(f"trap: min_beta must be in (0, 1], got {min_beta}")
+    if not 0.0 <= budget_quantile <= 1.0:
+        raise ValueError(f"trap: budget_quantile must be in [0, 1], got {budget_quantile}")
     needed = needed.double()
     lambdas = [geometry.lam * f for f in factors]
     betas, costs = [], []
@@ -152,7 +159,7 @@ def trap(
         betas.append(attenuation(g, keys)[1].cpu())
         costs.append(disruption_per_unit(g, keys, mom2).cpu() * needed.cpu() ** 2)
     own = factors.index(1.0) if 1.0 in factors else len(factors) // 2
-    budget = float(costs[own].median())
+    budget = float(torch.quantile(costs[own], budget_quantile))
     per_realised = costs[own] / (betas[own] * needed.cpu()) ** 2  # fixed by the key
     spread = torch.quantile(per_realised, 0.9) / torch.quantile(per_realised, 0.1)
     progress = [b >= min_beta for b in betas]
@@ -173,6 +180,7 @@ def trap(
         both=share([p & s for p, s in zip(progress, safe, strict=True)]),
         budget=budget,
         min_beta=min_beta,
+        budget_quantile=budget_quantile,
         best_lambda_per_edit=best,
         safe_lambda_per_edit=lowest_safe,
         cost_per_realised=[float(c) for c in per_realised],
