@@ -6,7 +6,9 @@ turns the targets ``v*`` (``[n, d]`` at the last edit layer ``L``) into such a v
 
 - :class:`ProxyChannel`: the paper's structural gradient proxy, ``Delta_L = (v* - z_L)^T M_L`` at
   layer ``L`` only, ``M_L`` being the solver's gate there (fixed). Autograd through it gives
-  exactly ``g_proxy = s_L M_L^T`` (Eq. 8, Lemma 5).
+  exactly ``g_proxy = s_L M_L^T`` (Eq. 8, Lemma 5). Where a norm follows the MLP (Gemma3) the
+  residual ``v* - z_L`` is first mapped to a change of the projection's output, as the solver
+  maps it (:meth:`~metake.models.adapters.ArchAdapter.residual_to_projection`).
 - :class:`SpreadChannel`: the whole Stage II solver as it will run, replayed differentiably
   (:func:`spread_deltas`): for every edit layer in order the keys and the last layer's values are
   recomputed under the earlier layers' (virtual) updates, the residual is spread, the gate is
