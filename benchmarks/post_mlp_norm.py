@@ -20,6 +20,7 @@ from common import command_line, one_batch_parser, write_json, write_table
 
 from metake.editor import Editor
 from metake.evaluation.datasets import load_dataset
+from metake.models.adapters import rms_norm_eps
 from metake.models.load import load_model
 from metake.solvers.memit import subject_activations
 
@@ -42,11 +43,9 @@ def main() -> None:
     rows, result = [], {"command": command_line(), "model": args.model, "layers": {}}
     for layer in layers:
         x = acts.projections[layer].double()
-        norm = adapter.mlp_out_norm(model, layer)
-        with torch.no_grad():
-            ones = torch.ones(1, x.shape[-1], dtype=torch.float32, device=x.device)
-            gain = norm(ones)[0].double() * (1.0 + norm.eps) ** 0.5
-        rms = (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt()
+        gain = adapter.mlp_out_gain(model, layer).to(x.device)
+        eps = rms_norm_eps(adapter.mlp_out_norm(model, layer))
+        rms = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
         factor = (gain.abs() / rms).flatten()
         q = torch.quantile(factor, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
         result["layers"][str(layer)] = {

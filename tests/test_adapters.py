@@ -344,3 +344,15 @@ def test_residual_to_projection_leaves_zero_gain_coordinates_and_has_the_implici
         down = (first_row(resid[0] - step * direction) * weights).sum()
     numeric = (up - down) / (2 * step)
     assert float((grad * direction).sum()) == pytest.approx(float(numeric), rel=1e-5)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_mlp_out_gain_is_gemmas_one_plus_w_and_none_elsewhere(model_type):
+    model = tiny_model(model_type)
+    adapter = get_adapter(model)
+    gain = adapter.mlp_out_gain(model, 1)
+    if not model_type.startswith("gemma3"):
+        assert gain is None
+        return
+    expected = 1.0 + adapter.mlp_out_norm(model, 1).weight.double()
+    torch.testing.assert_close(gain, expected, rtol=1e-6, atol=1e-6)

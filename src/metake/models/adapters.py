@@ -70,6 +70,23 @@ class ArchAdapter:
         self._check_layer(model, layer)
         return model.get_submodule(f"{self.layer_name(layer)}.{self.mlp_out_norm_path}")
 
+    def mlp_out_gain(self, model: nn.Module, layer: int) -> torch.Tensor | None:
+        """Gain ``g`` (``[d]``, float64) of the RMSNorm after the MLP, ``None`` without one.
+
+        Read from the module itself (its output for an all-ones input, times ``sqrt(1 + eps)``),
+        so Llama-style ``w`` and Gemma-style ``1 + w`` gains are both handled.
+        """
+        norm = self.mlp_out_norm(model, layer)
+        if norm is None:
+            return None
+        eps = rms_norm_eps(norm)
+        param = next(norm.parameters())
+        width = param.shape[-1]
+        with torch.no_grad():
+            dtype = torch.promote_types(param.dtype, torch.float32)  # no bf16 rounding of g
+            ones = torch.ones(1, width, device=param.device, dtype=dtype)
+            return norm(ones)[0].double() * (1.0 + eps) ** 0.5
+
     def residual_to_projection(
         self, model: nn.Module, layer: int, resid: torch.Tensor, outputs: torch.Tensor
     ) -> torch.Tensor:
@@ -81,17 +98,12 @@ class ArchAdapter:
         the module (its output for an all-ones input), so Llama-style ``w`` and Gemma-style
         ``1 + w`` gains are both handled. Differentiable in ``resid`` and ``outputs``.
         """
-        norm = self.mlp_out_norm(model, layer)
-        if norm is None:
+        gain = self.mlp_out_gain(model, layer)
+        if gain is None:
             return resid
-        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)))
-        param = next(norm.parameters())
-        with torch.no_grad():
-            dtype = torch.promote_types(param.dtype, torch.float32)  # no bf16 rounding of g
-            ones = torch.ones(1, outputs.shape[-1], device=param.device, dtype=dtype)
-            gain = norm(ones)[0].double().to(resid.device) * (1.0 + eps) ** 0.5
+        eps = rms_norm_eps(self.mlp_out_norm(model, layer))
         x = outputs.to(device=resid.device, dtype=torch.float64)
-        change = rms_norm_preimage(x, gain, resid.double(), eps)  # float64 for the bisection
+        change = rms_norm_preimage(x, gain.to(resid.device), resid.double(), eps)  # float64
         return change.to(torch.promote_types(resid.dtype, torch.float32))
 
     def final_norm(self, model: nn.Module) -> nn.Module:
@@ -147,6 +159,11 @@ class ArchAdapter:
         n = self.num_layers(model)
         if not 0 <= layer < n:
             raise ValueError(f"layer {layer} out of range: this model has layers 0..{n - 1}")
+
+
+def rms_norm_eps(norm: nn.Module) -> float:
+    """The ``eps`` an RMSNorm module adds to ``mean(x^2)`` (``eps`` or ``variance_epsilon``)."""
+    return float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 0.0)))
 
 
 def rms_norm_preimage(
