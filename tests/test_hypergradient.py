@@ -53,11 +53,11 @@ def _solvers(dim: int):
     prev = {layer: 0.2 * c for layer, c in mom2.items()}
     return {
         "memit": (
-            lambda layer, k: memit_gate(k, mom2[layer], 3.0),
+            lambda layer, k, _bare=None: memit_gate(k, mom2[layer], 3.0),
             lambda layer, k, r: memit_delta(k, r, mom2[layer], 3.0),
         ),
         "alphaedit": (
-            lambda layer, k: alphaedit_gate(k, projector[layer], prev[layer], 0.5),
+            lambda layer, k, _bare=None: alphaedit_gate(k, projector[layer], prev[layer], 0.5),
             lambda layer, k, r: alphaedit_delta(k, r, projector[layer], prev[layer], 0.5),
         ),
     }

@@ -87,7 +87,7 @@ def test_apply_memit_changes_only_the_edit_layers():
 def test_one_forward_for_several_layers_equals_one_per_layer():
     model, tok = tiny_model("gpt2"), tiny_tokenizer()
     contexts = ["", "Some context. "]
-    keys, values, projections = subject_activations(model, tok, REQUESTS, contexts, [0, 1, 2], 2)
+    keys, values, projections, _ = subject_activations(model, tok, REQUESTS, contexts, [0, 1, 2], 2)
     adapter = get_adapter(model)
     for layer in (0, 1, 2):
         one_keys, one_values = keys_and_values(model, tok, REQUESTS, contexts, layer, 2)
@@ -119,3 +119,24 @@ def test_apply_memit_reaches_gemma3_targets_through_the_post_mlp_norm(monkeypatc
     adapter_type = type(get_adapter(tiny_model("gemma3_text")))
     monkeypatch.setattr(adapter_type, "residual_to_projection", lambda *args: args[3])
     assert _gemma_spread_miss() > 1.0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_keys_average_each_context_type_first_as_memit_compute_ks(family):
+    """Key = 1/2 bare-prompt key + 1/2 mean of the prefixed prompts' keys (MEMIT's compute_ks).
+
+    Each prompt's key is computed alone here (one context per call), so the weighting is checked
+    against an independent average, not against the code's own mean.
+    """
+    model, tok = tiny_model(family), tiny_tokenizer()
+    prefixed = ["Some context. ", "Other words here. ", "A third one. "]
+    acts = subject_activations(model, tok, REQUESTS, ["", *prefixed], [1], 1)
+    one = [subject_activations(model, tok, REQUESTS, [""], [1], 1).keys[1]]
+    for context in prefixed:  # a context alone: prefix the prompt template by hand
+        shifted = [EditRequest(context + r.prompt, r.subject, r.target_new) for r in REQUESTS]
+        one.append(subject_activations(model, tok, shifted, [""], [1], 1).keys[1])
+    expected = 0.5 * one[0] + 0.5 * torch.stack(one[1:]).mean(0)
+    torch.testing.assert_close(acts.keys[1], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(acts.bare_keys[1], one[0], rtol=1e-4, atol=1e-5)
+    plain_mean = torch.stack(one).mean(0)  # the weighting this replaced (1/4 each here)
+    assert (acts.keys[1] - plain_mean).abs().max() > 1e-3

@@ -40,3 +40,44 @@ def test_identity_moment_gives_the_plain_outer_product():
     key, resid, _ = _problem(seed=3)
     eye = torch.eye(key.shape[0], dtype=torch.float64)
     torch.testing.assert_close(rome_delta(key, resid, eye), torch.outer(resid, key) / (key @ key))
+
+
+def test_direction_from_the_averaged_key_scale_from_the_bare_prompt():
+    """ROME's compute_u/compute_v: Delta = r u^T / (k^T u), u = C0^-1 k_bar, so Delta k = r."""
+    key_bar, resid, mom2 = _problem(seed=4)
+    bare = key_bar + 0.3 * torch.randn(
+        key_bar.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    )
+    delta = rome_delta(key_bar, resid, mom2, bare_key=bare)
+    torch.testing.assert_close(delta @ bare, resid, rtol=1e-10, atol=1e-10)  # exact at the bare key
+    u = torch.linalg.lstsq(mom2, key_bar[:, None]).solution[:, 0]  # independent solve of C0 u = k
+    torch.testing.assert_close(delta, torch.outer(resid, u) / (bare @ u), rtol=1e-8, atol=1e-10)
+    # the old scale (Delta k_bar = r) misses r at the bare prompt
+    assert (rome_delta(key_bar, resid, mom2) @ bare - resid).abs().max() > 1e-3
+
+
+def test_ridge_is_a_fraction_of_the_mean_eigenvalue():
+    """rome_ridge adds ridge * tr(C0)/d * I to C0 before the solve; 0 leaves C0 as it is."""
+    key, resid, mom2 = _problem(seed=6)
+    ridge = 0.1
+    bumped = mom2 + ridge * torch.trace(mom2) / mom2.shape[0] * torch.eye(
+        mom2.shape[0], dtype=mom2.dtype
+    )
+    torch.testing.assert_close(
+        rome_delta(key, resid, mom2, ridge=ridge),
+        rome_delta(key, resid, bumped),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+    # an ill-conditioned C0 (one direction 1e-12): the ridge bounds the update, none does not
+    u, _ = torch.linalg.qr(
+        torch.randn(12, 12, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    )
+    spectrum = torch.ones(12, dtype=torch.float64)
+    spectrum[0] = 1e-12
+    bad = u @ torch.diag(spectrum) @ u.T
+    key = key - (key @ u[:, 0]) * u[:, 0]  # the bare key misses the tiny direction
+    skewed = key + 1e-3 * u[:, 0]  # the averaged key has a little of it
+    raw = rome_delta(skewed, resid, bad, bare_key=key)
+    calm = rome_delta(skewed, resid, bad, bare_key=key, ridge=1e-3)
+    assert calm.norm() < raw.norm() / 10

@@ -84,6 +84,12 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+PRESET_HELP = (
+    f"hyper-parameter preset: a built-in name ({', '.join(preset_names())}) or a preset file "
+    "written by `metake tune` (default: the model's built-in preset)"
+)
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -163,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="an unrelated prompt whose completion is shown before/after (repeatable)",
     )  # fmt: skip
     edit.add_argument("--layers", type=_int_list, help="edit layers, e.g. 4,5,6,7,8")
-    edit.add_argument("--preset", help=f"hyper-parameter preset ({', '.join(preset_names())})")
+    edit.add_argument("--preset", help=PRESET_HELP)
     edit.add_argument(
         "--set", dest="overrides", type=parse_key_value, action="append", default=[],
         metavar="KEY=VALUE", help="override a hyper-parameter, e.g. --set v_lr=0.2 (repeatable)",
@@ -205,7 +211,128 @@ def build_parser() -> argparse.ArgumentParser:
     methods.set_defaults(func=cmd_methods)
     _add_bench_parser(sub)
     _add_diagnose_parser(sub)
+    _add_tune_parser(sub)
     return parser
+
+
+def _add_tune_parser(sub) -> None:
+    from metake.tune import TUNABLE, TuneConfig
+
+    defaults = TuneConfig(model="", data="")
+    tune = sub.add_parser(
+        "tune",
+        help="find a model's editing hyper-parameters on a dev split; writes a preset file",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Search, per method, the edit layers (from causal tracing over facts the "
+        "model knows, then a window search), Stage I's learning rate and steps, and the solver's "
+        "strength, on zsRE dev records that no reported evaluation may use. One selection rule "
+        "for every method: the highest Eff. + Gen. with Spe. >= unedited - 1, perplexity drift "
+        "<= 2%% and >= 95%% of known facts kept. Writes preset.json (--preset FILE for edit, "
+        "bench and diagnose), report.md/json and search.png into --out; rerun the same command "
+        "to continue an interrupted run.",
+        epilog="example:\n  metake tune --model smollm2-135m "
+        "--data ../shared/data/zsre/zsre_1k.json --dev-records 900:1000 "
+        "--methods memit,alphaedit --out tune-smollm2\n"
+        "  metake bench --preset tune-smollm2/preset.json --exclude 900:1000 ...",
+    )
+    _add_model_args(tune)
+    tune.add_argument("--data", default=None, help="the zsRE file (default: $METAKE_ZSRE)")
+    tune.add_argument(
+        "--dev-records",
+        default=defaults.dev_records,
+        metavar="A:B",
+        help=f"zsRE records to tune on (default {defaults.dev_records})",
+    )
+    tune.add_argument(
+        "--eval-records",
+        default=None,
+        metavar="A:B",
+        help="the records you will evaluate on; refused if they overlap the dev split",
+    )
+    tune.add_argument(
+        "--probe-data",
+        default=defaults.probe_data,
+        help="CounterFact file whose true facts the model knows form the probe set "
+        f"(default {defaults.probe_data})",
+    )
+    tune.add_argument(
+        "--probe-records",
+        default=defaults.probe_records,
+        metavar="A:B",
+        help=f"CounterFact records to draw known facts from (default {defaults.probe_records})",
+    )
+    tune.add_argument(
+        "--methods",
+        default=",".join(defaults.methods),
+        help=f"comma-separated, of {', '.join(TUNABLE)} (default: Table 1's seven)",
+    )
+    tune.add_argument(
+        "--batch-sizes",
+        type=_int_list,
+        default=defaults.batch_sizes,
+        help="batch sizes the settings must work at (default 25,100)",
+    )
+    tune.add_argument(
+        "--search-records",
+        type=int,
+        default=defaults.search_records,
+        help="dev records edited for real by ROME, BLUE and MetaKE candidates "
+        f"(default {defaults.search_records})",
+    )
+    tune.add_argument(
+        "--window-size",
+        type=int,
+        default=defaults.window_size,
+        help=f"edit layers per window (default {defaults.window_size})",
+    )
+    tune.add_argument("--preset", help="where the search starts (default: the model's preset)")
+    tune.add_argument("--corpus", default=None, help="corpus for the key statistics")
+    tune.add_argument("--out", required=True, help="run folder (rerun to continue)")
+    tune.add_argument(
+        "--set",
+        dest="overrides",
+        type=parse_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="hold a hyper-parameter fixed for every candidate (repeatable)",
+    )
+    tune.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """``metake tune``: search the settings and print where the preset went."""
+    import shlex
+
+    from metake.tune import TuneConfig, run_tune
+
+    config = TuneConfig(
+        model=args.model,
+        data=str(data_path("zsre", args.data)),
+        dev_records=args.dev_records,
+        probe_data=args.probe_data,
+        probe_records=args.probe_records,
+        eval_records=args.eval_records,
+        methods=expand_methods(args.methods),
+        batch_sizes=args.batch_sizes,
+        search_records=args.search_records,
+        window_size=args.window_size,
+        preset=args.preset,
+        overrides=dict(args.overrides),
+        corpus=args.corpus,
+        device=resolve_device(args.device),
+        command="metake " + " ".join(shlex.quote(a) for a in args.argv),
+    )
+    model, tokenizer = load_model(config.model, device=config.device, dtype=args.dtype)
+    report = run_tune(config, args.out, model, tokenizer)
+    for method, row in report["chosen"].items():
+        flag = "" if not row["violations"] else "  (breaks: " + "; ".join(row["violations"]) + ")"
+        print(
+            f"{method:15s} Eff. {row['efficacy']:.2f} Gen. {row['generalization']:.2f} "
+            f"Spe. {row['specificity']:.2f}  {row['settings']}{flag}"
+        )
+    print(f"{args.out}: preset.json (use --preset {args.out}/preset.json), report.md")
+    return 0
 
 
 def _add_diagnose_parser(sub) -> None:
@@ -246,7 +373,7 @@ def _add_diagnose_parser(sub) -> None:
     )  # fmt: skip
     diag.add_argument("--seed", type=int, default=0, help="record sampling and torch seed")
     diag.add_argument("--layers", type=_int_list, help="edit layers (default: the preset's)")
-    diag.add_argument("--preset", help=f"hyper-parameter preset ({', '.join(preset_names())})")
+    diag.add_argument("--preset", help=PRESET_HELP)
     diag.add_argument(
         "--set", dest="overrides", type=parse_key_value, action="append", default=[],
         help="override a hyper-parameter, e.g. --set metake_steps=10 (repeatable)",
@@ -335,6 +462,20 @@ def _add_bench_parser(sub) -> None:
         help="the solver of a plain 'metake' (default alphaedit)",
     )
     bench.add_argument("--edits", type=int, default=100, help="records per seed (default 100)")
+    bench.add_argument(
+        "--records",
+        metavar="A:B",
+        default=None,
+        help="edit the records at these file positions in file order instead of sampling, e.g. "
+        "0:100 (end exclusive; several ranges with commas); --edits takes the first ones",
+    )
+    bench.add_argument(
+        "--exclude",
+        metavar="A:B",
+        default=None,
+        help="never sample the records at these positions, e.g. the dev split of `metake tune` "
+        "(900:1000); a tuned preset names its split, see its report",
+    )
     bench.add_argument("--batch-size", type=int, default=25, help="edits per batch (default 25)")
     bench.add_argument("--seeds", type=_int_list, default=[0], help="e.g. 0,1,2 (default 0)")
     bench.add_argument(
@@ -375,7 +516,7 @@ def _add_bench_parser(sub) -> None:
         default="answers",
         help="zsRE edit target: answers[0] (paper's protocol, default) or alt (EasyEdit)",
     )
-    bench.add_argument("--preset", help=f"hyper-parameter preset ({', '.join(preset_names())})")
+    bench.add_argument("--preset", help=PRESET_HELP)
     bench.add_argument(
         "--corpus",
         default=None,
@@ -430,6 +571,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             preset=args.preset,
             corpus=args.corpus,
             device=resolve_device(args.device),
+            records=args.records,
+            exclude=args.exclude,
             command="metake " + " ".join(shlex.quote(a) for a in args.argv),
         )
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")

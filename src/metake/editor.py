@@ -160,7 +160,7 @@ class Editor:
                                       else locality_prompts)  # fmt: skip
         self.adapter = get_adapter(model)
         if hparams is None:
-            hparams = memit_hparams(model.config, preset, **overrides)
+            hparams = memit_hparams(model.config, preset, self.method, self.solver, **overrides)
         elif overrides:
             hparams = hparams.with_overrides(**overrides)
         if self.spec.base == "rome" and len(hparams.layers) > 1:
@@ -448,14 +448,17 @@ class Editor:
         if self.adapter.mlp_out_norm(self.model, plan.layer) is not None:
             to_projection = partial(self.adapter.residual_to_projection, self.model, plan.layer,
                                     outputs=acts.projections[plan.layer])  # fmt: skip
-        return ProxyChannel(module, plan.layer, self.gate(plan.layer, keys), current,
-                            to_projection)  # fmt: skip
+        gate = self.gate(plan.layer, keys, acts.bare_keys[plan.layer])
+        return ProxyChannel(module, plan.layer, gate, current, to_projection)
 
-    def gate(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+    def gate(
+        self, layer: int, keys: torch.Tensor, bare_keys: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The solver's linear map ``M`` (``[n, d_in]``) at ``layer``: its update is ``R^T M``.
 
-        ``keys`` are the batch's keys at ``layer`` (``[n, d_in]``); uses the session's C0, and
-        for AlphaEdit its projector and accumulated key cache, exactly as the solver will.
+        ``keys`` are the batch's context-averaged keys at ``layer`` (``[n, d_in]``), ``bare_keys``
+        the bare prompts' ones (ROME's scale; default ``keys``); uses the session's C0, and for
+        AlphaEdit its projector and accumulated key cache, exactly as the solver will.
         """
         hp = self.hparams
         if self.spec.base == "memit":
@@ -464,7 +467,7 @@ class Editor:
             prev = self._prev_keys(layer, keys.shape[1])
             projector = self.null_space(layer).projector
             return alphaedit_gate(keys, projector, prev, self.alphaedit_lambda())
-        return rome_gate(keys, self.second_moment(layer))
+        return rome_gate(keys, self.second_moment(layer), bare_keys, hp.rome_ridge)
 
     def _edit_rome(self, requests: list[EditRequest], contexts: list[str]) -> _StageOutput:
         """ROME: plan and apply one rank-one update per request, in order; edits in place."""
@@ -477,7 +480,8 @@ class Editor:
             acts = subject_activations(self.model, self.tokenizer, [request], contexts, [layer],
                                        layer)  # fmt: skip
             resid = layer_residuals(self.model, acts, layer, target, 1)
-            delta = rome_delta(acts.keys[layer][0], resid[0], self.second_moment(layer))
+            delta = rome_delta(acts.keys[layer][0], resid[0], self.second_moment(layer),
+                               acts.bare_keys[layer][0], self.hparams.rome_ridge)  # fmt: skip
             self.adapter.add_to_weight(self.model, layer, delta)
             total = delta.float().cpu() if total is None else total + delta.float().cpu()
             plans.append(plan)

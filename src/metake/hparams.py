@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -20,7 +22,7 @@ class MemitHparams:
     layers: tuple[int, ...]
     # Stage I: optimise a residual delta at the last edit layer (MEMIT's compute_z)
     v_lr: float = 0.5
-    v_steps: int = 25
+    v_steps: int = 25  # loss evaluations, as MEMIT's v_num_grad_steps: v_steps - 1 updates
     v_loss_threshold: float = 5e-2
     v_weight_decay: float = 0.5
     clamp_norm_factor: float = 0.75
@@ -39,6 +41,8 @@ class MemitHparams:
     nullspace_relative: bool = False  # threshold as a fraction of C0's largest eigenvalue
     alphaedit_lambda: float = 10.0
     alphaedit_blue_lambda: float | None = None  # lambda_2 of alphaedit_blue (None: the above)
+    # ROME (solver "rome"): ridge on C0 before solving, as a fraction of its mean eigenvalue
+    rome_ridge: float = 0.0  # the reference solves with C0 as it is
     # RECT (solvers *_rect): share of each batch update's entries kept, by |Delta / W|
     rect_keep_fraction: float = 0.4
     # MetaKE (method="metake"): look-ahead refinement of the targets through the solver's gate
@@ -63,11 +67,13 @@ class MemitHparams:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"hparams: {name!r} must be positive")
+        if self.v_steps < 1:
+            raise ValueError("hparams: 'v_steps' must be at least 1 (loss evaluations)")
         if not 0.0 < self.rect_keep_fraction <= 1.0:
             raise ValueError("hparams: 'rect_keep_fraction' must lie in (0, 1]")
         if self.alphaedit_blue_lambda is not None and self.alphaedit_blue_lambda < 0:
             raise ValueError("hparams: 'alphaedit_blue_lambda' must be >= 0")
-        for name in ("v_steps", "metake_steps", "metake_edit_weight", "metake_locality_weight",
+        for name in ("rome_ridge", "metake_steps", "metake_edit_weight", "metake_locality_weight",
                      "metake_reg_weight", "alphaedit_lambda"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"hparams: {name!r} must be >= 0")
@@ -104,6 +110,7 @@ HPARAM_GROUPS: dict[str, tuple[str, ...]] = {
     "alphaedit": (
         "nullspace_threshold", "nullspace_relative", "alphaedit_lambda", "alphaedit_blue_lambda",
     ),
+    "rome": ("rome_ridge",),
     "rect": ("rect_keep_fraction",),
     "metake": (
         "metake_steps", "metake_lr", "metake_edit_weight", "metake_locality_weight",
@@ -111,6 +118,10 @@ HPARAM_GROUPS: dict[str, tuple[str, ...]] = {
     ),
 }  # fmt: skip
 """Which hyper-parameters each part of the pipeline reads (``metake methods`` prints this)."""
+
+
+PRESET_META_KEYS = ("match", "experimental", "methods", "tuned")
+"""Keys of a preset entry that are not hyper-parameters."""
 
 
 def _load_presets() -> dict[str, dict[str, Any]]:
@@ -126,9 +137,75 @@ def preset_names() -> list[str]:
 def find_preset(config: PretrainedConfig) -> str | None:
     """Name of the preset whose ``match`` fields all equal the config's, or ``None``."""
     for name, preset in _load_presets().items():
-        if all(getattr(config, k, None) == v for k, v in preset["match"].items()):
+        if _matches(preset, config):
             return name
     return None
+
+
+def _matches(preset: Mapping[str, Any], config: PretrainedConfig) -> bool:
+    return all(getattr(config, k, None) == v for k, v in preset.get("match", {}).items())
+
+
+def is_preset_file(preset: str) -> bool:
+    """Whether ``preset`` names a JSON file (e.g. one written by ``metake tune``), not a name."""
+    return preset.endswith(".json") or Path(preset).is_file()
+
+
+def load_preset_file(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """The one preset entry of a JSON file (``{name: entry}``, ``_``-keys ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"preset file {path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"preset file {path} is not valid JSON: {err}") from None
+    entries = {k: v for k, v in data.items() if not k.startswith("_")} if isinstance(data, dict) \
+        else {}  # fmt: skip
+    if len(entries) != 1 or not isinstance(next(iter(entries.values())), dict):
+        raise ValueError(f"preset file {path} must hold one preset: {{name: {{layers: [...], "
+                         f"...}}}}, found {len(entries)} entries")  # fmt: skip
+    name, entry = next(iter(entries.items()))
+    if "layers" not in entry:
+        raise ValueError(f"preset file {path}: entry {name!r} has no 'layers'")
+    return name, entry
+
+
+def method_keys(method: str | None, solver: str | None) -> list[str]:
+    """Where a preset's ``methods`` section is looked up for a method, most specific first.
+
+    ``metake_exact`` falls back to ``metake``; every method falls back to its solver's canonical
+    name (``prune`` → ``memit_prune``) and then to its base solver (``memit``).
+    """
+    from metake.methods import parse_solver
+
+    keys = [method] if method else []
+    if method == "metake_exact":
+        keys.append("metake")
+    if solver:
+        spec = parse_solver(solver)
+        keys += [solver, spec.name, spec.base]
+    return list(dict.fromkeys(keys))
+
+
+def _entry_hparams(
+    name: str, entry: Mapping[str, Any], method: str | None, solver: str | None
+) -> MemitHparams:
+    """An entry's hyper-parameters, with its ``methods`` section's values for ``method``."""
+    values = {k: v for k, v in entry.items() if k not in PRESET_META_KEYS}
+    sections = entry.get("methods", {})
+    for key in method_keys(method, solver):
+        if key in sections:
+            values.update(sections[key])
+            break
+    values["layers"] = tuple(values["layers"])
+    if "experimental" in entry:
+        log.warning("preset %s is experimental: %s", name, entry["experimental"])
+    known = {f.name for f in fields(MemitHparams)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"preset {name!r}: unknown hyper-parameter(s) {', '.join(unknown)}")
+    return MemitHparams(**values, preset=name)
 
 
 def fallback_layers(num_layers: int) -> tuple[int, ...]:
@@ -138,32 +215,46 @@ def fallback_layers(num_layers: int) -> tuple[int, ...]:
     return tuple(range(first, last + 1))
 
 
-def preset_hparams(name: str) -> MemitHparams:
-    """The hyper-parameters of the shipped preset ``name``."""
+def preset_hparams(name: str, method: str | None = None, solver: str | None = None) -> MemitHparams:
+    """The hyper-parameters of the shipped preset ``name`` (or a preset file) for a method."""
+    if is_preset_file(name):
+        entry_name, entry = load_preset_file(name)
+        return _entry_hparams(entry_name, entry, method, solver)
     presets = _load_presets()
     if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(presets))}")
-    values = {k: v for k, v in presets[name].items() if k not in ("match", "experimental")}
-    values["layers"] = tuple(values["layers"])
-    if "experimental" in presets[name]:
-        log.warning("preset %s is experimental: %s", name, presets[name]["experimental"])
-    return MemitHparams(**values, preset=name)
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(presets))}, or a "
+                         f"preset file written by `metake tune`")  # fmt: skip
+    return _entry_hparams(name, presets[name], method, solver)
 
 
 def memit_hparams(
-    config: PretrainedConfig, preset: str | None = None, **overrides: Any
+    config: PretrainedConfig,
+    preset: str | None = None,
+    method: str | None = None,
+    solver: str | None = None,
+    **overrides: Any,
 ) -> MemitHparams:
-    """MEMIT hyper-parameters for a model: a named or matching preset, else the fallback."""
+    """Hyper-parameters for a model and method: a named or matching preset, else the fallback.
+
+    ``preset`` is a shipped preset's name or a preset file (``metake tune``'s output); a file
+    tuned for another model (its ``match`` differs from ``config``) is refused.
+    """
+    if preset is not None and is_preset_file(preset):
+        entry_name, entry = load_preset_file(preset)
+        if not _matches(entry, config):
+            raise ValueError(f"preset file {preset} ({entry_name}) was made for a model with "
+                             f"{entry.get('match')}, not this one ({config.model_type}, "
+                             f"{config.num_hidden_layers} layers)")  # fmt: skip
     if preset is None:
         preset = find_preset(config)
     if preset is not None:
-        base = preset_hparams(preset)
+        base = preset_hparams(preset, method, solver)
     else:
         num_layers = int(config.num_hidden_layers)
         base = MemitHparams(layers=fallback_layers(num_layers), preset="fallback")
         log.warning(
             "no MEMIT preset for %s (%d layers): using the fallback (layers %s, MEMIT's defaults); "
-            "check edits on this model before trusting them",
+            "check edits on this model before trusting them, or run `metake tune`",
             config.model_type,
             num_layers,
             list(base.layers),

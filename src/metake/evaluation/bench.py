@@ -43,7 +43,12 @@ import metake
 from metake.corpus import TextCorpus, load_corpus
 from metake.editor import Editor
 from metake.errors import MetakeError
-from metake.evaluation.datasets import EvalRecord, load_dataset, sample_records
+from metake.evaluation.datasets import (
+    EvalRecord,
+    load_dataset,
+    parse_ranges,
+    select_records,
+)
 from metake.evaluation.evaluate import (
     evaluate_records,
     generation_fluency,
@@ -79,6 +84,8 @@ class BenchConfig:
     preset: str | None = None
     corpus: str | None = None  # statistics (and held-out drift texts); None: built-in Wikipedia
     device: str = "cpu"
+    records: str | None = None  # "A:B[,C:D]": edit these file positions in order, no sampling
+    exclude: str | None = None  # "A:B[,C:D]": never sample these (e.g. a tuning split)
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -88,6 +95,9 @@ class BenchConfig:
             raise MetakeError("--edits and --batch-size must be at least 1")
         if not self.seeds:
             raise MetakeError("give at least one seed")
+        for option in (self.records, self.exclude):
+            if option is not None:
+                parse_ranges(option)
         if len(set(self.methods)) != len(self.methods):
             raise MetakeError(f"a method is listed twice: {', '.join(self.methods)}")
 
@@ -228,7 +238,8 @@ class BenchRun:
             handler.close()
 
     def _run_seed(self, seed: int) -> dict[str, Any] | None:
-        records = sample_records(self.dataset.records, self.config.edits, seed)
+        records = select_records(self.dataset.records, self.config.edits, seed,
+                                 self.config.records, self.config.exclude)  # fmt: skip
         out = {"records": [r.index for r in records], "pre_edit": self._pre_edit(seed, records)}
         out["methods"] = {}
         for spec in self.config.methods:

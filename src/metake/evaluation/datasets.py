@@ -208,6 +208,57 @@ def check_encodable(tokenizer: Any, record: EvalRecord) -> None:
     encode_request(tokenizer, record.request)
 
 
+def parse_ranges(text: str, what: str = "records") -> list[range]:
+    """``"0:100"`` or ``"0:100,500:600"`` (file positions, end exclusive) as ranges."""
+    out = []
+    for part in (p.strip() for p in str(text).split(",")):
+        start, sep, end = part.partition(":")
+        try:
+            lo, hi = int(start), int(end)
+        except ValueError:
+            lo = hi = -1
+        if not sep or lo < 0 or hi <= lo:
+            raise DatasetError(
+                f"{what}: {part!r} is not a range START:END of record positions (0 <= START < END)"
+            )
+        out.append(range(lo, hi))
+    if not out:
+        raise DatasetError(f"{what}: give at least one range START:END")
+    return out
+
+
+def in_ranges(index: int, ranges: Sequence[range]) -> bool:
+    """Whether file position ``index`` lies in one of ``ranges``."""
+    return any(index in r for r in ranges)
+
+
+def select_records(
+    records: Sequence[EvalRecord],
+    count: int,
+    seed: int,
+    only: str | None = None,
+    exclude: str | None = None,
+) -> list[EvalRecord]:
+    """The records a run edits: the first ``count`` of ``only`` (ranges of file positions, in
+    file order, no sampling) or, without it, :func:`sample_records` over the records outside
+    ``exclude`` (e.g. a tuning split that must stay out of every evaluation)."""
+    if only is not None:
+        ranges = parse_ranges(only, "--records")
+        if exclude is not None and any(in_ranges(i, parse_ranges(exclude)) for r in ranges
+                                       for i in r):  # fmt: skip
+            raise DatasetError(f"--records {only} overlaps --exclude {exclude}")
+        by_index = {r.index: r for r in records}
+        chosen = [by_index[i] for r in ranges for i in r if i in by_index]
+        if len(chosen) < count:
+            raise DatasetError(f"--records {only} holds {len(chosen)} valid records, fewer than "
+                               f"the {count} edits asked for")  # fmt: skip
+        return chosen[:count]
+    if exclude is not None:
+        left_out = parse_ranges(exclude, "--exclude")
+        records = [r for r in records if not in_ranges(r.index, left_out)]
+    return sample_records(records, count, seed)
+
+
 def sample_records(records: Sequence[EvalRecord], count: int, seed: int) -> list[EvalRecord]:
     """``count`` records drawn without replacement by a ``seed``-ed generator (stable order)."""
     import random

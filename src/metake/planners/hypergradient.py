@@ -32,8 +32,9 @@ from metake.requests import EditRequest
 from metake.solvers.memit import layer_residuals, subject_activations
 from metake.trace import add_delta, add_low_rank
 
-GateFn = Callable[[int, torch.Tensor], torch.Tensor]
-"""``(layer, keys [n, d_in]) -> M [n, d_in]``: a solver's gate, differentiable in the keys."""
+GateFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(layer, keys [n, d_in], bare keys [n, d_in]) -> M [n, d_in]``: a solver's gate,
+differentiable in the keys (context-averaged; the bare prompt's ones only matter to ROME)."""
 
 HYPERGRADIENTS = ("proxy", "exact")
 
@@ -71,7 +72,7 @@ def spread_deltas(
             acts = subject_activations(model, tokenizer, requests, contexts, [layer], last,
                                        track_grad=True)  # fmt: skip
         resid = layer_residuals(model, acts, layer, targets, len(layers) - i)  # [n, d]
-        deltas[layer] = resid.double().T @ gate(layer, acts.keys[layer])
+        deltas[layer] = resid.double().T @ gate(layer, acts.keys[layer], acts.bare_keys[layer])
     return deltas
 
 

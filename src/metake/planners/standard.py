@@ -1,7 +1,8 @@
 """Stage I, the standard planner: optimise each edit's target value at the last edit layer.
 
 For each request, a residual vector delta is added to the output of decoder layer ``L`` at the
-subject's last token; MEMIT's loss is minimised with Adam:
+subject's last token; MEMIT's loss is minimised with Adam
+(``v_steps`` loss evaluations and ``v_steps - 1`` updates, as MEMIT's ``compute_z`` counts):
 
     loss_i = mean over context prefixes of NLL(target tokens)
            + kl_factor * KL(edited || original) of the next-token distribution after
@@ -285,7 +286,7 @@ def compute_targets(
     history: list[dict[str, float]] = []
     layer_module = adapter.layer_module(model, layer)
     step = 0
-    for step in range(hparams.v_steps + 1):
+    for step in range(hparams.v_steps):
         row_nll, last_hidden = _grouped_forward(model, adapter, layer_module, groups,
                                                 delta[request_of_row], num_rows)  # fmt: skip
         nll = mean_per_row(row_nll[rewrite], request_of_row[rewrite], n)  # [n]
@@ -309,7 +310,7 @@ def compute_targets(
         )
         log.debug("stage I step %d: %s", step, history[-1])
         active = active & (loss.detach() >= hparams.v_loss_threshold)
-        if step == hparams.v_steps or not active.any():
+        if step == hparams.v_steps - 1 or not active.any():
             break
         optimizer.zero_grad()
         (loss * active).sum().backward()

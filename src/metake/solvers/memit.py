@@ -52,6 +52,18 @@ class SubjectActivations(NamedTuple):
     keys: dict[int, torch.Tensor]  # {layer: [n, d_in]}, context-averaged projection inputs
     values: torch.Tensor  # [n, d], output of the value layer, prompt without context
     projections: dict[int, torch.Tensor]  # {layer: [n, d]}, projection outputs, no context
+    bare_keys: dict[int, torch.Tensor]  # {layer: [n, d_in]}, projection inputs, no context
+
+
+def context_type_mean(acts: torch.Tensor) -> torch.Tensor:
+    """Average ``[n, c, d]`` over contexts as MEMIT's ``compute_ks`` does: ``[n, d]``.
+
+    The contexts form two *types*, the bare prompt (context 0) and the prefixed prompts (the
+    rest); each type is averaged first, then the types, so the bare prompt weighs one half.
+    """
+    if acts.shape[1] == 1:
+        return acts[:, 0]
+    return (acts[:, 0] + acts[:, 1:].mean(1)) / 2
 
 
 def subject_activations(
@@ -64,11 +76,12 @@ def subject_activations(
     *,
     track_grad: bool = False,
 ) -> SubjectActivations:
-    """Keys ``{layer: [n, d_in]}`` (context-averaged), values ``[n, d]`` at ``value_layer`` and
-    the projections' outputs ``{layer: [n, d]}``.
+    """Keys ``{layer: [n, d_in]}`` (context-averaged), values ``[n, d]`` at ``value_layer``,
+    the projections' outputs ``{layer: [n, d]}`` and the bare prompt's keys ``{layer: [n, d_in]}``.
 
     Keys are the inputs of each layer's MLP output projection at the subject's last token,
-    averaged over the context prefixes; values are the output of decoder layer ``value_layer``
+    averaged over the context prefixes by :func:`context_type_mean` (MEMIT's ``compute_ks``);
+    values are the output of decoder layer ``value_layer``
     there, and projections the output of each key layer's projection, both for the prompt
     without context (``contexts[0]`` must be ``""``). One forward, stopped after the last module
     needed. With ``track_grad`` the forward keeps its autograd graph (for differentiating
@@ -99,9 +112,12 @@ def subject_activations(
         dtype = torch.promote_types(acts.dtype, torch.float32)
         return acts[rows, batch.subject_last].view(n, c, -1).to(dtype)
 
-    keys = {layer: at_subject(tr.inputs[name]).mean(1) for layer, name in key_names.items()}
+    inputs = {layer: at_subject(tr.inputs[name]) for layer, name in key_names.items()}
+    keys = {layer: context_type_mean(acts) for layer, acts in inputs.items()}
+    bare_keys = {layer: acts[:, 0] for layer, acts in inputs.items()}
     projections = {layer: at_subject(tr.outputs[name])[:, 0] for layer, name in key_names.items()}
-    return SubjectActivations(keys, at_subject(tr.outputs[value_name])[:, 0], projections)
+    values = at_subject(tr.outputs[value_name])[:, 0]
+    return SubjectActivations(keys, values, projections, bare_keys)
 
 
 def keys_and_values(

@@ -1,0 +1,596 @@
+"""``metake tune``: editing hyper-parameters found for a model on a development split.
+
+Every method is tuned the same way, on zsRE records of a development split (``dev_records``)
+that no reported evaluation may use (``metake bench --exclude`` leaves it out):
+
+1. **Known facts** (the probe set): CounterFact prompts whose true answer the unedited model
+   produces token by token under teacher forcing (the same as its greedy continuation starting
+   with the answer). They locate the edit layers and check, after each candidate edit, that the
+   model still knows them.
+2. **Locate** (ROME's causal tracing): the indirect effect of restoring the MLP outputs at the
+   subject's last token, per layer, over the known facts; its peak ``p`` anchors the edit windows.
+3. **Stage I** (the planner every method shares): the smallest learning rate of a grid whose
+   targets reach ``P(target) >= 0.5`` for at least 95% of the dev records, at the window ending at
+   ``p`` (more steps when no rate reaches it).
+4. **Windows and strengths**, per method: windows of ``window_size`` layers ending at ``p - 2``,
+   ``p`` and ``p + 2``, then the solver's strength on a coarse grid at the best window and a finer
+   one around the best value. MEMIT-family solvers (memit, alphaedit, rect, prune) re-solve Stage
+   II from Stage I targets computed once per window on the unedited model (the targets do not
+   depend on the solver; later batches' targets are therefore those of the unedited model, an
+   approximation of sequential editing that only the search uses); ROME, BLUE and MetaKE run real
+   edits on the first ``search_records`` dev records.
+5. **One selection rule**, for every method: the highest Eff. + Gen. (mean over the batch sizes)
+   among the candidates with Spe. >= unedited - 1 point, held-out perplexity drift <= 2% and >= 95%
+   of the known facts still known; when no candidate passes, the one with the fewest violations
+   (then the highest Eff. + Gen.), flagged in the report.
+
+The run folder holds ``rows.jsonl`` (every evaluated candidate; a rerun skips them: resumable),
+``preset.json`` (``--preset`` for edit, bench and diagnose), ``report.md``/``report.json`` and
+``search.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from metake.corpus import TextCorpus, load_corpus
+from metake.editor import Editor
+from metake.errors import MetakeError
+from metake.evaluation.bench import held_out_texts, method_spec
+from metake.evaluation.datasets import EvalRecord, in_ranges, load_dataset, parse_ranges
+from metake.evaluation.evaluate import evaluate_records, mean_metrics, metric_names
+from metake.evaluation.metrics import text_perplexity
+from metake.hparams import MemitHparams, find_preset, memit_hparams
+from metake.methods import PLANNER_METHODS, parse_solver
+from metake.planners.standard import compute_targets, context_templates
+from metake.probe import token_accuracy
+from metake.requests import EditRequest
+from metake.stats import StatsCache
+
+log = logging.getLogger(__name__)
+
+TUNABLE = (
+    "rome",
+    "memit",
+    "prune",
+    "rect",
+    "alphaedit",
+    "alphaedit_blue",
+    "metake",
+    "metake_exact",
+)
+LR_GRID = (0.1, 0.25, 0.5, 1.0)
+STRENGTH_GRIDS: dict[str, dict[str, list[Any]]] = {
+    "memit": {"mom2_update_weight": [500.0, 2000.0, 8000.0, 32000.0]},
+    "alphaedit": {
+        "nullspace_threshold": [0.003, 0.01, 0.03, 0.1],
+        "alphaedit_lambda": [10.0, 1.0, 100.0],
+    },
+    "alphaedit_blue": {"alphaedit_blue_lambda": [1.0, 10.0, 100.0]},
+    "rect": {"rect_keep_fraction": [0.2, 0.4, 0.7]},
+    "metake": {"metake_lr": [0.03, 0.1, 0.3], "metake_reg_weight": [1e-3, 1e-2]},
+    "metake_exact": {"metake_lr": [0.03, 0.1, 0.3], "metake_reg_weight": [1e-3, 1e-2]},
+}
+"""Each method's strength grid, searched one key at a time in this order (the first key's grid
+is refined around its best value, except for MetaKE, whose runs cost most); the first value of
+every later key is where the search of the earlier keys holds it."""
+
+
+@dataclass
+class TuneConfig:
+    """What a tuning run is asked (saved as ``config.json``)."""
+
+    model: str
+    data: str
+    dev_records: str = "900:1000"
+    probe_data: str = "../shared/data/counterfact/counterfact_10k.json"
+    probe_records: str = "0:400"
+    eval_records: str | None = None  # the split you will report: must not overlap the dev split
+    methods: list[str] = field(default_factory=lambda: list(TUNABLE[:7]))
+    batch_sizes: list[int] = field(default_factory=lambda: [25, 100])
+    search_records: int = 25  # dev records for the methods tuned by real edits
+    window_size: int = 5
+    max_probe_facts: int = 40
+    trace_facts: int = 20
+    drift_texts: int = 16
+    preset: str | None = None  # where the search starts from (default: the model's preset)
+    overrides: dict[str, Any] = field(default_factory=dict)  # fixed hyper-parameters (--set)
+    min_known_facts: int = 5
+    corpus: str | None = None
+    device: str = "cpu"
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in TUNABLE]
+        if unknown or not self.methods:
+            raise MetakeError(
+                f"tune: unknown method(s) {', '.join(unknown) or '(none given)'}; "
+                f"tunable: {', '.join(TUNABLE)}"
+            )
+        dev = parse_ranges(self.dev_records, "--dev-records")
+        if self.eval_records is not None:
+            evaluated = parse_ranges(self.eval_records, "--eval-records")
+            overlap = sorted({i for r in dev for i in r if in_ranges(i, evaluated)})
+            if overlap:
+                raise MetakeError(
+                    f"tune: the dev split {self.dev_records} overlaps the evaluation "
+                    f"split {self.eval_records} (e.g. record {overlap[0]}); tuning "
+                    f"on evaluated records would leak them"
+                )
+        if Path(self.probe_data).resolve() == Path(self.data).resolve():
+            probe = parse_ranges(self.probe_records, "--probe-records")
+            if any(in_ranges(i, probe) for r in dev for i in r):
+                raise MetakeError("tune: --probe-records overlaps --dev-records in the same file")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise MetakeError("tune: --batch-sizes must be positive numbers")
+        if self.window_size < 1 or self.search_records < 1:
+            raise MetakeError("tune: --window-size and --search-records must be at least 1")
+
+
+@dataclass
+class Baseline:
+    """The unedited model on the dev split, and its known facts."""
+
+    scores: dict[str, float]  # efficacy, generalization, specificity (percent), perplexity
+    probe: list[EditRequest]  # facts it knows (target_new = the true answer)
+
+
+def selection_key(row: dict[str, Any], base: dict[str, float]) -> tuple[int, float]:
+    """Sort key of the selection rule: fewest violations first, then the highest Eff. + Gen."""
+    return (-len(violations(row, base)), row["efficacy"] + row["generalization"])
+
+
+def violations(row: dict[str, Any], base: dict[str, float]) -> list[str]:
+    """Which of the rule's guards a candidate breaks (empty: admissible)."""
+    out = []
+    if row["specificity"] < base["specificity"] - 1.0:
+        out.append(f"Spe. {row['specificity']:.2f} < {base['specificity'] - 1.0:.2f}")
+    if row["perplexity"] > 1.02 * base["perplexity"]:
+        out.append(f"perplexity {row['perplexity']:.2f} > {1.02 * base['perplexity']:.2f}")
+    if row["probe_kept"] < 0.95:
+        out.append(f"known facts kept {100 * row['probe_kept']:.0f}% < 95%")
+    return out
+
+
+def known_facts(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[EvalRecord],
+    limit: int,
+) -> list[EditRequest]:
+    """Up to ``limit`` records' true facts the model answers exactly (teacher-forced argmax)."""
+    facts = [
+        EditRequest(r.request.prompt, r.request.subject, r.request.target_true)
+        for r in records
+        if r.request.target_true
+    ]
+    hits = token_accuracy(model, tokenizer, facts)
+    return [f for f, hit in zip(facts, hits, strict=True) if hit == 1.0][:limit]
+
+
+class Tuner:
+    """One tuning run folder over one model."""
+
+    def __init__(
+        self,
+        config: TuneConfig,
+        out: str | Path,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        corpus: TextCorpus | None = None,
+        stats_cache: StatsCache | None = None,
+    ) -> None:
+        self.config = config
+        self.out = Path(out)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.corpus = corpus if corpus is not None else load_corpus(config.corpus)
+        self.stats_cache = stats_cache
+        dataset = load_dataset("zsre", config.data, tokenizer=tokenizer)
+        dev = parse_ranges(config.dev_records, "--dev-records")
+        self.dev = [r for r in dataset.records if in_ranges(r.index, dev)]
+        if not self.dev:
+            raise MetakeError(
+                f"tune: the dev split {config.dev_records} holds no valid record of {config.data}"
+            )
+        self.base_hparams = memit_hparams(model.config, config.preset, **config.overrides)
+        self.num_layers = int(model.config.get_text_config().num_hidden_layers)
+        self.drift = held_out_texts(self.corpus, config.drift_texts)
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.contexts: list[str] | None = None
+        self._targets: dict[tuple, torch.Tensor] = {}
+        self._reached: dict[tuple, list[float]] = {}  # Stage I's P(target) per record
+
+    # ----- folder ---------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / "config.json"
+        mine = asdict(self.config)
+        if path.is_file():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            differ = sorted(k for k in mine if k != "command" and saved.get(k) != mine[k])
+            if differ:
+                raise MetakeError(
+                    f"{self.out} holds a tuning run with another configuration "
+                    f"({', '.join(differ)}); use another --out"
+                )
+        else:
+            path.write_text(json.dumps(mine, indent=1), encoding="utf-8")
+        rows = self.out / "rows.jsonl"
+        if rows.is_file():
+            for line in rows.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self.rows[row["id"]] = row
+
+    def _record(self, row: dict[str, Any]) -> dict[str, Any]:
+        self.rows[row["id"]] = row
+        with (self.out / "rows.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        return row
+
+    # ----- measuring ------------------------------------------------------------------------
+    def score(
+        self, records: Sequence[EvalRecord], probe: Sequence[EditRequest]
+    ) -> dict[str, float]:
+        """Eff./Gen./Spe. (percent) on ``records``, perplexity, share of ``probe`` still known."""
+        per_record = evaluate_records(self.model, self.tokenizer, records, "zsre")
+        means = mean_metrics(per_record, metric_names("zsre"))
+        out = {name: float(means[name]) for name in ("efficacy", "generalization", "specificity")}
+        out["perplexity"] = text_perplexity(self.model, self.tokenizer, self.drift)
+        kept = token_accuracy(self.model, self.tokenizer, list(probe)) if probe else []
+        out["probe_kept"] = sum(k == 1.0 for k in kept) / max(len(kept), 1)
+        return out
+
+    def baseline(self) -> Baseline:
+        """Unedited dev scores and the known facts (cached in ``baseline.json``)."""
+        path = self.out / "baseline.json"
+        if path.is_file():
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return Baseline(data["scores"], [EditRequest(**f) for f in data["probe"]])
+        probe_set = load_dataset("counterfact", self.config.probe_data, tokenizer=self.tokenizer)
+        ranges = parse_ranges(self.config.probe_records, "--probe-records")
+        candidates = [r for r in probe_set.records if in_ranges(r.index, ranges)]
+        probe = known_facts(self.model, self.tokenizer, candidates, self.config.max_probe_facts)
+        if len(probe) < self.config.min_known_facts:
+            raise MetakeError(
+                f"tune: the model knows only {len(probe)} facts of --probe-records "
+                f"{self.config.probe_records}; give a larger range"
+            )
+        base = Baseline(self.score(self.dev, []), probe)
+        base.scores["probe_kept"] = 1.0
+        path.write_text(
+            json.dumps(
+                {
+                    "scores": base.scores,
+                    "probe": [
+                        {"prompt": f.prompt, "subject": f.subject, "target_new": f.target_new}
+                        for f in probe
+                    ],
+                },
+                indent=1,
+            ),
+            encoding="utf-8",
+        )
+        return base
+
+    def locate(self, probe: Sequence[EditRequest]) -> dict[str, Any]:
+        """Causal tracing over the known facts (cached in ``trace.json``)."""
+        from metake.locate import causal_trace
+
+        path = self.out / "trace.json"
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+        window = max(1, round(self.num_layers / 6))  # ROME: 10 of GPT2-XL's 48 layers
+        result = causal_trace(
+            self.model, self.tokenizer, list(probe)[: self.config.trace_facts], window=window
+        )
+        data = {**result.to_dict(), "window": window}
+        path.write_text(json.dumps(data, indent=1), encoding="utf-8")
+        return data
+
+    def windows(self, peak: int) -> list[tuple[int, ...]]:
+        """Edit windows of ``window_size`` layers ending at ``peak - 2``, ``peak``, ``peak + 2``."""
+        size = self.config.window_size
+        out = []
+        for last in (peak - 2, peak, peak + 2):
+            last = min(max(last, size), self.num_layers - 1)  # layer 0 is never edited
+            window = tuple(range(last - size + 1, last + 1))
+            if window not in out:
+                out.append(window)
+        return out
+
+    def _contexts(self) -> list[str]:
+        if self.contexts is None:
+            hp = self.base_hparams
+            self.contexts = context_templates(
+                self.model, self.tokenizer, hp.context_count, hp.context_length
+            )
+        return self.contexts
+
+    @staticmethod
+    def _target_key(hp: MemitHparams, records: Sequence[EvalRecord]) -> tuple:
+        return (hp.layers[-1], hp.v_lr, hp.v_steps, tuple(r.index for r in records))
+
+    def stage1_targets(self, hp: MemitHparams, records: Sequence[EvalRecord]) -> torch.Tensor:
+        """Stage I targets ``[n, d]`` at ``hp.layers[-1]`` on the unedited model (cached)."""
+        key = self._target_key(hp, records)
+        if key not in self._targets:
+            size = max(self.config.batch_sizes)
+            parts, probs = [], []
+            for start in range(0, len(records), size):
+                chunk = [r.request for r in records[start : start + size]]
+                plan = compute_targets(self.model, self.tokenizer, chunk, hp, self._contexts())
+                parts.append(plan.v_target)
+                probs += [math.exp(-nll) for nll in plan.final_nll]
+            self._targets[key] = torch.cat(parts)
+            self._reached[key] = probs
+        return self._targets[key]
+
+    def tune_stage1(self, layers: tuple[int, ...]) -> dict[str, Any]:
+        """The smallest learning rate (then more steps) whose targets reach >= 95% of the dev
+        records (``P(target) >= 0.5`` with the target in place)."""
+        records = self.dev[: self.config.search_records]
+        tried = []
+        for steps in (self.base_hparams.v_steps, 2 * self.base_hparams.v_steps):
+            for lr in LR_GRID:
+                row_id = f"stage1 layer={layers[-1]} lr={lr} steps={steps}"
+                if row_id not in self.rows:
+                    hp = self.base_hparams.with_overrides(
+                        layers=list(layers), v_lr=lr, v_steps=steps
+                    )
+                    start = time.perf_counter()
+                    self.stage1_targets(hp, records)
+                    probs = sorted(self._reached[self._target_key(hp, records)])
+                    reached = sum(p >= 0.5 for p in probs) / len(probs)
+                    self._record(
+                        {
+                            "id": row_id,
+                            "phase": "stage1",
+                            "v_lr": lr,
+                            "v_steps": steps,
+                            "reached": reached,
+                            "median_p": probs[len(probs) // 2],
+                            "seconds": time.perf_counter() - start,
+                        }
+                    )
+                tried.append(self.rows[row_id])
+                if self.rows[row_id]["reached"] >= 0.95:
+                    return {"v_lr": lr, "v_steps": steps, "tried": tried}
+        best = max(tried, key=lambda r: (r["reached"], -r["v_steps"]))
+        log.warning("Stage I reached at most %.0f%% of the dev targets", 100 * best["reached"])
+        return {"v_lr": best["v_lr"], "v_steps": best["v_steps"], "tried": tried}
+
+    def evaluate(
+        self, method: str, hp: MemitHparams, batch_size: int, probe: Sequence[EditRequest]
+    ) -> dict[str, Any]:
+        """Edit the dev records with ``method`` in batches of ``batch_size``, score, restore."""
+        name, solver = method_spec(method, "alphaedit")
+        spec = parse_solver(solver or name)
+        fixed = name not in PLANNER_METHODS and spec.base != "rome" and not spec.blue
+        records = self.dev if fixed else self.dev[: self.config.search_records]
+        batch_size = min(batch_size, len(records))
+        row_id = f"{method} b={batch_size} " + " ".join(
+            f"{k}={v}" for k, v in sorted(_tuned_values(hp).items())
+        )
+        if row_id in self.rows:
+            return self.rows[row_id]
+        editor = Editor(
+            self.model,
+            self.tokenizer,
+            name,
+            solver=solver,
+            hparams=hp,
+            corpus=self.corpus,
+            stats_cache=self.stats_cache,
+            progress=False,
+        )
+        editor._contexts = self._contexts()
+        targets = self.stage1_targets(hp, records) if fixed else None
+        start = time.perf_counter()
+        try:
+            for begin in range(0, len(records), batch_size):
+                chunk = [r.request for r in records[begin : begin + batch_size]]
+                if targets is None:
+                    editor.edit(chunk)
+                else:
+                    editor.apply_targets(chunk, targets[begin : begin + len(chunk)])
+            editor.finalize()
+            scores = self.score(records, probe)
+        finally:
+            editor.restore()
+        return self._record(
+            {
+                "id": row_id,
+                "phase": "search",
+                "method": method,
+                "batch_size": batch_size,
+                "records": len(records),
+                "path": "fixed targets" if fixed else "real edits",
+                "settings": _tuned_values(hp),
+                **scores,
+                "seconds": time.perf_counter() - start,
+            }
+        )
+
+    def candidate(
+        self, method: str, hp: MemitHparams, probe: Sequence[EditRequest], base: dict[str, float]
+    ) -> dict[str, Any]:
+        """A setting scored at every batch size (mean over them) with its rule verdict."""
+        rows = list(
+            {
+                r["id"]: r
+                for r in (self.evaluate(method, hp, b, probe) for b in self.config.batch_sizes)
+            }.values()
+        )
+        mean = {
+            k: sum(r[k] for r in rows) / len(rows)
+            for k in ("efficacy", "generalization", "specificity", "perplexity", "probe_kept")
+        }
+        out = {
+            "method": method,
+            "settings": _tuned_values(hp),
+            **mean,
+            "per_batch_size": {r["batch_size"]: r["id"] for r in rows},
+        }
+        out["violations"] = violations(out, base)
+        return out
+
+    # ----- the search -------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run (or continue) the whole search and write the preset and the report."""
+        from metake.tune_report import write_outputs
+
+        self._prepare()
+        base = self.baseline()
+        trace = self.locate(base.probe)
+        peak = max(int(trace["peak_layer"]), 1)
+        windows = self.windows(peak)
+        stage1 = self.tune_stage1(self.windows(peak)[len(windows) // 2])
+        shared = {"v_lr": stage1["v_lr"], "v_steps": stage1["v_steps"]}
+        chosen: dict[str, dict[str, Any]] = {}
+        searched: dict[str, list[dict[str, Any]]] = {}
+        bar = tqdm(self.config.methods, desc="tune", unit="method")
+        for method in bar:
+            bar.set_postfix_str(method)
+            searched[method] = self._search_method(method, shared, windows, chosen, base)
+            chosen[method] = max(searched[method], key=lambda c: selection_key(c, base.scores))
+            log.info("tune %s: %s", method, chosen[method]["settings"])
+        return write_outputs(self, base, trace, stage1, windows, searched, chosen)
+
+    def _search_method(
+        self,
+        method: str,
+        shared: dict[str, Any],
+        windows: list[tuple[int, ...]],
+        chosen: dict[str, dict[str, Any]],
+        base: Baseline,
+    ) -> list[dict[str, Any]]:
+        """Windows at the default strength, then the strength grid and its refinement."""
+        start = self.base_hparams.with_overrides(**shared)
+        if method in PLANNER_METHODS and "alphaedit" in chosen:  # over the tuned solver
+            start = start.with_overrides(**chosen["alphaedit"]["settings"])
+        results = []
+
+        def run(hp: MemitHparams) -> dict[str, Any]:
+            results.append(self.candidate(method, hp, base.probe, base.scores))
+            return results[-1]
+
+        if method in PLANNER_METHODS and "alphaedit" in chosen:
+            best_hp = start
+        else:
+            for window in windows:
+                run(start.with_overrides(layers=list(window)))
+            best = max(results, key=lambda c: selection_key(c, base.scores))
+            best_hp = start.with_overrides(layers=best["settings"]["layers"])
+        grid = STRENGTH_GRIDS.get(_grid_key(method), {})
+        refine = method not in PLANNER_METHODS  # MetaKE's runs are the dear ones
+        hp = best_hp.with_overrides(**{k: v[0] for k, v in grid.items()})
+        for number, (name, values) in enumerate(grid.items()):  # one coordinate at a time
+            tried = [
+                run(hp.with_overrides(**{name: v}))
+                for v in values
+                if number == 0 or v != getattr(hp, name)
+            ]
+            if number == 0 and refine:
+                top = max(tried, key=lambda c: selection_key(c, base.scores))
+                tried += [
+                    run(hp.with_overrides(**{name: v}))
+                    for v in _refine(values, top["settings"][name])
+                ]
+            top = max(
+                [*tried, *[c for c in results if c["settings"] == _tuned_values(hp)]],
+                key=lambda c: selection_key(c, base.scores),
+            )
+            hp = hp.with_overrides(**{name: top["settings"][name]})
+        return results
+
+
+def _grid_key(method: str) -> str:
+    """Which strength grid a method searches (prune: MEMIT's lambda)."""
+    return {"prune": "memit"}.get(method, method)
+
+
+def _refine(values: Sequence[float], best: float) -> list[float]:
+    """Geometric midpoints between ``best`` and its neighbours in the coarse grid."""
+    ordered = sorted(values)
+    i = ordered.index(best)
+    out = []
+    for j in (i - 1, i + 1):
+        if 0 <= j < len(ordered):
+            out.append(float(f"{math.sqrt(best * ordered[j]):.3g}"))
+    return out
+
+
+TUNED_FIELDS = (
+    "layers",
+    "v_lr",
+    "v_steps",
+    "mom2_update_weight",
+    "nullspace_threshold",
+    "nullspace_relative",
+    "alphaedit_lambda",
+    "alphaedit_blue_lambda",
+    "rect_keep_fraction",
+    "metake_lr",
+    "metake_reg_weight",
+)
+
+
+def _tuned_values(hp: MemitHparams) -> dict[str, Any]:
+    """The searched hyper-parameters of ``hp`` (what a tuned preset stores per method)."""
+    values = hp.to_dict()
+    return {k: values[k] for k in TUNED_FIELDS}
+
+
+def preset_entry(model: nn.Module, tuner: Tuner, chosen: dict[str, dict[str, Any]]) -> dict:
+    """The tuned preset: shared values at the top, each method's own in ``methods``."""
+    config = model.config.get_text_config()
+    name = find_preset(model.config)
+    match = {
+        "model_type": config.model_type,
+        "num_hidden_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+    }
+    base = tuner.base_hparams.to_dict()
+    top = {k: v for k, v in base.items() if k != "preset"}
+    first = chosen.get("alphaedit") or next(iter(chosen.values()))
+    top.update(first["settings"])
+    methods = {
+        m: {k: v for k, v in c["settings"].items() if top.get(k) != v} for m, c in chosen.items()
+    }
+    return {
+        "match": match,
+        **top,
+        "methods": methods,
+        "tuned": {
+            "command": tuner.config.command,
+            "from_preset": name,
+            "dev_records": tuner.config.dev_records,
+            "probe_records": tuner.config.probe_records,
+            "exclude_from_evaluation": tuner.config.dev_records,
+        },
+    }
+
+
+def run_tune(
+    config: TuneConfig,
+    out: str | Path,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    **options: Any,
+) -> dict[str, Any]:
+    """Run (or continue) a tuning run in ``out``; returns the report's content."""
+    return Tuner(config, out, model, tokenizer, **options).run()

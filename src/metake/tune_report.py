@@ -1,0 +1,160 @@
+"""What ``metake tune`` writes: the preset file, the report (JSON and Markdown) and its plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from metake.tune import Baseline, Tuner
+
+PRESET_FILE = "preset.json"
+
+
+def write_outputs(
+    tuner: Tuner,
+    base: Baseline,
+    trace: dict[str, Any],
+    stage1: dict[str, Any],
+    windows: list[tuple[int, ...]],
+    searched: dict[str, list[dict[str, Any]]],
+    chosen: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """Write ``preset.json``, ``report.json``/``.md`` and ``search.png``; return the report."""
+    from metake.tune import preset_entry
+
+    out = tuner.out
+    entry = preset_entry(tuner.model, tuner, chosen)
+    name = f"{Path(tuner.config.model).stem}-tuned"
+    preset = {
+        "_doc": "Written by `metake tune` (report.md beside it says how); use it with "
+        "--preset FILE. Leave the dev split out of evaluations: metake bench --exclude "
+        f"{tuner.config.dev_records}.",
+        name: entry,
+    }
+    (out / PRESET_FILE).write_text(json.dumps(preset, indent=1), encoding="utf-8")
+    report = {
+        "config": tuner.config.__dict__,
+        "baseline": base.scores,
+        "known_facts": len(base.probe),
+        "trace": {"mean_ie": trace["mean_ie"], "peak_layer": trace["peak_layer"]},
+        "stage1": stage1,
+        "windows": [list(w) for w in windows],
+        "searched": searched,
+        "chosen": chosen,
+        "seconds": sum(r.get("seconds", 0.0) for r in tuner.rows.values()),
+        "preset_file": str(out / PRESET_FILE),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    (out / "report.md").write_text(_markdown(report), encoding="utf-8")
+    _plot(out / "search.png", report)
+    return report
+
+
+RULE = (
+    "the highest Eff. + Gen. (mean over the batch sizes) among the settings with Spe. >= "
+    "unedited - 1 point, held-out perplexity drift <= 2% and >= 95% of the known facts still "
+    "known; when none passes, the fewest violations, then the highest Eff. + Gen. (flagged)"
+)
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    config, base = report["config"], report["baseline"]
+    ie = report["trace"]["mean_ie"]
+    lines = [
+        f"# metake tune: {config['model']}",
+        "",
+        "```",
+        config["command"] or "(run from the Python API)",
+        "```",
+        "",
+        f"Dev split: zsRE records {config['dev_records']} of `{config['data']}` (leave them out of "
+        f"every evaluation: `metake bench --exclude {config['dev_records']}`); batch sizes "
+        f"{config['batch_sizes']}; known facts: {report['known_facts']} CounterFact prompts of "
+        f"records {config['probe_records']} the unedited model answers. Total search time "
+        f"{report['seconds'] / 60:.1f} min.",
+        "",
+        f"**Selection rule (every method):** {RULE}.",
+        "",
+        f"Unedited on the dev split: Eff. {base['efficacy']:.2f}, Gen. "
+        f"{base['generalization']:.2f}, Spe. {base['specificity']:.2f}, perplexity "
+        f"{base['perplexity']:.2f}.",
+        "",
+        "## Locate (causal tracing)",
+        "",
+        f"Mean indirect effect of restoring the MLP output at the subject's last token, by layer; "
+        f"peak at layer {report['trace']['peak_layer']}. Windows searched: {report['windows']}.",
+        "",
+        "| layer | " + " | ".join(str(i) for i in range(len(ie))) + " |",
+        "|---|" + "---|" * len(ie),
+        "| IE | " + " | ".join(f"{v:.3f}" for v in ie) + " |",
+        "",
+        "## Stage I",
+        "",
+        f"Chosen: v_lr {report['stage1']['v_lr']}, v_steps {report['stage1']['v_steps']} (the "
+        "smallest rate whose targets reach P(target) >= 0.5 for >= 95% of the search records).",
+        "",
+        "| v_lr | v_steps | reached | median P(target) | s |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {r['v_lr']} | {r['v_steps']} | {100 * r['reached']:.0f}% | {r['median_p']:.3f} | "
+            f"{r['seconds']:.0f} |"
+            for r in report["stage1"]["tried"]
+        ],
+        "",
+        "## Chosen settings",
+        "",
+        "| method | settings | Eff. | Gen. | Spe. | ppl | known kept | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, row in report["chosen"].items():
+        lines.append(_row(method, row))
+    lines += ["", "## Every candidate", ""]
+    for method, rows in report["searched"].items():
+        lines += [
+            f"### {method}",
+            "",
+            "| method | settings | Eff. | Gen. | Spe. | ppl | known kept | verdict |",
+            "|---|---|---|---|---|---|---|---|",
+            *[_row(method, r) for r in rows],
+            "",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _row(method: str, row: dict[str, Any]) -> str:
+    settings = ", ".join(f"{k} {v}" for k, v in row["settings"].items())
+    verdict = "; ".join(row["violations"]) or "passes"
+    return (
+        f"| {method} | {settings} | {row['efficacy']:.2f} | {row['generalization']:.2f} | "
+        f"{row['specificity']:.2f} | {row['perplexity']:.2f} | "
+        f"{100 * row['probe_kept']:.0f}% | {verdict} |"
+    )
+
+
+def _plot(path: Path, report: dict[str, Any]) -> None:
+    """Causal-tracing curve and, per method, Eff. + Gen. of every candidate (x: violations)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(report["searched"])
+    fig, axes = plt.subplots(1, 1 + len(methods), figsize=(3.2 * (1 + len(methods)), 3.2))
+    ie = report["trace"]["mean_ie"]
+    axes[0].plot(range(len(ie)), ie, marker="o")
+    axes[0].set(title="causal trace (MLP)", xlabel="layer", ylabel="mean indirect effect")
+    for ax, method in zip(axes[1:], methods, strict=True):
+        rows = report["searched"][method]
+        score = [r["efficacy"] + r["generalization"] for r in rows]
+        colors = ["tab:green" if not r["violations"] else "tab:red" for r in rows]
+        ax.scatter(range(len(rows)), score, c=colors)
+        best = rows.index(report["chosen"][method]) if report["chosen"][method] in rows else None
+        if best is not None:
+            ax.scatter([best], [score[best]], s=160, facecolors="none", edgecolors="black")
+        ax.set(title=method, xlabel="candidate (search order)", ylabel="Eff. + Gen.")
+    fig.suptitle("metake tune: green passes the rule, red breaks it, circled: chosen")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,213 @@
+"""``metake tune`` on a tiny model: the search end to end, its preset, resume, the rule, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_bench import _zsre_file
+from test_editor import TEXTS
+from tiny_models import tiny_model, tiny_tokenizer
+
+import metake.tune as tune
+from metake.corpus import TextCorpus
+from metake.editor import Editor
+from metake.errors import MetakeError
+from metake.hparams import memit_hparams
+from metake.stats import StatsCache
+from metake.tune import TuneConfig, Tuner, run_tune, selection_key, violations
+
+FAST = {
+    "v_steps": 2,
+    "mom2_samples": 20,
+    "context_count": 1,
+    "context_length": 3,
+    "metake_steps": 1,
+    "nullspace_relative": True,
+}
+NAMES = ["Anna Berg", "Carl Dunn", "Eva Holm", "Ivan Roth", "Lena Ost", "Omar Said"]
+
+
+def _probe_file(tmp_path):
+    records = [
+        {
+            "case_id": i,
+            "prompt": "{} was born in",
+            "subject": name,
+            "target_new": "Oslo",
+            "ground_truth": "Lima",
+            "rephrase_prompt": f"{name} is from",
+        }
+        for i, name in enumerate(NAMES)
+    ]
+    path = tmp_path / "tiny_cf.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def _config(tmp_path, **extra):
+    settings = dict(
+        model="tiny-llama",
+        data=str(_zsre_file(tmp_path)),
+        dev_records="0:4",
+        probe_data=str(_probe_file(tmp_path)),
+        probe_records="0:6",
+        methods=["memit", "alphaedit", "rome", "metake"],
+        batch_sizes=[2, 4],
+        search_records=2,
+        window_size=2,
+        max_probe_facts=4,
+        trace_facts=2,
+        drift_texts=2,
+        overrides=dict(FAST),
+        min_known_facts=1,
+    )
+    settings.update(extra)
+    return TuneConfig(**settings)
+
+
+@pytest.fixture
+def cheap_grids(monkeypatch):
+    """Small grids, and every probe fact counted as known (a random model knows none)."""
+    monkeypatch.setattr(tune, "LR_GRID", (0.5, 1.0))
+    monkeypatch.setattr(
+        tune,
+        "STRENGTH_GRIDS",
+        {
+            "memit": {"mom2_update_weight": [1.0, 100.0]},
+            "alphaedit": {"nullspace_threshold": [0.3, 0.9], "alphaedit_lambda": [1.0, 10.0]},
+            "metake": {"metake_lr": [0.01, 0.1], "metake_reg_weight": [1e-3]},
+        },
+    )
+    monkeypatch.setattr(
+        tune,
+        "known_facts",
+        lambda model, tok, records, limit: [
+            r.request.__class__(r.request.prompt, r.request.subject, r.request.target_true)
+            for r in records
+        ][:limit],
+    )
+
+
+def _tune(tmp_path, model, config, out="run"):
+    return run_tune(
+        config,
+        tmp_path / out,
+        model,
+        tiny_tokenizer(),
+        corpus=TextCorpus.from_texts(TEXTS, name="tune test texts"),
+        stats_cache=StatsCache(tmp_path / "stats"),
+    )
+
+
+def test_tune_end_to_end_writes_a_preset_that_edit_accepts(tmp_path, cheap_grids):
+    """Trace, Stage I, windows, strengths, rule; the preset reproduces the chosen settings."""
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = _tune(tmp_path, model, _config(tmp_path))
+    out = tmp_path / "run"
+    for name in (
+        "preset.json",
+        "report.json",
+        "report.md",
+        "search.png",
+        "rows.jsonl",
+        "trace.json",
+        "baseline.json",
+        "config.json",
+    ):
+        assert (out / name).is_file(), name
+    for k, v in model.state_dict().items():  # every candidate was undone
+        assert (v == before[k]).all(), k
+    assert set(report["chosen"]) == {"memit", "alphaedit", "rome", "metake"}
+    assert len(report["trace"]["mean_ie"]) == 3
+    # memit tried every window, then both strengths, each at both batch sizes
+    memit = report["searched"]["memit"]
+    assert {tuple(c["settings"]["layers"]) for c in memit} == {tuple(w) for w in report["windows"]}
+    assert {c["settings"]["mom2_update_weight"] for c in memit} >= {1.0, 100.0}
+    assert all(len(c["per_batch_size"]) == 2 for c in memit)
+    # the chosen one is the best under the rule among the searched
+    base = report["baseline"]
+    for method, rows in report["searched"].items():
+        best = max(selection_key(r, base) for r in rows)
+        assert selection_key(report["chosen"][method], base) == best, method
+    # the preset file gives each method its chosen settings through Editor/--preset
+    preset = str(out / "preset.json")
+    for method, solver in (("memit", None), ("alphaedit", None), ("metake", "alphaedit")):
+        editor = Editor(model, tiny_tokenizer(), method, solver=solver, preset=preset)
+        chosen = report["chosen"][method]["settings"]
+        got = editor.hparams.to_dict()
+        for key, value in chosen.items():
+            assert got[key] == value, (method, key)
+    rome = Editor(model, tiny_tokenizer(), "rome", preset=preset)
+    assert list(rome.hparams.layers) == report["chosen"]["rome"]["settings"]["layers"][-1:]
+    assert "exclude" in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_tune_resumes_without_recomputing(tmp_path, cheap_grids, monkeypatch):
+    """A second run over the same folder reuses every row and gives the same choice."""
+    model = tiny_model("llama")
+    config = _config(tmp_path, methods=["memit"])
+    first = _tune(tmp_path, model, config)
+
+    def no_edits(*args, **kwargs):
+        raise AssertionError("a finished candidate was evaluated again")
+
+    monkeypatch.setattr(Tuner, "score", no_edits)
+    second = _tune(tmp_path, model, config)
+    assert second["chosen"] == first["chosen"]
+
+
+def test_selection_rule_guards():
+    """Spe. within 1 point, perplexity within 2%, known facts >= 95%: else flagged."""
+    base = {"efficacy": 20.0, "generalization": 20.0, "specificity": 30.0, "perplexity": 10.0}
+    good = {
+        "efficacy": 80.0,
+        "generalization": 60.0,
+        "specificity": 29.5,
+        "perplexity": 10.1,
+        "probe_kept": 1.0,
+    }
+    assert violations(good, base) == []
+    bad_spe = {**good, "specificity": 28.9}
+    bad_ppl = {**good, "perplexity": 10.3}
+    bad_probe = {**good, "probe_kept": 0.9}
+    for bad in (bad_spe, bad_ppl, bad_probe):
+        assert len(violations(bad, base)) == 1
+    better_but_bad = {**bad_ppl, "efficacy": 99.0}
+    assert max([good, better_but_bad], key=lambda r: selection_key(r, base)) is good
+
+
+def test_bad_input_gets_clear_errors(tmp_path):
+    """Unknown method, overlapping splits, an empty dev split, too few known facts."""
+    with pytest.raises(MetakeError, match="unknown method"):
+        _config(tmp_path, methods=["memit", "magic"])
+    with pytest.raises(MetakeError, match="overlaps the evaluation split"):
+        _config(tmp_path, dev_records="0:4", eval_records="3:10")
+    with pytest.raises(MetakeError, match="not a range"):
+        _config(tmp_path, dev_records="5")
+    with pytest.raises(MetakeError, match="overlaps --dev-records"):
+        _config(tmp_path, probe_data=str(_zsre_file(tmp_path)), probe_records="2:3")
+    model = tiny_model("llama")
+    with pytest.raises(MetakeError, match="holds no valid record"):
+        Tuner(
+            _config(tmp_path, dev_records="100:200"),
+            tmp_path / "x",
+            model,
+            tiny_tokenizer(),
+            corpus=TextCorpus.from_texts(TEXTS, name="t"),
+        )
+    with pytest.raises(MetakeError, match="knows only"):
+        _tune(tmp_path, model, _config(tmp_path, min_known_facts=5), out="few")
+
+
+def test_preset_file_for_another_model_is_refused(tmp_path):
+    """A tuned preset names its model (match); another model refuses it."""
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"x-tuned": {"match": {"model_type": "gpt2"}, "layers": [0]}}))
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="made for a model"):
+        memit_hparams(model.config, str(path))
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        memit_hparams(model.config, str(path))
