@@ -138,5 +138,7 @@ def test_keys_average_each_context_type_first_as_memit_compute_ks(family):
     expected = 0.5 * one[0] + 0.5 * torch.stack(one[1:]).mean(0)
     torch.testing.assert_close(acts.keys[1], expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(acts.bare_keys[1], one[0], rtol=1e-4, atol=1e-5)
-    plain_mean = torch.stack(one).mean(0)  # the weighting this replaced (1/4 each here)
+    plain_mean = torch.stack(one).mean(0)  # ROME's flat average (1/4 each here)
     assert (acts.keys[1] - plain_mean).abs().max() > 1e-3
+    rome = subject_activations(model, tok, REQUESTS, ["", *prefixed], [1], 1, key_average="plain")
+    torch.testing.assert_close(rome.keys[1], plain_mean, rtol=1e-4, atol=1e-5)

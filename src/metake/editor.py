@@ -438,9 +438,9 @@ class Editor:
         if hypergradient == "exact":
             layers = list(self.hparams.layers if layers is None else layers)
             return SpreadChannel(self.model, self.tokenizer, requests, layers, contexts,
-                                 self.gate)  # fmt: skip
+                                 self.gate, self.key_average)  # fmt: skip
         acts = subject_activations(self.model, self.tokenizer, requests, contexts, [plan.layer],
-                                   plan.layer)  # fmt: skip
+                                   plan.layer, key_average=self.key_average)  # fmt: skip
         keys = acts.keys[plan.layer]
         module = self.adapter.mlp_out(self.model, plan.layer)
         current = plan.v_init.to(keys.device, torch.promote_types(keys.dtype, torch.float32))
@@ -450,6 +450,12 @@ class Editor:
                                     outputs=acts.projections[plan.layer])  # fmt: skip
         gate = self.gate(plan.layer, keys, acts.bare_keys[plan.layer])
         return ProxyChannel(module, plan.layer, gate, current, to_projection)
+
+    @property
+    def key_average(self) -> str:
+        """How this session's solver averages keys over contexts: ROME's plain mean, or MEMIT's
+        per-type one (see :func:`~metake.solvers.memit.context_type_mean`)."""
+        return "plain" if self.spec.base == "rome" else "types"
 
     def gate(
         self, layer: int, keys: torch.Tensor, bare_keys: torch.Tensor | None = None
@@ -478,7 +484,7 @@ class Editor:
             seconds = (seconds[0] + timing[0], seconds[1] + timing[1])
             target = refinement.v_target if refinement else plan.v_target
             acts = subject_activations(self.model, self.tokenizer, [request], contexts, [layer],
-                                       layer)  # fmt: skip
+                                       layer, key_average=self.key_average)  # fmt: skip
             resid = layer_residuals(self.model, acts, layer, target, 1)
             delta = rome_delta(acts.keys[layer][0], resid[0], self.second_moment(layer),
                                acts.bare_keys[layer][0], self.hparams.rome_ridge)  # fmt: skip

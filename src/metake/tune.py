@@ -96,7 +96,7 @@ class TuneConfig:
     data: str
     dev_records: str = "900:1000"
     probe_data: str = "../shared/data/counterfact/counterfact_10k.json"
-    probe_records: str = "0:400"
+    probe_records: str = "0:2000"
     eval_records: str | None = None  # the split you will report: must not overlap the dev split
     methods: list[str] = field(default_factory=lambda: list(TUNABLE[:7]))
     batch_sizes: list[int] = field(default_factory=lambda: [25, 100])
@@ -220,14 +220,14 @@ class Tuner:
         mine = asdict(self.config)
         if path.is_file():
             saved = json.loads(path.read_text(encoding="utf-8"))
-            differ = sorted(k for k in mine if k != "command" and saved.get(k) != mine[k])
+            free = ("command", "methods")  # more methods later: rows are kept per method
+            differ = sorted(k for k in mine if k not in free and saved.get(k) != mine[k])
             if differ:
                 raise MetakeError(
                     f"{self.out} holds a tuning run with another configuration "
                     f"({', '.join(differ)}); use another --out"
                 )
-        else:
-            path.write_text(json.dumps(mine, indent=1), encoding="utf-8")
+        path.write_text(json.dumps(mine, indent=1), encoding="utf-8")
         rows = self.out / "rows.jsonl"
         if rows.is_file():
             for line in rows.read_text(encoding="utf-8").splitlines():
@@ -468,7 +468,8 @@ class Tuner:
             searched[method] = self._search_method(method, shared, windows, chosen, base)
             chosen[method] = max(searched[method], key=lambda c: selection_key(c, base.scores))
             log.info("tune %s: %s", method, chosen[method]["settings"])
-        return write_outputs(self, base, trace, stage1, windows, searched, chosen)
+            report = write_outputs(self, base, trace, stage1, windows, searched, chosen)
+        return report
 
     def _search_method(
         self,
@@ -592,5 +593,8 @@ def run_tune(
     tokenizer: PreTrainedTokenizerBase,
     **options: Any,
 ) -> dict[str, Any]:
-    """Run (or continue) a tuning run in ``out``; returns the report's content."""
+    """Run (or continue) a tuning run in ``out``; returns the report's content.
+
+    The preset and report are rewritten after every method, so an interrupted run leaves the
+    methods finished so far usable."""
     return Tuner(config, out, model, tokenizer, **options).run()

@@ -57,6 +57,7 @@ def spread_deltas(
     layers: Sequence[int],
     contexts: Sequence[str],
     gate: GateFn,
+    key_average: str = "types",
 ) -> dict[int, torch.Tensor]:
     """:func:`~metake.solvers.memit.apply_spread` as a differentiable function of ``targets``.
 
@@ -70,7 +71,7 @@ def spread_deltas(
     for i, layer in enumerate(layers):
         with virtual_deltas(model, deltas):
             acts = subject_activations(model, tokenizer, requests, contexts, [layer], last,
-                                       track_grad=True)  # fmt: skip
+                                       track_grad=True, key_average=key_average)  # fmt: skip
         resid = layer_residuals(model, acts, layer, targets, len(layers) - i)  # [n, d]
         deltas[layer] = resid.double().T @ gate(layer, acts.keys[layer], acts.bare_keys[layer])
     return deltas
@@ -114,6 +115,7 @@ class SpreadChannel:
     layers: Sequence[int]
     contexts: Sequence[str]
     gate: GateFn
+    key_average: str = "types"  # how the solver averages keys over contexts (ROME: "plain")
 
     @property
     def entry_layer(self) -> int:
@@ -123,7 +125,7 @@ class SpreadChannel:
     def deltas(self, v_star: torch.Tensor) -> dict[int, torch.Tensor]:
         """``{layer: Delta(v*) [d_out, d_in]}``, differentiable in ``v_star`` (``[n, d]``)."""
         return spread_deltas(self.model, self.tokenizer, self.requests, v_star, self.layers,
-                             self.contexts, self.gate)  # fmt: skip
+                             self.contexts, self.gate, self.key_average)  # fmt: skip
 
     def __call__(self, v_star: torch.Tensor) -> AbstractContextManager[None]:
         """Virtual weights for targets ``v_star`` (``[n, d]``)."""

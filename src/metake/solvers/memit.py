@@ -55,14 +55,22 @@ class SubjectActivations(NamedTuple):
     bare_keys: dict[int, torch.Tensor]  # {layer: [n, d_in]}, projection inputs, no context
 
 
-def context_type_mean(acts: torch.Tensor) -> torch.Tensor:
-    """Average ``[n, c, d]`` over contexts as MEMIT's ``compute_ks`` does: ``[n, d]``.
+KEY_AVERAGES = ("types", "plain")
+"""How keys are averaged over contexts: MEMIT's per-type mean, or ROME's plain mean."""
 
-    The contexts form two *types*, the bare prompt (context 0) and the prefixed prompts (the
-    rest); each type is averaged first, then the types, so the bare prompt weighs one half.
+
+def context_type_mean(acts: torch.Tensor, how: str = "types") -> torch.Tensor:
+    """Average ``[n, c, d]`` over contexts: ``[n, d]``.
+
+    ``"types"`` (MEMIT's and AlphaEdit's ``compute_ks``): the contexts form two *types*, the
+    bare prompt (context 0) and the prefixed prompts (the rest); each type is averaged first,
+    then the types, so the bare prompt weighs one half. ``"plain"`` (ROME's ``compute_u``, whose
+    templates form one flat list): every context weighs the same.
     """
-    if acts.shape[1] == 1:
-        return acts[:, 0]
+    if how not in KEY_AVERAGES:
+        raise ValueError(f"key average must be one of {KEY_AVERAGES}, got {how!r}")
+    if acts.shape[1] == 1 or how == "plain":
+        return acts.mean(1)
     return (acts[:, 0] + acts[:, 1:].mean(1)) / 2
 
 
@@ -75,12 +83,14 @@ def subject_activations(
     value_layer: int,
     *,
     track_grad: bool = False,
+    key_average: str = "types",
 ) -> SubjectActivations:
     """Keys ``{layer: [n, d_in]}`` (context-averaged), values ``[n, d]`` at ``value_layer``,
     the projections' outputs ``{layer: [n, d]}`` and the bare prompt's keys ``{layer: [n, d_in]}``.
 
     Keys are the inputs of each layer's MLP output projection at the subject's last token,
-    averaged over the context prefixes by :func:`context_type_mean` (MEMIT's ``compute_ks``);
+    averaged over the context prefixes by :func:`context_type_mean` (``key_average``: MEMIT's
+    per-type mean, or ROME's plain one);
     values are the output of decoder layer ``value_layer``
     there, and projections the output of each key layer's projection, both for the prompt
     without context (``contexts[0]`` must be ``""``). One forward, stopped after the last module
@@ -113,7 +123,7 @@ def subject_activations(
         return acts[rows, batch.subject_last].view(n, c, -1).to(dtype)
 
     inputs = {layer: at_subject(tr.inputs[name]) for layer, name in key_names.items()}
-    keys = {layer: context_type_mean(acts) for layer, acts in inputs.items()}
+    keys = {layer: context_type_mean(acts, key_average) for layer, acts in inputs.items()}
     bare_keys = {layer: acts[:, 0] for layer, acts in inputs.items()}
     projections = {layer: at_subject(tr.outputs[name])[:, 0] for layer, name in key_names.items()}
     values = at_subject(tr.outputs[value_name])[:, 0]

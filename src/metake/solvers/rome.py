@@ -1,7 +1,8 @@
 """Stage II, ROME: a rank-one update of one layer's MLP output projection per edit.
 
 For one edit, ROME's ``compute_u`` takes the direction ``u = C0^-1 k_bar`` from the key averaged
-over the context prefixes (``k_bar``, ``[d_in]``), and its ``compute_v`` sets the scale at the bare
+over the context prefixes (``k_bar``, ``[d_in]``; a plain mean over all of them, ROME's templates
+being one flat list, unlike MEMIT's per-type mean), and its ``compute_v`` sets the scale at the bare
 prompt: with ``k`` the bare prompt's key and ``r`` the wanted change of the layer's output there
 (``[d_out]``),
 
