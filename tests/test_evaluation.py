@@ -243,3 +243,28 @@ def test_shared_datasets_load_completely():
     assert len(load_dataset("zsre", SHARED_DATA / "zsre" / "zsre_1k.json").records) == 1000
     cf = load_dataset("counterfact", SHARED_DATA / "counterfact" / "counterfact_10k.json")
     assert len(cf.records) == 10000 and not cf.skipped
+
+
+def _records(count: int):
+    from metake.evaluation.datasets import EvalRecord
+
+    return [EvalRecord(i, EditRequest("{} is in", f"S{i}", "X"), (), ()) for i in range(count)]
+
+
+def test_select_records_ranges_in_file_order_and_exclusions():
+    """--records takes file positions in order; --exclude keeps a split out of the sampling."""
+    from metake.evaluation.datasets import DatasetError, parse_ranges, select_records
+
+    records = _records(50)
+    del records[7]  # an invalid (skipped) record: positions stay file positions
+    assert [r.index for r in select_records(records, 5, 0, only="5:9,20:22")] == [5, 6, 8, 20, 21]
+    with pytest.raises(DatasetError, match="fewer than"):
+        select_records(records, 6, 0, only="5:9,20:22")
+    for seed in range(5):
+        sampled = select_records(records, 30, seed, exclude="0:10,40:50")
+        assert all(10 <= r.index < 40 for r in sampled) and len({r.index for r in sampled}) == 30
+    with pytest.raises(DatasetError, match="overlaps"):
+        select_records(records, 2, 0, only="0:5", exclude="4:6")
+    for bad in ("5", "9:3", "a:b", "-1:4", ""):
+        with pytest.raises(DatasetError, match="range"):
+            parse_ranges(bad)

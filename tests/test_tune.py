@@ -211,3 +211,12 @@ def test_preset_file_for_another_model_is_refused(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         memit_hparams(model.config, str(path))
+
+
+def test_edit_windows_end_where_the_effect_fades():
+    """Windows end 2 before, at and 2 after the last layer with >= 1/4 of the peak effect."""
+    ie = [0.042, 0.048, 0.054, 0.011, 0.019, 0.026, 0.021, 0.019, 0.013, 0.008] + [0.001] * 20
+    assert tune.edit_windows(ie, 5, 30) == [(1, 2, 3, 4, 5), (3, 4, 5, 6, 7), (5, 6, 7, 8, 9)]
+    # clipped at both ends, duplicates dropped
+    assert tune.edit_windows([0.0, 1.0, 0.0, 0.0], 2, 4) == [(1, 2), (2, 3)]
+    assert tune.edit_windows([0.0, 0.1, 0.2, 1.0], 3, 4) == [(1, 2, 3)]

@@ -8,12 +8,14 @@ that no reported evaluation may use (``metake bench --exclude`` leaves it out):
    with the answer). They locate the edit layers and check, after each candidate edit, that the
    model still knows them.
 2. **Locate** (ROME's causal tracing): the indirect effect of restoring the MLP outputs at the
-   subject's last token, per layer, over the known facts; its peak ``p`` anchors the edit windows.
+   subject's last token (a window of about a sixth of the layers around each, as ROME's 10 of
+   48), per layer, over the known facts; ``e``, the last layer whose effect is at least a quarter
+   of the peak's, anchors the edit windows.
 3. **Stage I** (the planner every method shares): the smallest learning rate of a grid whose
    targets reach ``P(target) >= 0.5`` for at least 95% of the dev records, at the window ending at
-   ``p`` (more steps when no rate reaches it).
-4. **Windows and strengths**, per method: windows of ``window_size`` layers ending at ``p - 2``,
-   ``p`` and ``p + 2``, then the solver's strength on a coarse grid at the best window and a finer
+   ``e`` (more steps when no rate reaches it).
+4. **Windows and strengths**, per method: windows of ``window_size`` layers ending at ``e - 2``,
+   ``e`` and ``e + 2``, then the solver's strength on a coarse grid at the best window and a finer
    one around the best value. MEMIT-family solvers (memit, alphaedit, rect, prune) re-solve Stage
    II from Stage I targets computed once per window on the unedited model (the targets do not
    depend on the solver; later batches' targets are therefore those of the unedited model, an
@@ -301,16 +303,9 @@ class Tuner:
         path.write_text(json.dumps(data, indent=1), encoding="utf-8")
         return data
 
-    def windows(self, peak: int) -> list[tuple[int, ...]]:
-        """Edit windows of ``window_size`` layers ending at ``peak - 2``, ``peak``, ``peak + 2``."""
-        size = self.config.window_size
-        out = []
-        for last in (peak - 2, peak, peak + 2):
-            last = min(max(last, size), self.num_layers - 1)  # layer 0 is never edited
-            window = tuple(range(last - size + 1, last + 1))
-            if window not in out:
-                out.append(window)
-        return out
+    def windows(self, mean_ie: Sequence[float]) -> list[tuple[int, ...]]:
+        """The candidate edit windows for this model (see :func:`edit_windows`)."""
+        return edit_windows(mean_ie, self.config.window_size, self.num_layers)
 
     def _contexts(self) -> list[str]:
         if self.contexts is None:
@@ -456,9 +451,8 @@ class Tuner:
         self._prepare()
         base = self.baseline()
         trace = self.locate(base.probe)
-        peak = max(int(trace["peak_layer"]), 1)
-        windows = self.windows(peak)
-        stage1 = self.tune_stage1(self.windows(peak)[len(windows) // 2])
+        windows = self.windows(trace["mean_ie"])
+        stage1 = self.tune_stage1(windows[len(windows) // 2])
         shared = {"v_lr": stage1["v_lr"], "v_steps": stage1["v_steps"]}
         chosen: dict[str, dict[str, Any]] = {}
         searched: dict[str, list[dict[str, Any]]] = {}
@@ -517,6 +511,25 @@ class Tuner:
             )
             hp = hp.with_overrides(**{name: top["settings"][name]})
         return results
+
+
+def edit_windows(mean_ie: Sequence[float], size: int, num_layers: int) -> list[tuple[int, ...]]:
+    """Windows of ``size`` layers ending at ``end - 2``, ``end``, ``end + 2`` (distinct, clipped).
+
+    ``end`` is the last layer whose mean indirect effect is at least a quarter of the peak's
+    (layer 0 never counts: it is not edited): the end of the region where the MLPs carry the
+    facts, as MEMIT's windows end where that effect fades.
+    """
+    effects = list(mean_ie)
+    peak = max(range(1, len(effects)), key=lambda i: effects[i])
+    end = max(i for i in range(peak, len(effects)) if effects[i] >= 0.25 * effects[peak])
+    out = []
+    for last in (end - 2, end, end + 2):
+        last = min(max(last, size), num_layers - 1)
+        window = tuple(range(last - size + 1, last + 1))
+        if window not in out:
+            out.append(window)
+    return out
 
 
 def _grid_key(method: str) -> str:

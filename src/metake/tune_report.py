@@ -38,7 +38,7 @@ def write_outputs(
         "config": tuner.config.__dict__,
         "baseline": base.scores,
         "known_facts": len(base.probe),
-        "trace": {"mean_ie": trace["mean_ie"], "peak_layer": trace["peak_layer"]},
+        "trace": {k: trace.get(k) for k in ("mean_ie", "peak_layer", "window")},
         "stage1": stage1,
         "windows": [list(w) for w in windows],
         "searched": searched,
@@ -83,8 +83,11 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         "## Locate (causal tracing)",
         "",
-        f"Mean indirect effect of restoring the MLP output at the subject's last token, by layer; "
-        f"peak at layer {report['trace']['peak_layer']}. Windows searched: {report['windows']}.",
+        "Mean indirect effect of restoring the MLP outputs (a window of "
+        f"{report['trace']['window']} layers around each) at the subject's last token, by layer; "
+        f"peak at layer {report['trace']['peak_layer']}. Windows searched (ending at the last "
+        f"layer with at least a quarter of the peak's effect, and 2 layers either side): "
+        f"{report['windows']}.",
         "",
         "| layer | " + " | ".join(str(i) for i in range(len(ie))) + " |",
         "|---|" + "---|" * len(ie),
