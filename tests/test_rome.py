@@ -81,3 +81,23 @@ def test_ridge_is_a_fraction_of_the_mean_eigenvalue():
     raw = rome_delta(skewed, resid, bad, bare_key=key)
     calm = rome_delta(skewed, resid, bad, bare_key=key, ridge=1e-3)
     assert calm.norm() < raw.norm() / 10
+
+
+def test_rome_session_lands_the_target_exactly_at_the_bare_prompt(tmp_path):
+    """After a ROME edit, layer L's output at the bare prompt's subject equals Stage I's v*."""
+    from test_editor import _editor
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    from metake.planners.standard import compute_targets
+    from metake.requests import EditRequest
+    from metake.solvers.memit import keys_and_values
+
+    model = tiny_model("llama")
+    editor = _editor(model, tmp_path, method="rome", layers=[1])
+    request = EditRequest("{} lives in", "Anna Berg", "Oslo")
+    editor.load_statistics()
+    plan = compute_targets(model, tiny_tokenizer(), [request], editor.hparams, editor.contexts)
+    editor.edit([request])
+    _, values = keys_and_values(model, tiny_tokenizer(), [request], [""], 1, 1)
+    torch.testing.assert_close(values, plan.v_target, rtol=1e-4, atol=1e-4)
+    assert (plan.v_target - plan.v_init).norm() > 1e-2  # the edit moved something
