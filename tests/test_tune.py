@@ -153,7 +153,9 @@ def test_tune_resumes_without_recomputing(tmp_path, cheap_grids, monkeypatch):
     def no_edits(*args, **kwargs):
         raise AssertionError("a finished candidate was evaluated again")
 
+    assert list((tmp_path / "run" / "targets").glob("*.safetensors"))  # Stage I, kept on disk
     monkeypatch.setattr(Tuner, "score", no_edits)
+    monkeypatch.setattr(tune, "compute_targets", no_edits)
     second = _tune(tmp_path, model, config)
     assert second["chosen"] == first["chosen"]
 

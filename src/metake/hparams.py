@@ -134,6 +134,11 @@ def preset_names() -> list[str]:
     return sorted(_load_presets())
 
 
+def preset_entry_info(name: str) -> dict[str, Any]:
+    """A shipped preset's raw entry (``methods`` and ``tuned`` sections included)."""
+    return dict(_load_presets()[name])
+
+
 def find_preset(config: PretrainedConfig) -> str | None:
     """Name of the preset whose ``match`` fields all equal the config's, or ``None``."""
     for name, preset in _load_presets().items():

@@ -33,9 +33,11 @@ The run folder holds ``rows.jsonl`` (every evaluated candidate; a rerun skips th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -43,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -322,6 +325,15 @@ class Tuner:
     def stage1_targets(self, hp: MemitHparams, records: Sequence[EvalRecord]) -> torch.Tensor:
         """Stage I targets ``[n, d]`` at ``hp.layers[-1]`` on the unedited model (cached)."""
         key = self._target_key(hp, records)
+        digest = hashlib.sha1(repr(key).encode()).hexdigest()[:12]
+        path = (
+            self.out
+            / "targets"
+            / f"L{hp.layers[-1]}-lr{hp.v_lr}-s{hp.v_steps}-{digest}.safetensors"
+        )
+        if key not in self._targets and path.is_file():  # an earlier (interrupted) run's
+            saved = load_file(str(path))
+            self._targets[key], self._reached[key] = saved["targets"], saved["reached"].tolist()
         if key not in self._targets:
             size = max(self.config.batch_sizes)
             parts, probs = [], []
@@ -332,6 +344,16 @@ class Tuner:
                 probs += [math.exp(-nll) for nll in plan.final_nll]
             self._targets[key] = torch.cat(parts)
             self._reached[key] = probs
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file(
+                {
+                    "targets": self._targets[key].contiguous(),
+                    "reached": torch.tensor(probs, dtype=torch.float64),
+                },
+                str(tmp),
+            )
+            os.replace(tmp, path)
         return self._targets[key]
 
     def tune_stage1(self, layers: tuple[int, ...]) -> dict[str, Any]:
