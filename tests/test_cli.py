@@ -138,3 +138,20 @@ def test_bench_without_data_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.delenv("METAKE_COUNTERFACT_DATA", raising=False)
     assert main(["bench", "--dataset", "counterfact"]) == 2
     assert "METAKE_COUNTERFACT_DATA" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--methods", "memit,magic"], "unknown method"),
+        (["--dev-records", "0:100", "--eval-records", "50:60"], "overlaps the evaluation split"),
+        (["--dev-records", "100"], "not a range"),
+    ],
+)
+def test_tune_bad_input_is_one_clear_line(tmp_path, args, message, capsys):
+    """metake tune refuses bad splits and methods before loading anything."""
+    zsre = tmp_path / "z.json"
+    zsre.write_text("[]", encoding="utf-8")
+    assert main(["tune", "--data", str(zsre), "--out", str(tmp_path / "t"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

