@@ -335,7 +335,7 @@ class Tuner:
             saved = load_file(str(path))
             self._targets[key], self._reached[key] = saved["targets"], saved["reached"].tolist()
         if key not in self._targets:
-            size = max(self.config.batch_sizes)
+            size = min(self.config.batch_sizes)  # per-request targets: chunks only bound memory
             parts, probs = [], []
             for start in range(0, len(records), size):
                 chunk = [r.request for r in records[start : start + size]]
