@@ -362,7 +362,9 @@ class Tuner:
         records = self.dev[: self.config.search_records]
         tried = []
         for steps in (self.base_hparams.v_steps, 2 * self.base_hparams.v_steps):
-            for lr in LR_GRID:
+            best_so_far = max(tried, key=lambda r: r["reached"], default=None)
+            floor = best_so_far["v_lr"] if best_so_far else 0.0  # more steps: no smaller rate
+            for lr in (lr for lr in LR_GRID if lr >= floor):
                 row_id = f"stage1 layer={layers[-1]} lr={lr} steps={steps}"
                 if row_id not in self.rows:
                     hp = self.base_hparams.with_overrides(
