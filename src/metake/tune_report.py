@@ -126,8 +126,22 @@ def _markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SHOWN = {
+    "memit": ("mom2_update_weight",),
+    "prune": ("mom2_update_weight",),
+    "rect": ("mom2_update_weight", "rect_keep_fraction"),
+    "rome": (),
+    "alphaedit": ("nullspace_threshold", "nullspace_relative", "alphaedit_lambda"),
+    "alphaedit_blue": ("nullspace_threshold", "nullspace_relative", "alphaedit_blue_lambda"),
+    "metake": ("nullspace_threshold", "alphaedit_lambda", "metake_lr", "metake_reg_weight"),
+    "metake_exact": ("nullspace_threshold", "alphaedit_lambda", "metake_lr", "metake_reg_weight"),
+}
+"""The settings a method reads, shown in the report (the preset file holds them all)."""
+
+
 def _row(method: str, row: dict[str, Any]) -> str:
-    settings = ", ".join(f"{k} {v}" for k, v in row["settings"].items())
+    names = ("layers", "v_lr", "v_steps", *SHOWN.get(method, tuple(row["settings"])))
+    settings = ", ".join(f"{k} {row['settings'][k]}" for k in names)
     verdict = "; ".join(row["violations"]) or "passes"
     return (
         f"| {method} | {settings} | {row['efficacy']:.2f} | {row['generalization']:.2f} | "
