@@ -222,3 +222,10 @@ def test_edit_windows_end_where_the_effect_fades():
     # clipped at both ends, duplicates dropped
     assert tune.edit_windows([0.0, 1.0, 0.0, 0.0], 2, 4) == [(1, 2), (2, 3)]
     assert tune.edit_windows([0.0, 0.1, 0.2, 1.0], 3, 4) == [(1, 2, 3)]
+
+
+def test_refine_bisects_around_the_best_value_twice():
+    """Round 1 halves (geometrically) the gaps to the best value's neighbours; round 2 again."""
+    assert tune._refine([500.0, 2000.0, 8000.0, 32000.0], 32000.0) == [16000.0]
+    assert tune._refine([500.0, 2000.0, 8000.0, 16000.0, 32000.0], 16000.0) == [11300.0, 22600.0]
+    assert tune._refine([0.01, 0.1], 0.01) == [0.0316]

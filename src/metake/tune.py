@@ -523,11 +523,13 @@ class Tuner:
                 for v in values
                 if number == 0 or v != getattr(hp, name)
             ]
-            if number == 0 and refine:
+            for _ in range(REFINE_ROUNDS if number == 0 and refine else 0):
                 top = max(tried, key=lambda c: selection_key(c, base.scores))
+                seen = sorted({c["settings"][name] for c in tried})
                 tried += [
                     run(hp.with_overrides(**{name: v}))
-                    for v in _refine(values, top["settings"][name])
+                    for v in _refine(seen, top["settings"][name])
+                    if v not in seen
                 ]
             top = max(
                 [*tried, *[c for c in results if c["settings"] == _tuned_values(hp)]],
@@ -561,8 +563,12 @@ def _grid_key(method: str) -> str:
     return {"prune": "memit"}.get(method, method)
 
 
+REFINE_ROUNDS = 2
+"""Rounds of geometric bisection around the best value of a method's first strength key."""
+
+
 def _refine(values: Sequence[float], best: float) -> list[float]:
-    """Geometric midpoints between ``best`` and its neighbours in the coarse grid."""
+    """Geometric midpoints between ``best`` and its neighbours among the values tried."""
     ordered = sorted(values)
     i = ordered.index(best)
     out = []
