@@ -63,6 +63,7 @@ from metake.planners.standard import compute_targets, context_templates
 from metake.probe import token_accuracy
 from metake.requests import EditRequest
 from metake.stats import StatsCache
+from metake.tokens import encode_request, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class TuneConfig:
     preset: str | None = None  # where the search starts from (default: the model's preset)
     overrides: dict[str, Any] = field(default_factory=dict)  # fixed hyper-parameters (--set)
     min_known_facts: int = 5
+    known_margin: float = 1.0  # nats every answer token leads by (robust known facts only)
     corpus: str | None = None
     device: str = "cpu"
     command: str = ""
@@ -174,15 +176,40 @@ def known_facts(
     tokenizer: PreTrainedTokenizerBase,
     records: Sequence[EvalRecord],
     limit: int,
+    margin: float = 0.0,
 ) -> list[EditRequest]:
-    """Up to ``limit`` records' true facts the model answers exactly (teacher-forced argmax)."""
+    """Up to ``limit`` records' true facts the model answers exactly (teacher-forced argmax),
+    each answer token by at least ``margin`` nats over the runner-up (fragile facts flip under
+    any edit and would measure noise, not damage)."""
     facts = [
         EditRequest(r.request.prompt, r.request.subject, r.request.target_true)
         for r in records
         if r.request.target_true
     ]
-    hits = token_accuracy(model, tokenizer, facts)
-    return [f for f, hit in zip(facts, hits, strict=True) if hit == 1.0][:limit]
+    margins = answer_margins(model, tokenizer, facts)
+    return [f for f, m in zip(facts, margins, strict=True) if m > 0 and m >= margin][:limit]
+
+
+@torch.no_grad()
+def answer_margins(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Sequence[EditRequest]
+) -> list[float]:
+    """Per fact, the smallest over its answer tokens of ``logit(answer) - max other logit``
+    (teacher-forced; positive iff every answer token is the argmax): ``[n]`` floats."""
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(facts), 16):
+        chunk = [encode_request(tokenizer, f) for f in facts[start : start + 16]]
+        batch = pad_batch(chunk, tokenizer.pad_token_id or 0).to(device)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logp = torch.log_softmax(logits[batch.target_rows, batch.target_positions].float(), -1)
+        answer = logp.gather(-1, batch.target_ids[:, None]).squeeze(-1)
+        others = logp.scatter(-1, batch.target_ids[:, None], float("-inf")).max(-1).values
+        gap = answer - others  # [T]
+        worst = torch.full((len(chunk),), float("inf"), device=device)
+        worst = worst.scatter_reduce(0, batch.target_rows, gap, reduce="amin")
+        out += worst.tolist()
+    return out
 
 
 class Tuner:
@@ -268,7 +295,13 @@ class Tuner:
         probe_set = load_dataset("counterfact", self.config.probe_data, tokenizer=self.tokenizer)
         ranges = parse_ranges(self.config.probe_records, "--probe-records")
         candidates = [r for r in probe_set.records if in_ranges(r.index, ranges)]
-        probe = known_facts(self.model, self.tokenizer, candidates, self.config.max_probe_facts)
+        probe = known_facts(
+            self.model,
+            self.tokenizer,
+            candidates,
+            self.config.max_probe_facts,
+            self.config.known_margin,
+        )
         if len(probe) < self.config.min_known_facts:
             raise MetakeError(
                 f"tune: the model knows only {len(probe)} facts of --probe-records "
