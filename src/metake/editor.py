@@ -122,7 +122,8 @@ class Editor:
     look-ahead through the closed form of ``solver`` (any solver, default ``"alphaedit"``), which
     then executes them; ``"metake_exact"`` differentiates that look-ahead exactly through the
     whole multi-layer solver instead of the last-layer proxy. ``locality_prompts`` replaces
-    MetaKE's generic locality prompts.
+    MetaKE's generic locality prompts; ``contexts`` gives the context prefixes (``""`` first)
+    instead of generating them from the model.
     Hyper-parameters come from the model's preset (or the fallback), then ``hparams`` (a full
     :class:`MemitHparams`) or keyword ``overrides`` such as ``layers=[4, 5]``, ``v_lr=0.5``.
     Statistics (C0 per edit layer) are computed once over ``corpus`` (default: the built-in
@@ -145,6 +146,7 @@ class Editor:
         seed: int = 0,
         progress: bool = True,
         locality_prompts: Iterable[str] | None = None,
+        contexts: Iterable[str] | None = None,
         **overrides: Any,
     ) -> None:
         self.method, self.solver = resolve_method(method, solver)
@@ -188,7 +190,7 @@ class Editor:
         self._originals: dict[int, torch.Tensor] = {}
         self._mom2: dict[int, torch.Tensor] = {}
         self.stats_tokens: dict[int, int] = {}
-        self._contexts: list[str] | None = None
+        self._contexts: list[str] | None = None if contexts is None else list(contexts)
         self._null_spaces: dict[int, NullSpace] = {}
         self._prev_keys_cov: dict[int, torch.Tensor] = {}  # AlphaEdit: sum of K K^T so far
         self._raw_weights: dict[int, torch.Tensor] | None = None  # PRUNE: set while finalised

@@ -448,8 +448,8 @@ class Tuner:
             corpus=self.corpus,
             stats_cache=self.stats_cache,
             progress=False,
+            contexts=self._contexts(),
         )
-        editor._contexts = self._contexts()
         targets = self.stage1_targets(hp, records) if fixed else None
         start = time.perf_counter()
         try:
