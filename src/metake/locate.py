@@ -32,7 +32,12 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from metake.errors import InvalidRequestError, MetakeError
 from metake.models.adapters import ArchAdapter, get_adapter
 from metake.requests import PLACEHOLDER, EditRequest
-from metake.tokens import _plain_ids, encode_request, special_prefix, target_token_ids
+from metake.tokens import (
+    encode_request,
+    first_token_of_span,
+    special_prefix,
+    target_token_ids,
+)
 from metake.trace import _replace_main_tensor, capture, main_tensor
 
 log = logging.getLogger(__name__)
@@ -142,24 +147,6 @@ def embedding_std(model: nn.Module, chunk: int = 8192) -> float:
     return max(sq - count * mean * mean, 0.0) ** 0.5 / max(count - 1, 1) ** 0.5
 
 
-def _subject_first(tokenizer: PreTrainedTokenizerBase, text: str, start: int, end: int) -> int:
-    """Index (no special tokens counted) of the first token overlapping ``text[start:end]``."""
-    if getattr(tokenizer, "is_fast", False):
-        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
-            "offset_mapping"
-        ]
-        hits = [i for i, (s, e) in enumerate(offsets) if s < end and e > start]
-        if hits:
-            return hits[0]
-    full, cut = _plain_ids(tokenizer, text), _plain_ids(tokenizer, text[:start])
-    common = 0
-    while common < min(len(full), len(cut)) and full[common] == cut[common]:
-        common += 1
-    # text[:start] ends on a token boundary: the subject starts at the next token; otherwise the
-    # token where the two differ runs across the subject's start
-    return len(cut) if common == len(cut) else common
-
-
 def _encode_fact(
     tokenizer: PreTrainedTokenizerBase, request: EditRequest, answer: str, index: int
 ) -> _Fact:
@@ -182,7 +169,7 @@ def _encode_fact(
         answer_id = target_token_ids(tokenizer, text, answer)[0]
     except InvalidRequestError as exc:
         raise InvalidRequestError(f"{where}: {exc}") from exc
-    first = len(special_prefix(tokenizer)) + _subject_first(
+    first = len(special_prefix(tokenizer)) + first_token_of_span(
         tokenizer, text, len(before), len(before) + len(request.subject)
     )
     if not 0 <= first <= enc.subject_last:

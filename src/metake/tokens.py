@@ -49,22 +49,48 @@ def _plain_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def last_token_of_span(tokenizer: PreTrainedTokenizerBase, text: str, start: int, end: int) -> int:
-    """Index (no special tokens counted) of the last token overlapping ``text[start:end]``."""
-    if getattr(tokenizer, "is_fast", False):
-        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
-            "offset_mapping"
-        ]
-        hits = [i for i, (s, e) in enumerate(offsets) if s < end and e > start]
-        if hits:
-            return hits[-1]
-    full, cut = _plain_ids(tokenizer, text), _plain_ids(tokenizer, text[:end])
+def _overlapping_tokens(
+    tokenizer: PreTrainedTokenizerBase, text: str, start: int, end: int
+) -> list[int] | None:
+    """Indices of the tokens overlapping ``text[start:end]`` by character offsets (fast
+    tokenizers), or ``None`` when the tokenizer gives no offsets or none overlap."""
+    if not getattr(tokenizer, "is_fast", False):
+        return None
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    hits = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if s < end and e > start]
+    return hits or None
+
+
+def _shared_prefix(tokenizer: PreTrainedTokenizerBase, text: str, cut_at: int) -> tuple[int, int]:
+    """``(common, len(cut))``: how many leading tokens ``text`` shares with ``text[:cut_at]``,
+    and that prefix's length; equal when ``cut_at`` falls on a token boundary."""
+    full, cut = _plain_ids(tokenizer, text), _plain_ids(tokenizer, text[:cut_at])
     common = 0
     while common < min(len(full), len(cut)) and full[common] == cut[common]:
         common += 1
+    return common, len(cut)
+
+
+def last_token_of_span(tokenizer: PreTrainedTokenizerBase, text: str, start: int, end: int) -> int:
+    """Index (no special tokens counted) of the last token overlapping ``text[start:end]``."""
+    hits = _overlapping_tokens(tokenizer, text, start, end)
+    if hits:
+        return hits[-1]
+    common, cut = _shared_prefix(tokenizer, text, end)
     # cut is a prefix of full: the span ends on a token boundary; otherwise the first token
     # where they differ runs across the span's end (it merged with what follows)
-    return len(cut) - 1 if common == len(cut) else common
+    return cut - 1 if common == cut else common
+
+
+def first_token_of_span(tokenizer: PreTrainedTokenizerBase, text: str, start: int, end: int) -> int:
+    """Index (no special tokens counted) of the first token overlapping ``text[start:end]``."""
+    hits = _overlapping_tokens(tokenizer, text, start, end)
+    if hits:
+        return hits[0]
+    common, cut = _shared_prefix(tokenizer, text, start)
+    # text[:start] ends on a token boundary: the span starts at the next token; otherwise the
+    # token where the two differ runs across the span's start
+    return cut if common == cut else common
 
 
 @dataclass(frozen=True)
