@@ -229,26 +229,3 @@ def test_refine_bisects_around_the_best_value_twice():
     assert tune._refine([500.0, 2000.0, 8000.0, 32000.0], 32000.0) == [16000.0]
     assert tune._refine([500.0, 2000.0, 8000.0, 16000.0, 32000.0], 16000.0) == [11300.0, 22600.0]
     assert tune._refine([0.01, 0.1], 0.01) == [0.0316]
-
-
-def test_answer_margins_against_a_hand_computation():
-    """Margin = min over answer tokens of logit(answer) - max other logit, teacher-forced."""
-    import torch
-
-    from metake.requests import EditRequest
-    from metake.tokens import encode_request
-
-    model, tok = tiny_model("llama"), tiny_tokenizer()
-    facts = [EditRequest("{} lives in", "Anna Berg", "Oslo"), EditRequest("{} is", "Eva", "ab")]
-    got = tune.answer_margins(model, tok, facts)
-    for fact, margin in zip(facts, got, strict=True):
-        enc = encode_request(tok, fact)
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([enc.input_ids])).logits[0]
-        gaps = []
-        for pos, tid in zip(enc.target_positions, enc.target_ids, strict=True):
-            row = logits[pos].float()
-            others = torch.cat([row[:tid], row[tid + 1 :]])
-            gaps.append(float(row[tid] - others.max()))  # log-softmax cancels in a difference
-        assert margin == pytest.approx(min(gaps), abs=1e-4)
-        assert (margin > 0) == all(g > 0 for g in gaps)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 import torch
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -39,11 +41,32 @@ def target_probability(
     return float(logp.gather(-1, torch.tensor(enc.target_ids, device=device)[:, None]).sum().exp())
 
 
+def _answer_logits(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    batch_size: int,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Teacher-forced logits at each answer token, batched: yields ``(n, logits [T, V],
+    answer ids [T], request row [T])`` per chunk of ``n`` requests."""
+    device = next(model.parameters()).device
+    for start in range(0, len(requests), batch_size):
+        chunk = [encode_request(tokenizer, r) for r in requests[start : start + batch_size]]
+        batch = pad_batch(chunk, tokenizer.pad_token_id or 0).to(device)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        yield (
+            len(chunk),
+            logits[batch.target_rows, batch.target_positions].float(),
+            batch.target_ids,
+            batch.target_rows,
+        )
+
+
 @torch.no_grad()
 def token_accuracy(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    requests: list[EditRequest],
+    requests: Sequence[EditRequest],
     batch_size: int = 16,
 ) -> list[float]:
     """Teacher-forced target-token accuracy per request (``[n]`` floats in [0, 1]).
@@ -51,15 +74,32 @@ def token_accuracy(
     The fraction of ``target_new``'s tokens that are the argmax next token, each given the
     filled prompt and the target tokens before it: zsRE's Efficacy/Generalisation metric.
     """
-    device = next(model.parameters()).device
     scores: list[float] = []
-    for start in range(0, len(requests), batch_size):
-        chunk = [encode_request(tokenizer, r) for r in requests[start : start + batch_size]]
-        batch = pad_batch(chunk, tokenizer.pad_token_id or 0).to(device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        hits = logits[batch.target_rows, batch.target_positions].argmax(-1) == batch.target_ids
-        scores += mean_per_row(hits.float(), batch.target_rows, len(chunk)).tolist()
+    for n, logits, answer, rows in _answer_logits(model, tokenizer, requests, batch_size):
+        hits = logits.argmax(-1) == answer
+        scores += mean_per_row(hits.float(), rows, n).tolist()
     return scores
+
+
+@torch.no_grad()
+def answer_margins(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    batch_size: int = 16,
+) -> list[float]:
+    """Per request, the smallest over its answer tokens of ``log p(answer) - max log p(other)``
+    (teacher-forced; positive iff every answer token is the argmax): ``[n]`` floats."""
+    out: list[float] = []
+    for n, logits, answer, rows in _answer_logits(model, tokenizer, requests, batch_size):
+        logp = torch.log_softmax(logits, -1)
+        gap = (
+            logp.gather(-1, answer[:, None]).squeeze(-1)
+            - logp.scatter(-1, answer[:, None], float("-inf")).max(-1).values
+        )  # [T]
+        worst = torch.full((n,), float("inf"), device=logits.device)
+        out += worst.scatter_reduce(0, rows, gap, reduce="amin").tolist()
+    return out
 
 
 @torch.no_grad()

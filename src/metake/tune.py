@@ -60,10 +60,9 @@ from metake.evaluation.metrics import text_perplexity
 from metake.hparams import MemitHparams, find_preset, memit_hparams
 from metake.methods import PLANNER_METHODS, parse_solver
 from metake.planners.standard import compute_targets, context_templates
-from metake.probe import token_accuracy
+from metake.probe import answer_margins, token_accuracy
 from metake.requests import EditRequest
 from metake.stats import StatsCache
-from metake.tokens import encode_request, pad_batch
 
 log = logging.getLogger(__name__)
 
@@ -188,28 +187,6 @@ def known_facts(
     ]
     margins = answer_margins(model, tokenizer, facts)
     return [f for f, m in zip(facts, margins, strict=True) if m > 0 and m >= margin][:limit]
-
-
-@torch.no_grad()
-def answer_margins(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Sequence[EditRequest]
-) -> list[float]:
-    """Per fact, the smallest over its answer tokens of ``logit(answer) - max other logit``
-    (teacher-forced; positive iff every answer token is the argmax): ``[n]`` floats."""
-    device = next(model.parameters()).device
-    out: list[float] = []
-    for start in range(0, len(facts), 16):
-        chunk = [encode_request(tokenizer, f) for f in facts[start : start + 16]]
-        batch = pad_batch(chunk, tokenizer.pad_token_id or 0).to(device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        logp = torch.log_softmax(logits[batch.target_rows, batch.target_positions].float(), -1)
-        answer = logp.gather(-1, batch.target_ids[:, None]).squeeze(-1)
-        others = logp.scatter(-1, batch.target_ids[:, None], float("-inf")).max(-1).values
-        gap = answer - others  # [T]
-        worst = torch.full((len(chunk),), float("inf"), device=device)
-        worst = worst.scatter_reduce(0, batch.target_rows, gap, reduce="amin")
-        out += worst.tolist()
-    return out
 
 
 class Tuner:

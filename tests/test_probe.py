@@ -1,0 +1,59 @@
+"""Scoring helpers of probe.py against per-request hand computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_model, tiny_tokenizer
+
+from metake.probe import answer_margins, token_accuracy
+from metake.requests import EditRequest
+from metake.tokens import encode_request
+
+FACTS = [
+    EditRequest("{} lives in", "Anna Berg", "Oslo"),
+    EditRequest("{} is", "Eva", "ab"),
+    EditRequest("The home town of {} is", "Karl", "Stockholm city"),
+]
+
+
+def _answer_logits(model, tok, fact: EditRequest) -> list[tuple[torch.Tensor, int]]:
+    """One request alone (no padding): the logits row and answer id of each answer token."""
+    enc = encode_request(tok, fact)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([enc.input_ids])).logits[0].float()
+    return [(logits[p], t) for p, t in zip(enc.target_positions, enc.target_ids, strict=True)]
+
+
+def test_answer_margins_against_a_hand_computation():
+    """Margin = min over answer tokens of logit(answer) - max other logit, teacher-forced."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    got = answer_margins(model, tok, FACTS, batch_size=2)  # padding and two chunks
+    for fact, margin in zip(FACTS, got, strict=True):
+        gaps = []
+        for row, tid in _answer_logits(model, tok, fact):
+            others = torch.cat([row[:tid], row[tid + 1 :]])
+            gaps.append(float(row[tid] - others.max()))  # log-softmax cancels in a difference
+        assert margin == pytest.approx(min(gaps), abs=1e-4)
+        assert (margin > 0) == all(g > 0 for g in gaps)
+
+
+def test_token_accuracy_against_a_hand_computation():
+    """Accuracy = fraction of answer tokens that are the argmax, batched with padding."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    facts = [*FACTS, _greedy_fact(model, tok, FACTS[0])]
+    got = token_accuracy(model, tok, facts, batch_size=2)
+    for fact, score in zip(facts, got, strict=True):
+        rows = _answer_logits(model, tok, fact)
+        assert score == pytest.approx(sum(int(r.argmax()) == t for r, t in rows) / len(rows))
+    assert got[-1] > 0.5  # the model's own continuation: the check can tell hits from misses
+
+
+def _greedy_fact(model, tok, fact: EditRequest) -> EditRequest:
+    """``fact`` with the model's greedy three-character continuation as its answer."""
+    ids = tok(fact.prompt.format(fact.subject) + " ")["input_ids"]
+    for _ in range(3):
+        with torch.no_grad():
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    answer = "".join(tok.convert_ids_to_tokens(ids[-3:]))
+    return EditRequest(fact.prompt, fact.subject, answer)
