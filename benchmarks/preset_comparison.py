@@ -1,0 +1,124 @@
+"""Tuned presets beside the hand-chosen ones: one seed of the 100-edit zsRE protocol, both
+presets on identical records (issue 15's "first evidence").
+
+Two ordinary ``metake bench`` runs, one per preset, with the same seed and the same ``--exclude``
+(the dev split ``metake tune`` used), so that they edit the same records; then one table.
+
+    python benchmarks/preset_comparison.py --model smollm2-135m \
+        --out benchmarks/results/preset_comparison_smollm2
+
+``--tuned`` is the tuned preset (default: the built-in one of the model, which ``metake tune``
+found; or a ``preset.json`` of a tuning run), ``--hand`` the preset it replaced (default
+``benchmarks/presets/MODEL-hand.json``). Each run folder is resumable: run the same command
+again. Writes ``OUT/comparison.json`` and ``OUT/comparison.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from common import command_line, write_json, write_table
+
+from metake.evaluation.bench import BenchConfig, BenchRun
+from metake.models import load_model
+
+METRICS = ("efficacy", "generalization", "specificity", "efficacy_exact", "perplexity")
+HEADERS = ("Eff.", "Gen.", "Spe.", "Eff. (whole)", "Perplexity")
+
+
+def main() -> None:
+    """Run (or resume) both bench runs and write the comparison table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default="../shared/data/zsre/zsre_1k.json")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--edits", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=25)
+    parser.add_argument("--exclude", default="900:1000", help="records never edited (dev split)")
+    parser.add_argument("--tuned", default=None, help="tuned preset (default: the built-in)")
+    parser.add_argument("--hand", default=None, help="hand-chosen preset file")
+    parser.add_argument("--methods", default="memit,alphaedit,metake,metake_exact")
+    parser.add_argument("--hand-methods", default="memit,alphaedit,metake")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="benchmarks/results/preset_comparison_smollm2")
+    args = parser.parse_args()
+    out = Path(args.out)
+    presets = {
+        "tuned": (args.tuned or args.model, args.methods),
+        "hand": (args.hand or f"benchmarks/presets/{args.model}-hand.json", args.hand_methods),
+    }
+    model, tokenizer = load_model(args.model, device=args.device)
+    results = {}
+    for label, (preset, methods) in presets.items():
+        config = BenchConfig(
+            model=args.model,
+            dataset="zsre",
+            data=args.data,
+            methods=methods.split(","),
+            edits=args.edits,
+            batch_size=args.batch_size,
+            seeds=[args.seed],
+            exclude=args.exclude,
+            curve=False,  # final scores only: the curve costs a scoring pass per batch
+            fluency_records=0,
+            preset=preset,
+            device=args.device,
+            command=command_line(),
+        )
+        results[label] = BenchRun(config, out / label, model, tokenizer).run()
+    records = {label: r["runs"][str(args.seed)]["records"] for label, r in results.items()}
+    if records["tuned"] != records["hand"]:
+        raise SystemExit("the two runs edited different records; use fresh --out folders")
+    rows = _rows(results, presets)
+    lines = [
+        f"# Tuned vs hand-chosen preset: {args.model}, zsRE, {args.edits} edits in batches of "
+        f"{args.batch_size}, seed {args.seed}",
+        "",
+        f"Command: `{command_line()}`",
+        "",
+        f"Both presets edit the same {len(records['tuned'])} records (sampled with seed "
+        f"{args.seed} outside {args.exclude}, the split the tuned preset was found on). Tuned: "
+        f"`{presets['tuned'][0]}`; hand: `{presets['hand'][0]}`. Metrics in percent; "
+        "perplexity on held-out Wikipedia intros; s/edit is Stage I + II.",
+        "",
+        "| method | preset | " + " | ".join(HEADERS) + " | s / edit |",
+        "|---|---|" + "---:|" * (len(HEADERS) + 1),
+        *(_line(row) for row in rows),
+    ]
+    write_json(out / "comparison", {"command": command_line(), "presets": presets, "rows": rows})
+    write_table(out / "comparison", lines)
+
+
+def _rows(results: dict[str, dict], presets: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
+    """One row per (method, preset), the unedited model first."""
+    rows = [{"method": "unedited", "preset": "", **_scores(results["tuned"]["pre_edit"])}]
+    methods = list(dict.fromkeys(m for _, ms in presets.values() for m in ms.split(",")))
+    for method in methods:
+        for label in presets:
+            aggregate = results[label]["aggregate"].get(method)
+            if aggregate is not None:
+                rows.append({"method": method, "preset": label, **_scores(aggregate)})
+    return rows
+
+
+def _scores(aggregate: dict) -> dict[str, float]:
+    """Mean of each metric (and s/edit where present) from a bench aggregate."""
+    keys = (*METRICS, "seconds_per_edit")
+    return {k: _mean(aggregate[k]) for k in keys if k in aggregate}
+
+
+def _mean(value: Any) -> float:
+    return float(value["mean"]) if isinstance(value, dict) else float(value)
+
+
+def _line(row: dict[str, Any]) -> str:
+    cells = [f"{row[m]:.2f}" for m in METRICS]
+    seconds = row.get("seconds_per_edit")
+    cells.append(f"{seconds:.1f}" if seconds is not None else "–")
+    return f"| {row['method']} | {row['preset']} | " + " | ".join(cells) + " |"
+
+
+if __name__ == "__main__":
+    main()
