@@ -232,8 +232,8 @@ def test_blue_touches_only_its_two_layers_with_a_target_at_each(tmp_path):
 def test_alphaedit_blue_uses_its_own_lambda_and_checks_layers(tmp_path):
     model = tiny_model("llama")
     editor = _editor(model, tmp_path, method="alphaedit_blue", alphaedit_blue_lambda=95.0)
-    assert editor.alphaedit_lambda() == 95.0
-    assert _editor(model, tmp_path, method="alphaedit").alphaedit_lambda() == 10.0
+    assert editor.stage2.base.lam2 == 95.0
+    assert _editor(model, tmp_path, method="alphaedit").stage2.base.lam2 == 10.0
     with pytest.raises(MetakeError, match="at least two layers"):
         _editor(model, tmp_path, method="alphaedit_blue", layers=[1])
 

@@ -10,6 +10,7 @@ from test_editor import TEXTS
 from tiny_models import tiny_model, tiny_tokenizer
 
 from metake.corpus import TextCorpus
+from metake.editor import Editor
 from metake.errors import MetakeError
 from metake.evaluation.bench import BenchConfig, BenchRun, method_spec, run_bench
 from metake.evaluation.report import progress_table
@@ -103,7 +104,19 @@ def test_bench_writes_results_and_resume_gives_identical_numbers(tmp_path):
             assert figures[metric] == resumed["aggregate"][method][metric]
 
 
-def test_resume_checkpoint_restores_the_exact_weights(tmp_path):
+def test_resume_checkpoint_restores_the_exact_weights(tmp_path, monkeypatch):
+    """An interrupted AlphaEdit run resumed from its checkpoint ends on bit-identical weights
+    (and key cache) to an uninterrupted one."""
+    finals = []  # the edited weights each run ends on, read just before bench restores them
+    real_restore = Editor.restore
+
+    def capturing_restore(self):
+        if self._originals:
+            finals.append(({k: v.clone() for k, v in self.accumulated_deltas().items()},
+                           self.state_dict().get("prev_keys_cov", {})))  # fmt: skip
+        real_restore(self)
+
+    monkeypatch.setattr(Editor, "restore", capturing_restore)
     model = tiny_model("gpt2")
     config = _config(tmp_path, methods=["alphaedit"], seeds=[0], edits=6, curve=False)
     _run(config, tmp_path / "a", model, tmp_path, stop_after_batches=2)
@@ -111,8 +124,18 @@ def test_resume_checkpoint_restores_the_exact_weights(tmp_path):
                        weights_only=False)  # fmt: skip
     assert len(state["batches"]) == 2
     assert state["editor"]["prev_keys_cov"]  # AlphaEdit's cache is part of the checkpoint
+    finals.clear()
     resumed = _run(config, tmp_path / "a", model, tmp_path)
+    resumed_weights, resumed_cache = finals[-1]
+    finals.clear()
     fresh = _run(config, tmp_path / "b", model, tmp_path)
+    fresh_weights, fresh_cache = finals[-1]
+    assert resumed_weights.keys() == fresh_weights.keys() and resumed_weights
+    for name, delta in fresh_weights.items():
+        assert torch.equal(resumed_weights[name], delta), name
+    assert resumed_cache.keys() == fresh_cache.keys() and fresh_cache
+    for layer, cache in fresh_cache.items():
+        assert torch.equal(resumed_cache[layer], cache), layer
     assert (resumed["runs"]["0"]["methods"]["alphaedit"]["per_record"]
             == fresh["runs"]["0"]["methods"]["alphaedit"]["per_record"])  # fmt: skip
 

@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 from tiny_models import tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-import metake.editor as editor_module
 from metake import Editor, InvalidRequestError, MetakeError
 from metake.corpus import TextCorpus
 from metake.editor import DELTA_FILE, EDITS_FILE
@@ -130,7 +129,7 @@ def test_failing_solve_rolls_the_batch_back(tmp_path, monkeypatch):
     editor = _editor(model, tmp_path)
     editor.edit(REQUESTS[:1])
     after_first = _state(model)
-    real = editor_module.memit_delta
+    real = editor.stage2.delta
     calls = []
 
     def fail_on_second_layer(*args, **kwargs):
@@ -139,7 +138,7 @@ def test_failing_solve_rolls_the_batch_back(tmp_path, monkeypatch):
             raise RuntimeError("simulated failure in the second layer's solve")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(editor_module, "memit_delta", fail_on_second_layer)
+    monkeypatch.setattr(editor.stage2, "delta", fail_on_second_layer)
     with pytest.raises(RuntimeError, match="simulated"):
         editor.edit(REQUESTS[1:])
     assert len(calls) == 2  # the first layer had been changed before the failure
@@ -214,14 +213,14 @@ def test_alphaedit_session_projects_updates_and_accumulates_keys(tmp_path):
         assert (delta @ (eye - ns.projector)).norm() < 1e-5 * delta.norm()
     ranks = {layer: editor.null_space(layer).rank for layer in (0, 1)}
     assert first.report.null_space_rank == ranks
-    after_one = {k: v.clone() for k, v in editor._prev_keys_cov.items()}
+    after_one = {k: v.clone() for k, v in editor.stage2.base.prev_keys_cov.items()}
     assert set(after_one) == {0, 1} and all(v.abs().sum() > 0 for v in after_one.values())
     editor.edit(REQUESTS[1:])
-    for layer, cov in editor._prev_keys_cov.items():
+    for layer, cov in editor.stage2.base.prev_keys_cov.items():
         assert not torch.equal(cov, after_one[layer])  # the second batch's keys were added
     editor.restore()
     _assert_same_state(model, original)
-    assert editor._prev_keys_cov == {}
+    assert editor.stage2.base.prev_keys_cov == {}
 
 
 def test_rome_session_writes_rank_one_updates_at_one_layer(tmp_path):
@@ -301,6 +300,8 @@ def test_apply_targets_equals_edit_with_the_same_targets(method, tmp_path):
     assert len(second.history) == len(REQUESTS)
     if method == "alphaedit":  # the key cache advanced exactly as in edit()
         for layer in second.hparams.layers:
-            torch.testing.assert_close(second._prev_keys_cov[layer], first._prev_keys_cov[layer])
+            torch.testing.assert_close(
+                second.stage2.base.prev_keys_cov[layer], first.stage2.base.prev_keys_cov[layer]
+            )
     with pytest.raises(MetakeError, match="targets must be"):
         second.apply_targets(requests, plan.v_target[:1])

@@ -114,11 +114,46 @@ def _functional_nll(model, weight_name, weight, batch) -> torch.Tensor:
     return -mean_per_row(logp, batch.target_rows, batch.input_ids.shape[0]).mean()
 
 
+def _independent_updates(keys, mom2, resid) -> dict[str, torch.Tensor]:
+    """Each solver's update ``[d_out, d_in]`` from its defining problem, by least squares or an
+    explicit inverse (no gate, no solver code): the same settings as :func:`_gates`."""
+    values, vectors = torch.linalg.eigh(mom2)
+    root = vectors @ torch.diag(values.sqrt()) @ vectors.T  # C0 = root root^T
+    d_out, d_in = resid.shape[1], keys.shape[1]
+
+    def stacked_lstsq(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """argmin_X ||X a - b||^2 (``a``: ``[p, m]``, ``b``: ``[q, m]``)."""
+        return torch.linalg.lstsq(a.T, b.T).solution.T
+
+    # MEMIT: min ||Delta K^T - R^T||^2 + lambda tr(Delta C0 Delta^T), lambda = 7
+    memit = stacked_lstsq(
+        torch.cat([keys.T, 7.0**0.5 * root], 1),
+        torch.cat([resid.T, torch.zeros(d_out, d_in, dtype=resid.dtype)], 1),
+    )
+    # AlphaEdit: Delta = Y U^T on the null space U of C0 (relative threshold 0.5), minimising
+    # ||Y U^T K^T - R^T||^2 + ||Y U^T K_prev||^2 + lambda_2 ||Y||^2 with C_prev = 0.3 C0, lambda_2 2
+    basis = vectors[:, values < 0.5 * values.max()]  # [d_in, r]
+    rank = basis.shape[1]
+    zeros = torch.zeros(d_out, d_in + rank, dtype=resid.dtype)
+    y = stacked_lstsq(torch.cat([basis.T @ keys.T, basis.T @ (0.3**0.5 * root),
+                                 2.0**0.5 * torch.eye(rank, dtype=resid.dtype)], 1),
+                      torch.cat([resid.T, zeros], 1))  # fmt: skip
+    # ROME: per request the rank-one update with Delta k_i = r_i along C0^-1 k_i, summed
+    c_inv = torch.linalg.inv(mom2)
+    rome = sum(
+        torch.outer(r, c_inv @ k) / (k @ c_inv @ k) for k, r in zip(keys, resid, strict=True)
+    )
+    return {"memit": memit, "alphaedit": y @ basis.T, "rome": rome}
+
+
 def test_gates_reproduce_their_solvers_updates():
+    """R^T M of each gate equals the update of the solver's own optimisation problem."""
     _, _, keys, values, mom2, _, targets = _problem(2)
+    resid = targets - values
+    expected = _independent_updates(keys, mom2, resid)
     for solver, (gate, solve) in _gates(keys, mom2).items():
-        resid = targets - values
-        torch.testing.assert_close((resid.T @ gate), solve(resid), msg=solver)
+        torch.testing.assert_close(resid.T @ gate, expected[solver], msg=solver)
+        torch.testing.assert_close(solve(resid), expected[solver], msg=solver)
 
 
 def _plan_for(model, tok, requests, hp, contexts) -> TargetPlan:
@@ -245,23 +280,35 @@ def test_metake_never_mutates_weights_before_the_final_solve(solver, tmp_path, m
         assert torch.equal(value, original[name]), name
 
 
-def test_metake_refines_targets_of_a_sequential_alphaedit_session(tmp_path):
+def test_metake_refines_targets_of_a_sequential_alphaedit_session(tmp_path, monkeypatch):
     """Second batch: the gate uses the key cache of the first, and the refined V* differs."""
     model = tiny_model("llama")
     editor = _editor(model, tmp_path, method="metake", solver="alphaedit", metake_lr=0.05,
                      nullspace_threshold=0.5, nullspace_relative=True)  # fmt: skip
     editor.edit(REQUESTS[:1])
-    assert editor._prev_keys_cov  # the cache the next gate must use
+    assert editor.stage2.base.prev_keys_cov  # the cache the next gate must use
     keys = torch.randn(1, 64, dtype=torch.float64)
     hp = editor.hparams
-    expected = alphaedit_gate(keys, editor.null_space(1).projector, editor._prev_keys_cov[1],
-                              hp.alphaedit_lambda)  # fmt: skip
+    cache = editor.stage2.base.prev_keys_cov[1]
+    expected = alphaedit_gate(keys, editor.null_space(1).projector, cache, hp.alphaedit_lambda)
     torch.testing.assert_close(editor.gate(1, keys), expected)
     fresh = alphaedit_gate(keys, editor.null_space(1).projector, torch.zeros(64, 64),
                            hp.alphaedit_lambda)  # fmt: skip
     assert not torch.allclose(editor.gate(1, keys), fresh)
+    plans = []
+    real_plan = editor._plan
+
+    def recording_plan(*args, **kwargs):
+        plans.append(real_plan(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(editor, "_plan", recording_plan)
     result = editor.edit(REQUESTS[1:])
     assert result.report.lookahead_history
+    ((plan, refined, _),) = plans
+    assert refined is not None and refined.v_target.shape == plan.v_target.shape
+    moved = (refined.v_target - plan.v_target.to(refined.v_target)).norm(dim=-1)
+    assert (moved > 1e-4 * plan.v_target.norm(dim=-1)).all()  # every request's V* refined
 
 
 def test_method_and_solver_are_checked(tmp_path):

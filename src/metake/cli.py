@@ -26,9 +26,11 @@ from metake.hparams import (
     preset_names,
 )
 from metake.methods import (
+    BASE_SOLVERS,
     METHOD_DESCRIPTIONS,
     METHODS,
     PLANNER_METHODS,
+    TABLE1_METHODS,
     expand_methods,
     parse_solver,
     resolve_method,
@@ -91,6 +93,51 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps prose paragraphs; keeps lines that start with two spaces (examples) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines = []
+        for paragraph in text.split("\n"):
+            if paragraph.startswith("  "):
+                lines.append(indent + paragraph)
+            else:
+                lines.append(textwrap.fill(paragraph, width, initial_indent=indent,
+                                           subsequent_indent=indent))  # fmt: skip
+        return "\n".join(lines)
+
+
+def _subcommand(
+    sub: argparse._SubParsersAction,
+    name: str,
+    help_text: str,
+    description: str,
+    examples: Sequence[str],
+) -> argparse.ArgumentParser:
+    """A sub-command whose ``--help`` ends with example command lines."""
+    epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples)
+    return sub.add_parser(name, help=help_text, description=description, epilog=epilog,
+                          formatter_class=_HelpFormatter)  # fmt: skip
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The command as typed (quoted so that it can be pasted), for run records."""
+    import shlex
+
+    return "metake " + " ".join(shlex.quote(a) for a in args.argv)
+
+
+def _add_preset(parser: argparse.ArgumentParser, help_text: str | None = None) -> None:
+    """``--preset NAME|FILE``."""
+    parser.add_argument("--preset", help=help_text or PRESET_HELP)
+
+
+def _add_layers(parser: argparse.ArgumentParser) -> None:
+    """``--layers 4,5,6`` (or a JSON list via ``--set``) into ``args.layers``."""
+    parser.add_argument("--layers", type=_int_list,
+                        help="edit layers, e.g. 4,5,6,7,8 (default: the preset's)")  # fmt: skip
+
+
 def _add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
     """``--set KEY=VALUE`` (repeatable) into ``args.overrides``, the same for every command."""
     parser.add_argument("--set", dest="overrides", type=parse_key_value, action="append",
@@ -142,20 +189,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    edit = sub.add_parser(
+    edit = _subcommand(
+        sub,
         "edit",
-        help="edit one or many facts and show completions before/after",
-        description="Edit facts and print greedy completions and the target's probability "
-        "before and after. Example: metake edit --subject 'The Eiffel Tower' "
-        "--prompt '{} is located in the city of' --target Rome",
+        "edit one or many facts and show completions before/after",
+        "Edit facts and print greedy completions and the target's probability before and "
+        "after; --save writes the edited model.",
+        [
+            "metake edit --subject 'The Eiffel Tower' --prompt '{} is located in the city of' "
+            "--target Rome",
+            "metake edit --method alphaedit --requests examples/ten_edits.json --save edited/",
+        ],
     )
     _add_model_args(edit)
     edit.add_argument(
         "--method", default="memit", type=_method_name,
-        help="memit (default), alphaedit (null-space projected, for sequential editing), rome "
-        "(rank-one, one layer, one request after another), rect, prune, memit_blue, "
-        "alphaedit_blue (any BASE_OPTION composition, e.g. alphaedit_rect) or metake (look-ahead "
-        "planner over --solver); `metake methods` lists them with their hyper-parameters",
+        help=f"one of {', '.join(METHODS)} (default memit; any BASE_OPTION composition, e.g. "
+        "alphaedit_rect, works too; metake plans over --solver); `metake methods` describes "
+        "them with their hyper-parameters",
     )  # fmt: skip
     edit.add_argument(
         "--solver", type=_solver_name, default=None,
@@ -181,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--check", action="append", default=[], metavar="PROMPT",
         help="an unrelated prompt whose completion is shown before/after (repeatable)",
     )  # fmt: skip
-    edit.add_argument("--layers", type=_int_list, help="edit layers, e.g. 4,5,6,7,8")
-    edit.add_argument("--preset", help=PRESET_HELP)
+    _add_layers(edit)
+    _add_preset(edit)
     _add_set(edit, "override a hyper-parameter, e.g. --set v_lr=0.2 (repeatable)")
     _add_stats_args(edit)
     edit.add_argument("--max-new-tokens", type=int, default=8, help="tokens per completion")
@@ -191,30 +242,41 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--save", metavar="DIR", help="write the edited model and its deltas here")
     edit.set_defaults(func=cmd_edit)
 
-    stats = sub.add_parser(
+    stats = _subcommand(
+        sub,
         "stats",
-        help="precompute the key statistics C0 of edit layers (cached on disk)",
-        description="Compute C0 = E[k k^T] of the MLP-output keys over a corpus, once, into the "
-        "cache that `metake edit` reads.",
-    )
+        "precompute the key statistics C0 of edit layers (cached on disk)",
+        "Compute C0 = E[k k^T] of the MLP-output keys over a corpus, once, into the cache that "
+        "`metake edit` reads, and print each layer's AlphaEdit null-space rank.",
+        ["metake stats --model smollm2-135m --layers 3,4,5,6,7",
+         "metake stats --model gemma3-270m --corpus my_texts.jsonl --samples 5000"],
+    )  # fmt: skip
     _add_model_args(stats)
-    stats.add_argument("--layers", type=_int_list, help="layers (default: the preset's)")
+    _add_layers(stats)
     _add_stats_args(stats)
     stats.add_argument("--batch-size", type=int, default=8)
     _add_set(stats, "override a hyper-parameter, e.g. --set nullspace_threshold=0.02")
     stats.set_defaults(func=cmd_stats)
 
-    presets = sub.add_parser("presets", help="list built-in models and hyper-parameter presets")
+    presets = _subcommand(
+        sub,
+        "presets",
+        "list built-in models and hyper-parameter presets",
+        "List the built-in models and the presets (built-in and tuned) with their main values.",
+        ["metake presets"],
+    )
     presets.set_defaults(func=cmd_presets)
 
-    methods = sub.add_parser(
+    methods = _subcommand(
+        sub,
         "methods",
-        help="list editing methods and the hyper-parameters each one reads",
-        description="List editing methods, the hyper-parameters each reads (change them with "
+        "list editing methods and the hyper-parameters each one reads",
+        "List editing methods, the hyper-parameters each reads (change them with "
         "`metake edit --set NAME=VALUE`) and their values in a preset (default: the built-in "
         "defaults; models with a preset start from it).",
+        ["metake methods", "metake methods --preset smollm2-135m"],
     )
-    methods.add_argument("--preset", help=f"show a preset's values ({', '.join(preset_names())})")
+    _add_preset(methods, f"show a preset's values ({', '.join(preset_names())}, or a file)")
     methods.set_defaults(func=cmd_methods)
     _add_bench_parser(sub)
     _add_diagnose_parser(sub)
@@ -226,21 +288,22 @@ def _add_tune_parser(sub) -> None:
     from metake.tune import TUNABLE, TuneConfig
 
     defaults = TuneConfig(model="", data="")
-    tune = sub.add_parser(
+    tune = _subcommand(
+        sub,
         "tune",
-        help="find a model's editing hyper-parameters on a dev split; writes a preset file",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Search, per method, the edit layers (from causal tracing over facts the "
+        "find a model's editing hyper-parameters on a dev split; writes a preset file",
+        "Search, per method, the edit layers (from causal tracing over facts the "
         "model knows, then a window search), Stage I's learning rate and steps, and the solver's "
         "strength, on zsRE dev records that no reported evaluation may use. One selection rule "
         "for every method: the highest Eff. + Gen. with Spe. >= unedited - 1, perplexity drift "
         "<= 2%% and >= 95%% of known facts kept. Writes preset.json (--preset FILE for edit, "
         "bench and diagnose), report.md/json and search.png into --out; rerun the same command "
         "to continue an interrupted run.",
-        epilog="example:\n  metake tune --model smollm2-135m "
-        "--data ../shared/data/zsre/zsre_1k.json --dev-records 900:1000 "
-        "--methods memit,alphaedit --out tune-smollm2\n"
-        "  metake bench --preset tune-smollm2/preset.json --exclude 900:1000 ...",
+        [
+            "metake tune --model smollm2-135m --data ../shared/data/zsre/zsre_1k.json "
+            "--dev-records 900:1000 --methods memit,alphaedit --out tune-smollm2",
+            "metake bench --preset tune-smollm2/preset.json --exclude 900:1000 ...",
+        ],
     )
     _add_model_args(tune)
     tune.add_argument("--data", default=None, help="the zsRE file (default: $METAKE_ZSRE)")
@@ -292,7 +355,7 @@ def _add_tune_parser(sub) -> None:
         default=defaults.window_size,
         help=f"edit layers per window (default {defaults.window_size})",
     )
-    tune.add_argument("--preset", help="where the search starts (default: the model's preset)")
+    _add_preset(tune, "where the search starts (default: the model's preset)")
     tune.add_argument("--corpus", default=None, help="corpus for the key statistics")
     tune.add_argument("--out", required=True, help="run folder (rerun to continue)")
     _add_set(tune, "hold a hyper-parameter fixed for every candidate (repeatable)")
@@ -301,8 +364,6 @@ def _add_tune_parser(sub) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """``metake tune``: search the settings and print where the preset went."""
-    import shlex
-
     from metake.tune import TuneConfig, run_tune
 
     config = TuneConfig(
@@ -320,7 +381,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         overrides=dict(args.overrides),
         corpus=args.corpus,
         device=resolve_device(args.device),
-        command="metake " + " ".join(shlex.quote(a) for a in args.argv),
+        command=_command_line(args),
     )
     model, tokenizer = load_model(config.model, device=config.device, dtype=args.dtype)
     report = run_tune(config, args.out, model, tokenizer)
@@ -335,17 +396,20 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _add_diagnose_parser(sub) -> None:
-    diag = sub.add_parser(
+    diag = _subcommand(
+        sub,
         "diagnose",
-        help="measure the paper's theorems on your model and edits (beta, trap, proxy fidelity)",
-        description="Run MetaKE over --solver on --edits dataset records in sequential batches "
+        "measure the paper's theorems on your model and edits (beta, trap, proxy fidelity)",
+        "Run MetaKE over --solver on --edits dataset records in sequential batches "
         "and measure, per batch: spectral suppression (gamma, beta, the realised fraction of "
         "each layer's residual, Stage I's target against MetaKE's), the static regularisation "
         "trap (one global lambda swept over every edit), and proxy fidelity (the structural "
         "proxy's hypergradient against the exact one through the whole multi-layer solver: "
         "cosine, alpha, rho; cross-layer drifts eps_C, eps_k). Writes diagnostics.json, "
         "summary.md and PNG plots into --out and prints the summary.",
-    )
+        ["metake diagnose --model smollm2-135m --data ../shared/data/zsre/zsre_1k.json "
+         "--edits 50 --batch-size 25 --out diag-smollm2"],
+    )  # fmt: skip
     _add_model_args(diag)
     _add_stats_args(diag)
     diag.add_argument("--dataset", choices=list(DATASETS), default="zsre",
@@ -371,8 +435,8 @@ def _add_diagnose_parser(sub) -> None:
         "solver's own lambda (default 0.5, the median)",
     )  # fmt: skip
     diag.add_argument("--seed", type=int, default=0, help="record sampling and torch seed")
-    diag.add_argument("--layers", type=_int_list, help="edit layers (default: the preset's)")
-    diag.add_argument("--preset", help=PRESET_HELP)
+    _add_layers(diag)
+    _add_preset(diag)
     _add_set(diag, "override a hyper-parameter, e.g. --set metake_steps=10 (repeatable)")
     diag.add_argument("--out", required=True, help="folder for the report")
     diag.set_defaults(func=cmd_diagnose)
@@ -380,7 +444,6 @@ def _add_diagnose_parser(sub) -> None:
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
     """``metake diagnose``: the theory diagnostics report."""
-    import shlex
     from pathlib import Path
 
     from metake.diagnostics.plots import write_plots
@@ -404,7 +467,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     report = diagnose(editor, [r.request for r in records], args.batch_size, args.fidelity_every,
                       trap_options=trap_options)  # fmt: skip
     report["seconds"] = time.perf_counter() - start
-    report["command"] = "metake " + " ".join(shlex.quote(a) for a in args.argv)
+    report["command"] = _command_line(args)
     report.update(model=args.model, dataset=args.dataset, data=str(dataset.path),
                   edits=args.edits, batch_size=args.batch_size, seed=args.seed,
                   device=str(device))  # fmt: skip
@@ -420,14 +483,21 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 
 def _add_bench_parser(sub) -> None:
-    bench = sub.add_parser(
+    bench = _subcommand(
+        sub,
         "bench",
-        help="the paper's sequential-editing benchmark (zsRE, CounterFact), resumable",
-        description="Sample --edits records per seed, edit them sequentially in batches of "
+        "the paper's sequential-editing benchmark (zsRE, CounterFact), resumable",
+        "Sample --edits records per seed, edit them sequentially in batches of "
         "--batch-size with each method (original weights restored between methods), and score "
         "every edited record after the last batch (and the records edited so far after each "
         "batch). Writes results.json, results.md (Table-1 shaped: mean +- std over seeds), PNG "
         "plots and bench.log into --out. An interrupted run continues with --resume DIR.",
+        [
+            "metake bench --model smollm2-135m --data ../shared/data/zsre/zsre_1k.json "
+            "--methods table1 --seeds 0,1,2 --exclude 900:1000 --out table1",
+            "metake bench --resume table1",
+            "metake bench --progress table1",
+        ],
     )
     _add_model_args(bench)
     bench.add_argument(
@@ -445,11 +515,9 @@ def _add_bench_parser(sub) -> None:
     bench.add_argument(
         "--methods",
         default="memit,alphaedit,metake",
-        help="comma-separated: rome, memit, alphaedit, rect, prune, memit_blue, alphaedit_blue "
-        "(or any BASE_OPTION solver, e.g. alphaedit_rect), metake (over --solver), "
-        "metake_exact (exact hypergradient) or metake+SOLVER (default: memit,alphaedit,metake); "
-        "'table1' stands for the paper's seven rows: rome,memit,prune,rect,alphaedit,"
-        "alphaedit_blue,metake; see `metake methods`",
+        help=f"comma-separated, of {', '.join(METHODS)} (or any BASE_OPTION solver, e.g. "
+        "alphaedit_rect), or metake+SOLVER (default: memit,alphaedit,metake); 'table1' stands "
+        f"for the paper's seven rows: {','.join(TABLE1_METHODS)}; see `metake methods`",
     )
     bench.add_argument(
         "--solver",
@@ -512,7 +580,7 @@ def _add_bench_parser(sub) -> None:
         default="answers",
         help="zsRE edit target: answers[0] (paper's protocol, default) or alt (EasyEdit)",
     )
-    bench.add_argument("--preset", help=PRESET_HELP)
+    _add_preset(bench)
     bench.add_argument(
         "--corpus",
         default=None,
@@ -525,7 +593,6 @@ def _add_bench_parser(sub) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``metake bench``: run or resume a benchmark and print its table."""
-    import shlex
     from datetime import datetime
 
     from metake.evaluation.bench import BenchConfig, BenchRun
@@ -561,7 +628,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             device=resolve_device(args.device),
             records=args.records,
             exclude=args.exclude,
-            command="metake " + " ".join(shlex.quote(a) for a in args.argv),
+            command=_command_line(args),
         )
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         out = args.out or f"bench-runs/{config.model.replace('/', '_')}-{config.dataset}-{stamp}"
@@ -780,9 +847,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
             reads = [*common, "metake", "and the --solver's own"]
         else:
             spec = parse_solver(resolve_method(method)[1])
-            reads = [*common, *(["memit"] if spec.base == "memit" else []),
-                     *(["alphaedit"] if spec.base == "alphaedit" else []),
-                     *(["rect"] if spec.rect else [])]  # fmt: skip
+            reads = [*common, *spec.base_class.reads, *(["rect"] if spec.rect else [])]
         print(
             textwrap.fill(
                 METHOD_DESCRIPTIONS[method],
@@ -792,7 +857,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
             )
         )
         print(f"  {'':15s} reads: {'; '.join(reads)}")
-    print("  any other BASE_OPTION composition works too (base rome/memit/alphaedit, options\n"
+    print(f"  any other BASE_OPTION composition works too (base {'/'.join(BASE_SOLVERS)}, options\n"
           "  _rect, _prune, _blue), e.g. alphaedit_rect; metake takes one as --solver")  # fmt: skip
     for group, names in HPARAM_GROUPS.items():
         print(f"{group}:")

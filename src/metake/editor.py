@@ -30,8 +30,6 @@ from metake.methods import (
     METHOD_DESCRIPTIONS,
     METHODS,
     PLANNER_METHODS,
-    SolverSpec,
-    parse_solver,
     resolve_method,
 )
 from metake.models.adapters import get_adapter
@@ -39,18 +37,10 @@ from metake.planners.hypergradient import Channel, ProxyChannel, SpreadChannel
 from metake.planners.metake import LOCALITY_PROMPTS, RefinedPlan, lookahead_targets
 from metake.planners.standard import TargetPlan, compute_targets, context_templates
 from metake.requests import EditRequest, parse_requests
-from metake.solvers.alphaedit import NullSpace, alphaedit_delta, alphaedit_gate, null_space
-from metake.solvers.memit import (
-    LayerSolve,
-    apply_spread,
-    layer_residuals,
-    memit_delta,
-    memit_gate,
-    subject_activations,
-)
-from metake.solvers.prune import largest_singular_value, prune_with_spectrum
-from metake.solvers.rect import rect_delta
-from metake.solvers.rome import rome_delta, rome_gate
+from metake.solvers.alphaedit import NullSpace
+from metake.solvers.memit import LayerSolve, apply_spread, layer_residuals, subject_activations
+from metake.solvers.options import ComposedSolver
+from metake.solvers.registry import build_solver, solver_layers
 from metake.stats import StatsCache, get_second_moments
 from metake.tokens import encode_request
 
@@ -111,10 +101,11 @@ class EditResult:
 class Editor:
     """An editing session over one model: ``Editor(model, tokenizer).edit(requests)``.
 
-    ``method`` is a solver name or ``"metake"``. Solvers are ``"memit"``, ``"alphaedit"``
-    (MEMIT's loop with AlphaEdit's null-space projected update and its cache of earlier batches'
-    keys, kept by this session only), ``"rome"`` (one rank-one update per request at the last edit
-    layer, in order), each optionally with ``_rect`` (RECT: every batch's update kept on its top
+    ``method`` is a solver name or ``"metake"``. Solvers are the registered base solvers
+    (:mod:`metake.solvers.registry`: ``"memit"``, ``"alphaedit"`` — MEMIT's loop with AlphaEdit's
+    null-space projected update and its cache of earlier batches' keys, kept by this session
+    only —, ``"rome"`` — one rank-one update per request at the last edit layer, in order —, and
+    ``"emmet"``), each optionally with ``_rect`` (RECT: every batch's update kept on its top
     entries by relative change), ``_prune`` (PRUNE: the accumulated edit's large singular values
     restrained by :meth:`finalize`) and ``_blue`` (BLUE: only the first and last edit layers, each
     towards its own target); ``"rect"`` and ``"prune"`` are ``memit_rect`` and ``memit_prune``
@@ -127,7 +118,8 @@ class Editor:
     Hyper-parameters come from the model's preset (or the fallback), then ``hparams`` (a full
     :class:`MemitHparams`) or keyword ``overrides`` such as ``layers=[4, 5]``, ``v_lr=0.5``.
     Statistics (C0 per edit layer) are computed once over ``corpus`` (default: the built-in
-    Wikipedia intros) and cached on disk.
+    Wikipedia intros) and cached on disk. The session asks its solver object (``stage2``, built
+    by :func:`~metake.solvers.registry.build_solver`) for gates, updates and state, never a name.
     """
 
     def __init__(
@@ -150,7 +142,6 @@ class Editor:
         **overrides: Any,
     ) -> None:
         self.method, self.solver = resolve_method(method, solver)
-        self.spec: SolverSpec = parse_solver(self.solver)
         if self.method == "metake_exact":
             if overrides.get("metake_hypergradient", "exact") != "exact":
                 raise MetakeError("method metake_exact differentiates exactly; drop "
@@ -165,17 +156,10 @@ class Editor:
             hparams = memit_hparams(model.config, preset, self.method, self.solver, **overrides)
         elif overrides:
             hparams = hparams.with_overrides(**overrides)
-        if self.spec.base == "rome" and len(hparams.layers) > 1:
-            log.info("ROME edits one layer: using layer %d of %s", hparams.layers[-1],
-                     list(hparams.layers))  # fmt: skip
-            hparams = hparams.with_overrides(layers=[hparams.layers[-1]])
-        if self.spec.blue:
-            if len(hparams.layers) < 2:
-                raise MetakeError(f"BLUE edits the first and last of at least two layers, got "
-                                  f"layers {list(hparams.layers)}")  # fmt: skip
-            log.info("BLUE edits layers %d and %d of %s", hparams.layers[0], hparams.layers[-1],
-                     list(hparams.layers))  # fmt: skip
-            hparams = hparams.with_overrides(layers=[hparams.layers[0], hparams.layers[-1]])
+        layers = solver_layers(self.solver, hparams)
+        if layers != list(hparams.layers):
+            log.info("%s edits layer(s) %s of %s", self.solver, layers, list(hparams.layers))
+            hparams = hparams.with_overrides(layers=layers)
         for layer in hparams.layers:
             self.adapter.mlp_out(model, layer)  # raises for a layer out of range
         self.hparams = hparams
@@ -191,10 +175,8 @@ class Editor:
         self._mom2: dict[int, torch.Tensor] = {}
         self.stats_tokens: dict[int, int] = {}
         self._contexts: list[str] | None = None if contexts is None else list(contexts)
-        self._null_spaces: dict[int, NullSpace] = {}
-        self._prev_keys_cov: dict[int, torch.Tensor] = {}  # AlphaEdit: sum of K K^T so far
+        self.stage2: ComposedSolver = build_solver(self.solver, hparams, self.second_moment)
         self._raw_weights: dict[int, torch.Tensor] | None = None  # PRUNE: set while finalised
-        self._sigma_max: dict[int, float] = {}  # PRUNE: largest singular value of original W
         self.history: list[EditRequest] = []
 
     # ----- lazily computed, once per session -----------------------------------------------
@@ -216,13 +198,10 @@ class Editor:
 
     def null_space(self, layer: int) -> NullSpace:
         """AlphaEdit's projector for ``layer`` (from C0 and the null-space threshold)."""
-        if layer not in self._null_spaces:
-            hp = self.hparams
-            ns = null_space(self.second_moment(layer), hp.nullspace_threshold,
-                            hp.nullspace_relative)  # fmt: skip
-            log.info("layer %d: null space of rank %d / %d", layer, ns.rank, ns.projector.shape[0])
-            self._null_spaces[layer] = ns
-        return self._null_spaces[layer]
+        null_space = getattr(self.stage2.base, "null_space", None)
+        if null_space is None:
+            raise MetakeError(f"the {self.solver} solver has no null space")
+        return null_space(layer)
 
     def load_statistics(self, layers: Iterable[int] | None = None) -> None:
         """Load or compute C0 for ``layers`` (default: all edit layers) in one corpus pass."""
@@ -275,12 +254,11 @@ class Editor:
         self.load_statistics()
         contexts = self.contexts
         start = time.perf_counter()
-        if self.spec.base == "rome":
-            run = self._edit_rome
-        elif self.spec.blue:
-            run = self._edit_blue
-        else:
-            run = self._edit_spread
+        run = {
+            "one_by_one": self._edit_one_by_one,
+            "per_layer_targets": self._edit_blue,
+            "spread": self._edit_spread,
+        }[self.stage2.edit_path]
         plans, refined, deltas, timing = self._atomic(parsed, contexts, run)
         end = time.perf_counter()
         stage1_seconds, lookahead_seconds = timing
@@ -302,7 +280,7 @@ class Editor:
             lookahead_target_prob=[math.exp(-nll) for r in refined for nll in r.final_nll],
             delta_norms={layer: float(d.norm()) for layer, d in deltas.items()},
             statistics_tokens={layer: self.stats_tokens[layer] for layer in hp.layers},
-            null_space_rank={layer: ns.rank for layer, ns in self._null_spaces.items()},
+            null_space_rank=self.stage2.report().get("null_space_rank", {}),
             hparams=hp.to_dict(),
         )
         log.info("edited %d requests in %.1fs", len(parsed), report.seconds)
@@ -344,9 +322,8 @@ class Editor:
         try:
             self._set_layer_weights(before)
             plans, refined, deltas, timing = run(parsed, contexts)
-            if self.spec.rect:
-                deltas = self._apply_rect(before)
-            new_keys_cov = self._accumulated_keys(parsed, contexts)
+            deltas = self._apply_rect(before) or deltas
+            solver_state = self._next_solver_state(parsed, contexts)
         except BaseException:
             self._set_layer_weights(snapshot)
             log.error("edit failed; the batch was rolled back")
@@ -354,7 +331,7 @@ class Editor:
         for layer, weight in before.items():
             self._originals.setdefault(layer, weight)
         self._raw_weights = None
-        self._prev_keys_cov.update(new_keys_cov)
+        self.stage2.load_state_dict(solver_state)
         self.history.extend(parsed)
         return plans, refined, deltas, timing
 
@@ -375,33 +352,15 @@ class Editor:
         history or key cache update; the caller restores the weights. Returns
         ``{layer: Delta [d_out, d_in]}``.
         """
-        if self.spec.base == "rome" or self.spec.blue:
+        if self.stage2.edit_path != "spread":
             raise MetakeError(f"solve_targets spreads one target over the edit layers; "
                               f"{self.solver} does not")  # fmt: skip
         return apply_spread(self.model, self.tokenizer, requests, targets, self.hparams.layers,
                             contexts, self.layer_solve())  # fmt: skip
 
     def layer_solve(self) -> LayerSolve:
-        """The session's per-layer closed form (MEMIT or AlphaEdit) for :func:`apply_spread`."""
-        hp = self.hparams
-        if self.spec.base == "memit":
-            return lambda layer, keys, resid: memit_delta(
-                keys, resid, self.second_moment(layer), hp.mom2_update_weight
-            )
-        lam2 = self.alphaedit_lambda()
-
-        def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-            prev = self._prev_keys(layer, keys.shape[1])
-            return alphaedit_delta(keys, resid, self.null_space(layer).projector, prev, lam2)
-
-        return solve
-
-    def alphaedit_lambda(self) -> float:
-        """AlphaEdit's ridge ``lambda_2``; BLUE's own value when the preset gives one."""
-        hp = self.hparams
-        if self.spec.blue and hp.alphaedit_blue_lambda is not None:
-            return hp.alphaedit_blue_lambda
-        return hp.alphaedit_lambda
+        """The session solver's per-layer closed form for :func:`apply_spread`."""
+        return self.stage2.delta
 
     def _plan(
         self, requests: list[EditRequest], contexts: list[str], layer: int | None = None
@@ -457,7 +416,7 @@ class Editor:
     def key_average(self) -> str:
         """How this session's solver averages keys over contexts: ROME's plain mean, or MEMIT's
         per-type one (see :func:`~metake.solvers.memit.context_type_mean`)."""
-        return "plain" if self.spec.base == "rome" else "types"
+        return self.stage2.key_average
 
     def gate(
         self, layer: int, keys: torch.Tensor, bare_keys: torch.Tensor | None = None
@@ -468,17 +427,11 @@ class Editor:
         the bare prompts' ones (ROME's scale; default ``keys``); uses the session's C0, and for
         AlphaEdit its projector and accumulated key cache, exactly as the solver will.
         """
-        hp = self.hparams
-        if self.spec.base == "memit":
-            return memit_gate(keys, self.second_moment(layer), hp.mom2_update_weight)
-        if self.spec.base == "alphaedit":
-            prev = self._prev_keys(layer, keys.shape[1])
-            projector = self.null_space(layer).projector
-            return alphaedit_gate(keys, projector, prev, self.alphaedit_lambda())
-        return rome_gate(keys, self.second_moment(layer), bare_keys, hp.rome_ridge)
+        return self.stage2.gate(layer, keys, bare_keys)
 
-    def _edit_rome(self, requests: list[EditRequest], contexts: list[str]) -> _StageOutput:
-        """ROME: plan and apply one rank-one update per request, in order; edits in place."""
+    def _edit_one_by_one(self, requests: list[EditRequest], contexts: list[str]) -> _StageOutput:
+        """ROME's path: plan and apply one update per request at the last edit layer, in order;
+        edits in place."""
         layer = self.hparams.layers[-1]
         plans, refined, total, seconds = [], [], None, (0.0, 0.0)
         for request in requests:
@@ -488,8 +441,7 @@ class Editor:
             acts = subject_activations(self.model, self.tokenizer, [request], contexts, [layer],
                                        layer, key_average=self.key_average)  # fmt: skip
             resid = layer_residuals(self.model, acts, layer, target, 1)
-            delta = rome_delta(acts.keys[layer][0], resid[0], self.second_moment(layer),
-                               acts.bare_keys[layer][0], self.hparams.rome_ridge)  # fmt: skip
+            delta = self.stage2.delta(layer, acts.keys[layer], resid, acts.bare_keys[layer])
             self.adapter.add_to_weight(self.model, layer, delta)
             total = delta.float().cpu() if total is None else total + delta.float().cpu()
             plans.append(plan)
@@ -511,43 +463,37 @@ class Editor:
             refined += [refinement] if refinement else []
         return plans, refined, deltas, seconds
 
-    def _apply_rect(self, before: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """RECT: keep each layer's batch update on its top entries by ``|Delta / W|``.
+    def _apply_rect(self, before: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor] | None:
+        """RECT (when the solver has it): keep each layer's batch update on its top entries.
 
         ``before`` holds the weights before this batch (``[d_out, d_in]`` per layer); the
-        update is what the solver applied since. Returns the kept updates.
+        update is what the solver applied since. Returns the kept updates, or ``None``.
         """
-        kept = {}
-        for layer, weight in before.items():
-            delta = self.adapter.weight(self.model, layer).detach().float() - weight.float()
-            kept[layer] = rect_delta(delta, weight.float(), self.hparams.rect_keep_fraction)
-            self.adapter.set_weight(self.model, layer, weight.float() + kept[layer])
+        kept = self.stage2.sparsify(before, self._layer_weights())
+        if kept is None:
+            return None
+        for layer, delta in kept.items():
+            self.adapter.set_weight(self.model, layer, before[layer].float() + delta)
         return {layer: delta.cpu() for layer, delta in kept.items()}
 
-    def _accumulated_keys(
+    def _next_solver_state(
         self, requests: list[EditRequest], contexts: list[str]
-    ) -> dict[int, torch.Tensor]:
-        """AlphaEdit: ``C_prev + K K^T`` per layer, keys recomputed on the edited model."""
-        if self.spec.base != "alphaedit":
-            return {}
+    ) -> dict[str, Any]:
+        """The solver's state after this batch (AlphaEdit: ``C_prev + K K^T`` per layer, keys
+        recomputed on the edited model); committed by :meth:`_atomic` only on success."""
+        if not self.stage2.base.wants_batch_keys:
+            return self.stage2.state_dict()
         layers = self.hparams.layers
         keys = subject_activations(self.model, self.tokenizer, requests, contexts, layers,
                                    layers[-1]).keys  # fmt: skip
-        out = {}
-        for layer, layer_keys in keys.items():
-            k = layer_keys.double().cpu()
-            out[layer] = self._prev_keys(layer, k.shape[1]) + k.T @ k
-        return out
+        return self.stage2.next_state(keys)
 
     def key_cache(self, layer: int) -> torch.Tensor:
         """AlphaEdit's ``C_prev`` of ``layer``: earlier batches' keys, ``[d_in, d_in]`` float64."""
-        return self._prev_keys(layer, self.adapter.weight(self.model, layer).shape[1])
-
-    def _prev_keys(self, layer: int, dim: int) -> torch.Tensor:
-        """AlphaEdit's ``C_prev`` of ``layer`` (``[dim, dim]`` float64; zeros before any batch)."""
-        if layer in self._prev_keys_cov:
-            return self._prev_keys_cov[layer]
-        return torch.zeros(dim, dim, dtype=torch.float64)
+        cache = getattr(self.stage2.base, "key_cache", None)
+        if cache is None:
+            raise MetakeError(f"the {self.solver} solver keeps no key cache")
+        return cache(layer, self.adapter.weight(self.model, layer).shape[1])
 
     def _layer_weights(self) -> dict[int, torch.Tensor]:
         """Copies of the edit layers' current weights (``[d_out, d_in]`` each)."""
@@ -575,31 +521,24 @@ class Editor:
         protocol does), :meth:`restore` undoes everything. Calling it twice changes nothing.
         Returns ``{layer: number of singular values restrained}``.
         """
-        if not self.spec.prune or not self._originals or self.finalized:
+        if not self._originals or self.finalized:
             return {}
         raw = self._layer_weights()
-        restrained_count = {}
-        for layer, original in self._originals.items():
-            if layer not in self._sigma_max:
-                self._sigma_max[layer] = largest_singular_value(original)
-            sigma_max = self._sigma_max[layer]
-            delta = raw[layer].double() - original.double()
-            restrained, sigma = prune_with_spectrum(delta, sigma_max)
-            self.adapter.set_weight(self.model, layer, original.double() + restrained)
-            count = int((sigma >= sigma_max).sum())
-            restrained_count[layer] = count
-            log.info("PRUNE layer %d: %d singular value(s) of the edit (largest %.3g) at or "
-                     "above sigma_max %.3g restrained", layer, count, float(sigma[0]),
-                     sigma_max)  # fmt: skip
+        restrained = self.stage2.restrain(self._originals, raw)
+        if restrained is None:
+            return {}
+        for layer, (weight, _) in restrained.items():
+            self.adapter.set_weight(self.model, layer, weight)
         self._raw_weights = raw
-        return restrained_count
+        return {layer: count for layer, (_, count) in restrained.items()}
 
     # ----- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """What a later session needs to continue exactly where this one is.
 
         The edited layers' current weights (``[d_out, d_in]``, not differences, so reloading is
-        bit-identical), AlphaEdit's key cache, the context prefixes and the edit history.
+        bit-identical), the solver's state (AlphaEdit's key cache), the context prefixes and
+        the edit history.
         """
         return {
             "method": self.method,
@@ -611,7 +550,7 @@ class Editor:
                 if layer in self._originals
             },  # fmt: skip
             "finalized": self.finalized,
-            "prev_keys_cov": {k: v.clone() for k, v in self._prev_keys_cov.items()},
+            **self.stage2.state_dict(),
             "contexts": list(self._contexts) if self._contexts is not None else None,
             "history": [r.to_dict() for r in self.history],
         }
@@ -633,7 +572,7 @@ class Editor:
             current = self.adapter.weight(self.model, int(layer))
             self._originals[int(layer)] = current.detach().clone()
             self.adapter.set_weight(self.model, int(layer), weight.to(current.device))
-        self._prev_keys_cov = {int(k): v.clone() for k, v in state["prev_keys_cov"].items()}
+        self.stage2.load_state_dict(state)
         if state["contexts"] is not None:
             self._contexts = list(state["contexts"])
         self.history = parse_requests(state["history"]) if state["history"] else []
@@ -657,7 +596,7 @@ class Editor:
         for layer, weight in self._originals.items():
             self.adapter.set_weight(self.model, layer, weight)
         self._originals.clear()
-        self._prev_keys_cov.clear()
+        self.stage2.reset()
         self._raw_weights = None
         self.history.clear()
 

@@ -1,29 +1,25 @@
 """Method names: a base solver with composable options, and MetaKE's planner over any of them.
 
-A solver name is a base solver (``rome``, ``memit``, ``alphaedit``) followed by options joined with
-``_``: ``rect`` (RECT's sparsified update), ``prune`` (PRUNE's restrained singular values) and
-``blue`` (BLUE: edit only the first and last edit layers, each towards its own target). So
-``alphaedit_blue``, ``memit_rect`` or ``alphaedit_rect_prune`` are solvers; ``rect`` and ``prune``
-alone mean ``memit_rect`` and ``memit_prune``, the forms their papers evaluate. A method is a
-solver name or ``metake`` (the look-ahead planner over a ``--solver``).
+A solver name is a base solver (``rome``, ``memit``, ``alphaedit``, ``emmet``: the registry of
+:mod:`metake.solvers.registry`) followed by options joined with ``_``: ``rect`` (RECT's
+sparsified update), ``prune`` (PRUNE's restrained singular values) and ``blue`` (BLUE: edit only
+the first and last edit layers, each towards its own target). So ``alphaedit_blue``,
+``memit_rect`` or ``alphaedit_rect_prune`` are solvers; ``rect`` and ``prune`` alone mean
+``memit_rect`` and ``memit_prune``, the forms their papers evaluate. A method is a solver name or
+``metake`` (the look-ahead planner over a ``--solver``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from metake.errors import MetakeError
+from metake.solvers.registry import ALIASES, OPTIONS, SOLVERS, SolverSpec, parse_solver
 
-BASE_SOLVERS = ("rome", "memit", "alphaedit")
-OPTIONS = ("rect", "prune", "blue")
-ALIASES = {"rect": "memit_rect", "prune": "memit_prune"}
+BASE_SOLVERS = tuple(SOLVERS)
 DEFAULT_METAKE_SOLVER = "alphaedit"
+__all__ = ["ALIASES", "BASE_SOLVERS", "OPTIONS", "SolverSpec", "parse_solver", "resolve_method"]
 
 SOLVER_DESCRIPTIONS = {
-    "rome": "rank-one update of the last edit layer, one request after another (C0^-1 directed)",
-    "memit": "residual spread over the edit layers, lambda C0 + K K^T closed form per layer",
-    "alphaedit": "MEMIT's loop with the update projected onto C0's null space, and a key cache of "
-    "earlier batches for sequential editing",
+    **{name: cls.description for name, cls in SOLVERS.items()},
     "rect": "MEMIT, each batch's update kept only on its top rect_keep_fraction entries by "
     "relative change |Delta/W| (RECT)",
     "prune": "MEMIT; when the session is finalised (before evaluating or saving) the singular "
@@ -55,37 +51,6 @@ def expand_methods(text: str) -> list[str]:
     """Comma-separated method specs, with ``table1`` standing for :data:`TABLE1_METHODS`."""
     names = [name.strip() for name in text.split(",") if name.strip()]
     return [m for name in names for m in (TABLE1_METHODS if name == "table1" else (name,))]
-
-
-@dataclass(frozen=True)
-class SolverSpec:
-    """A base solver (``rome``/``memit``/``alphaedit``) and which options it runs with."""
-
-    base: str
-    rect: bool = False
-    prune: bool = False
-    blue: bool = False
-
-    @property
-    def name(self) -> str:
-        """Canonical name, e.g. ``memit_rect`` or ``alphaedit_blue``."""
-        chosen = [option for option in OPTIONS if getattr(self, option)]
-        return "_".join([self.base, *chosen])
-
-
-def parse_solver(name: str) -> SolverSpec:
-    """``"alphaedit_blue"`` → ``SolverSpec("alphaedit", blue=True)``; clear error when unknown."""
-    parts = ALIASES.get(name, name).split("_")
-    base, options = parts[0], parts[1:]
-    known = f"a base solver ({', '.join(BASE_SOLVERS)}) with options _{', _'.join(OPTIONS)}"
-    if base not in BASE_SOLVERS:
-        raise MetakeError(f"unknown solver {name!r}; a solver is {known}, e.g. alphaedit_blue")
-    unknown = [o for o in options if o not in OPTIONS]
-    if unknown or len(set(options)) != len(options):
-        raise MetakeError(f"solver {name!r}: options must be distinct ones of {', '.join(OPTIONS)}")
-    if base == "rome" and "blue" in options:
-        raise MetakeError("solver 'rome_blue': ROME edits one layer, BLUE needs two")
-    return SolverSpec(base, **{option: True for option in options})
 
 
 def resolve_method(method: str, solver: str | None = None) -> tuple[str, str]:

@@ -408,7 +408,7 @@ class Tuner:
         """Edit the dev records with ``method`` in batches of ``batch_size``, score, restore."""
         name, solver = method_spec(method, "alphaedit")
         spec = parse_solver(solver or name)
-        fixed = name not in PLANNER_METHODS and spec.base != "rome" and not spec.blue
+        fixed = name not in PLANNER_METHODS and spec.spreads_one_target
         records = self.dev if fixed else self.dev[: self.config.search_records]
         batch_size = min(batch_size, len(records))
         row_id = f"{method} b={batch_size} " + " ".join(

@@ -50,16 +50,14 @@ from metake.planners.metake import MetaObjective, lookahead_targets
 from metake.planners.standard import TargetPlan, compute_targets
 from metake.requests import EditRequest
 from metake.solvers.memit import apply_spread, keys_and_values, subject_activations
+from metake.solvers.registry import SOLVERS
 
 log = logging.getLogger(__name__)
 
 
 def solver_geometry(editor: Editor, layer: int) -> SolverGeometry:
     """The single-key attenuation geometry of the session's solver at ``layer`` right now."""
-    if editor.spec.base == "memit":
-        return SolverGeometry.memit(editor.second_moment(layer), editor.hparams.mom2_update_weight)
-    return SolverGeometry.alphaedit(editor.null_space(layer).projector, editor.key_cache(layer),
-                                    editor.alphaedit_lambda())  # fmt: skip
+    return editor.stage2.geometry(layer)
 
 
 def _floats(x: torch.Tensor) -> list[float]:
@@ -200,10 +198,12 @@ def summarise(batches: Sequence[dict[str, Any]], last: int) -> dict[str, Any]:
 
 
 def check_solver(name: str) -> None:
-    """Raise unless ``name`` is a solver ``metake diagnose`` can measure (memit, alphaedit)."""
+    """Raise unless ``name`` is a solver ``metake diagnose`` can measure (a spread solver with a
+    single-key geometry, without options: memit, alphaedit)."""
     spec = parse_solver(name)
-    if spec.base not in ("memit", "alphaedit") or spec.blue or spec.rect or spec.prune:
-        raise MetakeError(f"diagnose measures the spread solvers memit and alphaedit (without "
+    if not spec.base_class.measurable or spec.blue or spec.rect or spec.prune:
+        measurable = ", ".join(n for n, cls in SOLVERS.items() if cls.measurable)
+        raise MetakeError(f"diagnose measures the spread solvers {measurable} (without "
                           f"options); got {name}")  # fmt: skip
 
 

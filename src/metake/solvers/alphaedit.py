@@ -14,9 +14,17 @@ the minimiser, over ``Delta = D P``, of ``||D P K - R||^2 + ||D P K_prev||^2 + l
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from metake.solvers.base import SecondMoment, Solver
+
+if TYPE_CHECKING:
+    from metake.diagnostics.theory import SolverGeometry
+    from metake.hparams import MemitHparams
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +93,85 @@ def alphaedit_delta(
     """
     gate = alphaedit_gate(keys, projector, prev_keys_cov, lam2)
     return resid.double().to(gate.device).T @ gate
+
+
+class AlphaEditSolver(Solver):
+    """AlphaEdit: MEMIT's loop with the null-space projected update and a key cache.
+
+    Keeps, per layer, the projector ``P`` (from ``C0`` and ``nullspace_threshold``) and
+    ``C_prev``, the sum of ``K K^T`` over the batches edited so far (keys recomputed on the model
+    after each batch, as the reference does). ``lam2`` is ``lambda_2`` (BLUE may set its own).
+    """
+
+    name = "alphaedit"
+    description = (
+        "MEMIT's loop with the update projected onto C0's null space, and a key cache of "
+        "earlier batches for sequential editing"
+    )
+    reads = ("alphaedit",)
+    measurable = True
+    wants_batch_keys = True
+
+    def __init__(
+        self, hparams: MemitHparams, second_moment: SecondMoment, lam2: float | None = None
+    ) -> None:
+        super().__init__(hparams, second_moment)
+        self.lam2 = hparams.alphaedit_lambda if lam2 is None else lam2
+        self.null_spaces: dict[int, NullSpace] = {}
+        self.prev_keys_cov: dict[int, torch.Tensor] = {}  # sum of K K^T so far, float64
+
+    def null_space(self, layer: int) -> NullSpace:
+        """The projector of ``layer`` (computed once from ``C0``)."""
+        if layer not in self.null_spaces:
+            hp = self.hparams
+            ns = null_space(self.second_moment(layer), hp.nullspace_threshold,
+                            hp.nullspace_relative)  # fmt: skip
+            log.info("layer %d: null space of rank %d / %d", layer, ns.rank, ns.projector.shape[0])
+            self.null_spaces[layer] = ns
+        return self.null_spaces[layer]
+
+    def key_cache(self, layer: int, dim: int) -> torch.Tensor:
+        """``C_prev`` of ``layer`` (``[dim, dim]`` float64; zeros before any batch)."""
+        if layer in self.prev_keys_cov:
+            return self.prev_keys_cov[layer]
+        return torch.zeros(dim, dim, dtype=torch.float64)
+
+    def gate(
+        self, layer: int, keys: torch.Tensor, bare_keys: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """AlphaEdit's gate ``[n, d_in]`` with this session's projector and key cache."""
+        prev = self.key_cache(layer, keys.shape[1])
+        return alphaedit_gate(keys, self.null_space(layer).projector, prev, self.lam2)
+
+    def geometry(self, layer: int) -> SolverGeometry:
+        """``P C_prev + lambda_2 I`` and ``P`` of ``layer``."""
+        from metake.diagnostics.theory import SolverGeometry
+
+        projector = self.null_space(layer).projector
+        prev = self.key_cache(layer, projector.shape[0])
+        return SolverGeometry.alphaedit(projector, prev, self.lam2)
+
+    def next_state(self, keys: Mapping[int, torch.Tensor]) -> dict[str, Any]:
+        """The key cache with this batch's ``K K^T`` added (``keys``: ``{layer: [n, d_in]}``)."""
+        cache = dict(self.prev_keys_cov)
+        for layer, layer_keys in keys.items():
+            k = layer_keys.double().cpu()
+            cache[layer] = self.key_cache(layer, k.shape[1]) + k.T @ k
+        return {"prev_keys_cov": cache}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The key cache ``{"prev_keys_cov": {layer: [d_in, d_in]}}``."""
+        return {"prev_keys_cov": {k: v.clone() for k, v in self.prev_keys_cov.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take over the key cache of ``state`` (none: an empty one)."""
+        cache = state.get("prev_keys_cov", {})
+        self.prev_keys_cov = {int(k): v.clone() for k, v in cache.items()}
+
+    def reset(self) -> None:
+        """Empty the key cache (the projectors depend on C0 only and stay)."""
+        self.prev_keys_cov.clear()
+
+    def report(self) -> dict[str, Any]:
+        """The null-space rank of every layer solved so far."""
+        return {"null_space_rank": {layer: ns.rank for layer, ns in self.null_spaces.items()}}

@@ -16,7 +16,7 @@ For edit layers ``l_1 < ... < l_m`` (the last one, ``L``, holds the targets ``v*
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -24,8 +24,12 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from metake.models.adapters import get_adapter
 from metake.requests import EditRequest
+from metake.solvers.base import Solver
 from metake.tokens import encode_request, pad_batch
 from metake.trace import capture
+
+if TYPE_CHECKING:
+    from metake.diagnostics.theory import SolverGeometry
 
 
 def memit_gate(keys: torch.Tensor, mom2: torch.Tensor, lam: float) -> torch.Tensor:
@@ -44,6 +48,27 @@ def memit_delta(
     """MEMIT's update ``[d_out, d_in]`` from keys ``[n, d_in]``, residuals ``[n, d_out]``, C0."""
     gate = memit_gate(keys, mom2, lam)
     return resid.double().to(gate.device).T @ gate
+
+
+class MemitSolver(Solver):
+    """MEMIT: ``M = K^T (lambda C0 + K K^T)^-1`` per layer, ``lambda`` = ``mom2_update_weight``."""
+
+    name = "memit"
+    description = "residual spread over the edit layers, lambda C0 + K K^T closed form per layer"
+    reads = ("memit",)
+    measurable = True
+
+    def gate(
+        self, layer: int, keys: torch.Tensor, bare_keys: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """MEMIT's gate ``[n, d_in]`` at ``layer`` (:func:`memit_gate`)."""
+        return memit_gate(keys, self.second_moment(layer), self.hparams.mom2_update_weight)
+
+    def geometry(self, layer: int) -> SolverGeometry:
+        """``lambda C0`` of ``layer``."""
+        from metake.diagnostics.theory import SolverGeometry
+
+        return SolverGeometry.memit(self.second_moment(layer), self.hparams.mom2_update_weight)
 
 
 class SubjectActivations(NamedTuple):

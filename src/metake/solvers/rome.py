@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from metake.solvers.base import Solver
+
 
 def ridged(mom2: torch.Tensor, ridge: float) -> torch.Tensor:
     """``C0 + ridge * tr(C0) / d * I`` in float64 (``[d, d]``): a scale-free ridge."""
@@ -61,3 +63,21 @@ def rome_delta(
     bare = None if bare_key is None else bare_key.reshape(1, -1)
     gate = rome_gate(key.reshape(1, -1), mom2, bare, ridge)  # [1, d_in]
     return resid.double().to(gate.device).reshape(-1, 1) @ gate
+
+
+class RomeSolver(Solver):
+    """ROME: one rank-one update of the last edit layer per request, in order."""
+
+    name = "rome"
+    description = (
+        "rank-one update of the last edit layer, one request after another (C0^-1 directed)"
+    )
+    reads = ("rome",)
+    key_average = "plain"
+    one_layer = True
+
+    def gate(
+        self, layer: int, keys: torch.Tensor, bare_keys: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """ROME's rows ``u_i^T / (k_i^T u_i)`` (:func:`rome_gate`), ``[n, d_in]``."""
+        return rome_gate(keys, self.second_moment(layer), bare_keys, self.hparams.rome_ridge)
