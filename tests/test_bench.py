@@ -104,19 +104,36 @@ def test_bench_writes_results_and_resume_gives_identical_numbers(tmp_path):
             assert figures[metric] == resumed["aggregate"][method][metric]
 
 
-def test_resume_checkpoint_restores_the_exact_weights(tmp_path, monkeypatch):
-    """An interrupted AlphaEdit run resumed from its checkpoint ends on bit-identical weights
-    (and key cache) to an uninterrupted one."""
-    finals = []  # the edited weights each run ends on, read just before bench restores them
+def _capture_final_edits(monkeypatch) -> list[tuple[dict, dict, bool]]:
+    """Patch ``Editor.restore`` to record, before each restore of an edited session, its
+    accumulated deltas, its solver state and whether it was finalised: what a run ended on."""
+    finals = []
     real_restore = Editor.restore
 
     def capturing_restore(self):
         if self._originals:
-            finals.append(({k: v.clone() for k, v in self.accumulated_deltas().items()},
-                           self.state_dict().get("prev_keys_cov", {})))  # fmt: skip
+            deltas = {k: v.clone() for k, v in self.accumulated_deltas().items()}
+            finals.append((deltas, self.state_dict().get("prev_keys_cov", {}), self.finalized))
         real_restore(self)
 
     monkeypatch.setattr(Editor, "restore", capturing_restore)
+    return finals
+
+
+def _assert_same_final(a: tuple[dict, dict, bool], b: tuple[dict, dict, bool]) -> None:
+    """Bit-identical deltas and key caches, same finalised state."""
+    assert a[0].keys() == b[0].keys() and a[0] and a[2] == b[2]
+    for name, delta in a[0].items():
+        assert torch.equal(delta, b[0][name]), name
+    assert a[1].keys() == b[1].keys()
+    for layer, cache in a[1].items():
+        assert torch.equal(cache, b[1][layer]), layer
+
+
+def test_resume_checkpoint_restores_the_exact_weights(tmp_path, monkeypatch):
+    """An interrupted AlphaEdit run resumed from its checkpoint ends on bit-identical weights
+    (and key cache) to an uninterrupted one."""
+    finals = _capture_final_edits(monkeypatch)
     model = tiny_model("gpt2")
     config = _config(tmp_path, methods=["alphaedit"], seeds=[0], edits=6, curve=False)
     _run(config, tmp_path / "a", model, tmp_path, stop_after_batches=2)
@@ -126,16 +143,11 @@ def test_resume_checkpoint_restores_the_exact_weights(tmp_path, monkeypatch):
     assert state["editor"]["prev_keys_cov"]  # AlphaEdit's cache is part of the checkpoint
     finals.clear()
     resumed = _run(config, tmp_path / "a", model, tmp_path)
-    resumed_weights, resumed_cache = finals[-1]
+    resumed_final = finals[-1]
     finals.clear()
     fresh = _run(config, tmp_path / "b", model, tmp_path)
-    fresh_weights, fresh_cache = finals[-1]
-    assert resumed_weights.keys() == fresh_weights.keys() and resumed_weights
-    for name, delta in fresh_weights.items():
-        assert torch.equal(resumed_weights[name], delta), name
-    assert resumed_cache.keys() == fresh_cache.keys() and fresh_cache
-    for layer, cache in fresh_cache.items():
-        assert torch.equal(resumed_cache[layer], cache), layer
+    _assert_same_final(resumed_final, finals[-1])
+    assert resumed_final[1]  # the key cache took part
     assert (resumed["runs"]["0"]["methods"]["alphaedit"]["per_record"]
             == fresh["runs"]["0"]["methods"]["alphaedit"]["per_record"])  # fmt: skip
 
@@ -159,7 +171,7 @@ def test_bench_config_errors(tmp_path):
         BenchRun.read_config(tmp_path / "nowhere")
 
 
-def test_bench_runs_the_table1_baselines_and_resumes_prune(tmp_path):
+def test_bench_runs_the_table1_baselines_and_resumes_prune(tmp_path, monkeypatch):
     """RECT, PRUNE, BLUE and ROME by name; PRUNE interrupted while finalised resumes exactly."""
     model = tiny_model("llama")
     before = _weights(model)
@@ -183,6 +195,12 @@ def test_bench_runs_the_table1_baselines_and_resumes_prune(tmp_path):
     _run(prune_only, part, model, tmp_path, stop_after_batches=1)
     state = torch.load(part / "parts" / "seed0" / "prune.state.pt", weights_only=False)
     assert state["editor"]["finalized"]
+    finals = _capture_final_edits(monkeypatch)
     resumed = _run(prune_only, part, model, tmp_path)
+    resumed_final = finals[-1]
+    finals.clear()
+    _run(prune_only, tmp_path / "prune-fresh", model, tmp_path)
+    _assert_same_final(resumed_final, finals[-1])  # bit-identical restrained edit
+    assert resumed_final[2]  # ended finalised (PRUNE's restraint applied)
     assert (resumed["runs"]["0"]["methods"]["prune"]["per_record"]
             == methods["prune"]["per_record"])  # fmt: skip

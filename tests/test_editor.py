@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from metake import Editor, InvalidRequestError, MetakeError
 from metake.corpus import TextCorpus
 from metake.editor import DELTA_FILE, EDITS_FILE
+from metake.solvers.memit import subject_activations
 from metake.stats import StatsCache
 
 TEXTS = [
@@ -214,10 +215,20 @@ def test_alphaedit_session_projects_updates_and_accumulates_keys(tmp_path):
     ranks = {layer: editor.null_space(layer).rank for layer in (0, 1)}
     assert first.report.null_space_rank == ranks
     after_one = {k: v.clone() for k, v in editor.stage2.base.prev_keys_cov.items()}
-    assert set(after_one) == {0, 1} and all(v.abs().sum() > 0 for v in after_one.values())
+    assert set(after_one) == {0, 1}
+
+    def layer0_keys(requests) -> torch.Tensor:
+        """Keys of layer 0 (no edit of a down projection changes them): ``[n, d_in]``."""
+        parsed = editor.prepare(requests)
+        acts = subject_activations(model, editor.tokenizer, parsed, editor.contexts, [0], 0)
+        return acts.keys[0].double().cpu()
+
+    k1 = layer0_keys(REQUESTS[:1])
+    torch.testing.assert_close(after_one[0], k1.T @ k1)  # C_prev = K1^T K1
     editor.edit(REQUESTS[1:])
-    for layer, cov in editor.stage2.base.prev_keys_cov.items():
-        assert not torch.equal(cov, after_one[layer])  # the second batch's keys were added
+    k2 = layer0_keys(REQUESTS[1:])
+    torch.testing.assert_close(editor.stage2.base.prev_keys_cov[0], k1.T @ k1 + k2.T @ k2)
+    assert not torch.equal(editor.stage2.base.prev_keys_cov[1], after_one[1])
     editor.restore()
     _assert_same_state(model, original)
     assert editor.stage2.base.prev_keys_cov == {}

@@ -10,10 +10,13 @@ from tiny_models import tiny_model
 from metake.errors import MetakeError
 from metake.hparams import MemitHparams
 from metake.methods import resolve_method
+from metake.solvers.alphaedit import alphaedit_gate, null_space
 from metake.solvers.base import Solver
 from metake.solvers.emmet import emmet_gate
-from metake.solvers.memit import memit_gate
+from metake.solvers.memit import keys_and_values, memit_gate
+from metake.solvers.rect import rect_delta
 from metake.solvers.registry import SOLVERS, build_solver, parse_solver, solver_layers
+from metake.solvers.rome import rome_gate
 
 
 def _moment(d: int = 12, seed: int = 0) -> torch.Tensor:
@@ -59,9 +62,21 @@ def test_registry_builds_every_solver_with_its_options():
     hp = MemitHparams(layers=(1, 2, 3))
     mom2 = _moment()
     keys = torch.randn(2, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = {
+        "memit": memit_gate(keys, mom2, hp.mom2_update_weight),
+        "alphaedit": alphaedit_gate(
+            keys,
+            null_space(mom2, hp.nullspace_threshold).projector,
+            torch.zeros(12, 12, dtype=torch.float64),
+            hp.alphaedit_lambda,
+        ),  # fmt: skip
+        "rome": rome_gate(keys, mom2),
+        "emmet": emmet_gate(keys, mom2),
+    }
+    assert set(SOLVERS) == set(expected)
     for name in SOLVERS:
         solver = build_solver(name, hp, lambda layer: mom2)
-        assert solver.gate(1, keys).shape == (2, 12)
+        torch.testing.assert_close(solver.gate(1, keys), expected[name], msg=name)
         assert solver.name == name
     rect = build_solver("memit_rect", hp, lambda layer: mom2)
     assert rect.rect_keep_fraction == hp.rect_keep_fraction and rect.edit_path == "spread"
@@ -78,14 +93,22 @@ def test_registry_builds_every_solver_with_its_options():
     assert parse_solver("prune").name == "memit_prune"
 
 
-def test_emmet_edits_a_model_as_a_method_and_under_metake(tmp_path):
+def test_emmet_writes_stage1_targets_exactly_and_plans_under_metake(tmp_path):
+    """One edit layer, no context prefixes (the key is the bare prompt's): EMMET's equality
+    constraints put every target in place exactly (up to float32 weights); MetaKE without look-ahead steps over EMMET is EMMET."""
     model = tiny_model("llama")
-    before = model.state_dict()["model.layers.1.mlp.down_proj.weight"].clone()
-    editor = _editor(model, tmp_path, method="emmet")
-    editor.edit(REQUESTS)
-    after = model.state_dict()["model.layers.1.mlp.down_proj.weight"]
-    assert not torch.equal(before, after)
-    assert resolve_method("metake", "emmet") == ("metake", "emmet")
+    editor = _editor(model, tmp_path, method="emmet", layers=[1], contexts=[""])  # bare keys
+    targets = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    editor.apply_targets(REQUESTS, targets)
+    parsed = editor.prepare(REQUESTS)
+    _, values = keys_and_values(model, editor.tokenizer, parsed, editor.contexts, 1, 1)
+    torch.testing.assert_close(values.float(), targets, atol=2e-4, rtol=2e-4)
+    plain = _editor(tiny_model("llama"), tmp_path, method="emmet").edit(REQUESTS)
+    meta = _editor(tiny_model("llama"), tmp_path, method="metake", solver="emmet",
+                   metake_steps=0).edit(REQUESTS)  # fmt: skip
+    assert meta.report.solver == "emmet"
+    for name, delta in plain.deltas.items():
+        torch.testing.assert_close(meta.deltas[name], delta)
 
 
 class _HalfMemit(Solver):
@@ -112,7 +135,18 @@ def test_a_new_solver_needs_only_its_class_and_a_registry_line(tmp_path, monkeyp
     first = min(deltas["memit"])
     torch.testing.assert_close(deltas["halfmemit"][first], 0.5 * deltas["memit"][first])
     assert resolve_method("halfmemit_rect") == ("halfmemit_rect", "halfmemit_rect")
-    assert resolve_method("metake", "halfmemit_prune") == ("metake", "halfmemit_prune")
-    assert build_solver("halfmemit_rect", MemitHparams(layers=(0,)), _moment).name == (
-        "halfmemit_rect"
-    )
+    # with RECT: the halved update, sparsified against the weights it starts from
+    model = tiny_model("llama")
+    editor = _editor(model, tmp_path, method="halfmemit_rect", layers=[1],
+                     rect_keep_fraction=0.3)  # fmt: skip
+    weight = editor.adapter.weight(model, 1).detach().clone().float()
+    half = _editor(tiny_model("llama"), tmp_path, method="halfmemit", layers=[1])
+    full = half.apply_targets(REQUESTS, targets)[1]
+    kept = editor.apply_targets(REQUESTS, targets)[1]
+    torch.testing.assert_close(kept, rect_delta(full.float(), weight, 0.3))
+    # under MetaKE without look-ahead steps: the plain solver's edit
+    plain = _editor(tiny_model("llama"), tmp_path, method="halfmemit").edit(REQUESTS)
+    meta = _editor(tiny_model("llama"), tmp_path, method="metake", solver="halfmemit",
+                   metake_steps=0).edit(REQUESTS)  # fmt: skip
+    for name, delta in plain.deltas.items():
+        torch.testing.assert_close(meta.deltas[name], delta)
