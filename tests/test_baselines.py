@@ -124,12 +124,21 @@ def test_rect_session_keeps_top_entries_of_each_batch_update(tmp_path):
         assert torch.allclose(applied, full[layer] * mask, atol=1e-6)  # the mask after all layers
         name = f"model.layers.{layer}.mlp.down_proj"
         assert torch.allclose(result.deltas[name], applied, atol=1e-6)
-    # a second batch is masked against the weights it starts from
+    # a second batch is MEMIT's update from where the first left the weights, masked against them
     start = _layer_weights(rect_model, [0, 1])
+    unmasked_model = tiny_model("llama")
+    unmasked = _editor(unmasked_model, tmp_path, method="memit", contexts=rect.contexts)
+    unmasked.load_statistics()  # C0 of the unedited model, as the RECT session has
+    for layer, weight in start.items():
+        unmasked.adapter.set_weight(unmasked_model, layer, weight)
+    unmasked.edit(REQUESTS[:1])
     rect.edit(REQUESTS[:1])
     for layer in (0, 1):
         change = rect_model.model.layers[layer].mlp.down_proj.weight.detach() - start[layer]
+        full2 = unmasked_model.model.layers[layer].mlp.down_proj.weight.detach() - start[layer]
         assert int((change != 0).sum()) <= math.ceil(0.3 * change.numel())
+        torch.testing.assert_close(change, full2 * rect_mask(full2, start[layer], 0.3),
+                                   atol=1e-6, rtol=0)  # fmt: skip
 
 
 def _shrunk_model():

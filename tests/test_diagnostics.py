@@ -176,6 +176,15 @@ def test_diagnose_runs_sequential_batches_and_commits_metakes_edits(solver, tmp_
     requests = editor.prepare(REQUESTS * 2)
     report = diagnose(editor, requests, batch_size=2, fidelity_every=2, progress=False)
     assert len(report["batches"]) == 2 and len(editor.history) == 4
+    # the edits committed are MetaKE's: the same two batches through edit() leave the same deltas
+    replay = _editor(tiny_model("llama"), tmp_path, method="metake", solver=solver,
+                     metake_steps=2, contexts=editor.contexts)  # fmt: skip
+    replay.edit(requests[:2])
+    replay.edit(requests[2:])
+    committed, replayed = editor.accumulated_deltas(), replay.accumulated_deltas()
+    assert committed.keys() == replayed.keys() and committed
+    for name, delta in committed.items():
+        torch.testing.assert_close(delta, replayed[name], atol=1e-6, rtol=1e-5)
     batch = report["batches"][0]
     assert [s["step"] for s in batch["fidelity"]] == [0, 2]
     for label in ("stage1", "metake"):

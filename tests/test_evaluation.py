@@ -131,6 +131,8 @@ def test_evaluate_records_zsre_and_counterfact_metrics():
     assert zsre["efficacy_exact"] == float(all(hits))
     hits, _ = _manual_scores(model, tok, "The sky is", "blue")
     assert zsre["specificity"] == pytest.approx(sum(hits) / len(hits))
+    hits, _ = _manual_scores(model, tok, "Anna's home is", "Oslo")
+    assert zsre["generalization"] == pytest.approx(sum(hits) / len(hits))
 
     cf = evaluate_records(model, tok, [record], "counterfact")[0]
     _, new = _manual_scores(model, tok, "Anna lives in", "Oslo")
@@ -139,10 +141,19 @@ def test_evaluate_records_zsre_and_counterfact_metrics():
     assert cf["efficacy_score"] == float(nll_new < nll_true)
     assert cf["efficacy_magnitude"] == pytest.approx(math.exp(-nll_new) - math.exp(-nll_true),
                                                      abs=1e-6)  # fmt: skip
+    _, new = _manual_scores(model, tok, "Anna's home is", "Oslo")
+    _, true = _manual_scores(model, tok, "Anna's home is", "Rome")
+    nll_new, nll_true = -sum(new) / len(new), -sum(true) / len(true)
+    assert cf["paraphrase_score"] == float(nll_new < nll_true)
+    assert cf["paraphrase_magnitude"] == pytest.approx(math.exp(-nll_new) - math.exp(-nll_true),
+                                                       abs=1e-6)  # fmt: skip
     _, new = _manual_scores(model, tok, "The sky is", "Oslo")
     _, truth = _manual_scores(model, tok, "The sky is", "blue")
     nll_new, nll_truth = -sum(new) / len(new), -sum(truth) / len(truth)
     assert cf["neighborhood_score"] == float(nll_truth < nll_new)
+    assert cf["neighborhood_magnitude"] == pytest.approx(
+        math.exp(-nll_truth) - math.exp(-nll_new), abs=1e-6
+    )
     assert mean_metrics([{"a": 0.5}, {"a": None}, {"a": 1.0}], ["a"]) == {"a": 75.0}
 
 

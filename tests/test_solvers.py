@@ -95,7 +95,8 @@ def test_registry_builds_every_solver_with_its_options():
 
 def test_emmet_writes_stage1_targets_exactly_and_plans_under_metake(tmp_path):
     """One edit layer, no context prefixes (the key is the bare prompt's): EMMET's equality
-    constraints put every target in place exactly (up to float32 weights); MetaKE without look-ahead steps over EMMET is EMMET."""
+    constraints put every target in place exactly (up to float32 weights); MetaKE without
+    look-ahead steps over EMMET is EMMET."""
     model = tiny_model("llama")
     editor = _editor(model, tmp_path, method="emmet", layers=[1], contexts=[""])  # bare keys
     targets = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
