@@ -240,3 +240,17 @@ def test_refine_bisects_around_the_best_value_twice():
     assert tune._refine([500.0, 2000.0, 8000.0, 32000.0], 32000.0) == [16000.0]
     assert tune._refine([500.0, 2000.0, 8000.0, 16000.0, 32000.0], 16000.0) == [11300.0, 22600.0]
     assert tune._refine([0.01, 0.1], 0.01) == [0.0316]
+
+
+def test_a_setting_written_as_int_or_float_is_one_candidate(tmp_path, cheap_grids, monkeypatch):
+    """The base lambda (15000.0) and a grid value 15000 are the same candidate: one row each."""
+    monkeypatch.setattr(tune, "STRENGTH_GRIDS", {"memit": {"mom2_update_weight": [15000, 100.0]}})
+    monkeypatch.setattr(tune, "REFINE_ROUNDS", 0)
+    _tune(tmp_path, tiny_model("llama"), _config(tmp_path, methods=["memit"]))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rows.jsonl").read_text().splitlines()]
+    search = [r for r in rows if r["phase"] == "search"]
+    for i, a in enumerate(search):
+        for b in search[i + 1 :]:
+            same = (a["method"], a["batch_size"]) == (b["method"], b["batch_size"])
+            assert not (same and a["settings"] == b["settings"]), (a["id"], b["id"])
+    assert {r["settings"]["mom2_update_weight"] for r in search} == {15000, 100}

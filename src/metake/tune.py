@@ -412,7 +412,7 @@ class Tuner:
         records = self.dev if fixed else self.dev[: self.config.search_records]
         batch_size = min(batch_size, len(records))
         row_id = f"{method} b={batch_size} " + " ".join(
-            f"{k}={v}" for k, v in sorted(_tuned_values(hp).items())
+            f"{k}={_id_value(v)}" for k, v in sorted(_tuned_values(hp).items())
         )
         if row_id in self.rows:
             return self.rows[row_id]
@@ -566,6 +566,13 @@ def edit_windows(mean_ie: Sequence[float], size: int, num_layers: int) -> list[t
         if window not in out:
             out.append(window)
     return out
+
+
+def _id_value(value: Any) -> str:
+    """A setting as a row id writes it: ``2000`` and ``2000.0`` alike (one candidate, one row)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _grid_key(method: str) -> str:
