@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 
 import pytest
 
 from metake.cli import main
+from metake.hparams import memit_hparams
 
 FAST = ["--layers", "0,1", "--samples", "8", "--set", "v_steps=2", "--set", "context_count=1",
         "--set", "mom2_update_weight=10", "--device", "cpu", "--max-new-tokens", "5"]  # fmt: skip
@@ -41,6 +44,18 @@ def test_stats_command_reports_tokens(model_dir, capsys):
     out = capsys.readouterr().out
     assert "layer 0:" in out and "layer 2:" in out and "tokens" in out
     assert "null space" in out and "rank" in out
+    # the printed token count is the number of corpus tokens the statistics were taken over
+    from metake.corpus import load_corpus
+    from metake.models import load_model
+
+    model, tokenizer = load_model(str(folder), device="cpu")
+    texts = list(itertools.islice(load_corpus(str(corpus)).iter_texts(), 6))
+    hp = memit_hparams(model.config, mom2_samples=6)
+    expected = sum(len(tokenizer(t, truncation=True, max_length=hp.mom2_max_length)["input_ids"])
+                   for t in texts)  # fmt: skip
+    printed = {int(m.group(1)): int(m.group(2))
+               for m in re.finditer(r"layer (\d+): C0 \S+ \S+ over (\d+) tokens", out)}  # fmt: skip
+    assert printed == {0: expected, 2: expected}
 
 
 @pytest.mark.parametrize(

@@ -240,6 +240,9 @@ def test_context_shifts_subject_position(tok):
     n_context = len(tok(context.rstrip(), add_special_tokens=False)["input_ids"])
     assert with_ctx.subject_last > plain.subject_last
     assert with_ctx.subject_last - plain.subject_last >= n_context - 1
+    # the token it points at is the subject's last one in the prefixed text, checked by decoding
+    text = context + START.prompt.format(START.subject)
+    _check_subject_last(tok, with_ctx, text, len(context) + len(START.subject))
 
 
 def test_prompt_template_override(tok):
