@@ -16,6 +16,7 @@ from metake.errors import MetakeError
 from metake.hparams import memit_hparams
 from metake.stats import StatsCache
 from metake.tune import TuneConfig, Tuner, run_tune, selection_key, violations
+from metake.tune_report import cost_table
 
 FAST = {
     "v_steps": 2,
@@ -120,6 +121,12 @@ def test_tune_end_to_end_writes_a_preset_that_edit_accepts(tmp_path, cheap_grids
     for k, v in model.state_dict().items():  # every candidate was undone
         assert (v == before[k]).all(), k
     assert set(report["chosen"]) == {"memit", "alphaedit", "rome", "metake"}
+    # every window's dev-split targets were computed once and timed; the report says the cost
+    lines = (out / "rows.jsonl").read_text().splitlines()
+    targets = [r for r in map(json.loads, lines) if r["phase"] == "targets"]
+    assert {r["layer"] for r in targets} == {w[-1] for w in report["windows"]}
+    assert all(r["seconds"] > 0 for r in targets)
+    assert "## Cost" in (out / "report.md").read_text()
     assert len(report["trace"]["mean_ie"]) == 3
     # memit tried every window, then both strengths, each at both batch sizes
     memit = report["searched"]["memit"]
@@ -254,3 +261,17 @@ def test_a_setting_written_as_int_or_float_is_one_candidate(tmp_path, cheap_grid
             same = (a["method"], a["batch_size"]) == (b["method"], b["batch_size"])
             assert not (same and a["settings"] == b["settings"]), (a["id"], b["id"])
     assert {r["settings"]["mom2_update_weight"] for r in search} == {15000, 100}
+
+
+def test_cost_table_sums_each_part_of_the_search():
+    rows = [
+        {"id": "a", "phase": "stage1", "seconds": 60.0},
+        {"id": "b", "phase": "targets", "seconds": 120.0},
+        {"id": "c", "phase": "search", "method": "memit", "seconds": 30.0},
+        {"id": "d", "phase": "search", "method": "memit", "seconds": 90.0},
+    ]
+    assert cost_table(rows) == [
+        {"part": "Stage I lr/steps search", "rows": 1, "seconds": 60.0},
+        {"part": "Stage I targets (dev split)", "rows": 1, "seconds": 120.0},
+        {"part": "memit", "rows": 2, "seconds": 120.0},
+    ]

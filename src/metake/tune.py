@@ -332,8 +332,14 @@ class Tuner:
     def _target_key(hp: MemitHparams, records: Sequence[EvalRecord]) -> tuple:
         return (hp.layers[-1], hp.v_lr, hp.v_steps, tuple(r.index for r in records))
 
-    def stage1_targets(self, hp: MemitHparams, records: Sequence[EvalRecord]) -> torch.Tensor:
-        """Stage I targets ``[n, d]`` at ``hp.layers[-1]`` on the unedited model (cached)."""
+    def stage1_targets(
+        self, hp: MemitHparams, records: Sequence[EvalRecord], timed: bool = True
+    ) -> torch.Tensor:
+        """Stage I targets ``[n, d]`` at ``hp.layers[-1]`` on the unedited model (cached).
+
+        A computation is recorded as a ``targets`` row with its seconds (``timed``; Stage I's own
+        search times its rows itself), so that the report's cost counts it.
+        """
         key = self._target_key(hp, records)
         digest = hashlib.sha1(repr(key).encode()).hexdigest()[:12]
         path = (
@@ -345,6 +351,7 @@ class Tuner:
             saved = load_file(str(path))
             self._targets[key], self._reached[key] = saved["targets"], saved["reached"].tolist()
         if key not in self._targets:
+            start = time.perf_counter()
             size = min(self.config.batch_sizes)  # per-request targets: chunks only bound memory
             parts, probs = [], []
             for start in range(0, len(records), size):
@@ -364,6 +371,16 @@ class Tuner:
                 str(tmp),
             )
             os.replace(tmp, path)
+            if timed:
+                self._record(
+                    {
+                        "id": f"targets {path.stem} n={len(records)}",
+                        "phase": "targets",
+                        "layer": hp.layers[-1],
+                        "records": len(records),
+                        "seconds": time.perf_counter() - start,
+                    }
+                )
         return self._targets[key]
 
     def tune_stage1(self, layers: tuple[int, ...]) -> dict[str, Any]:
@@ -381,7 +398,7 @@ class Tuner:
                         layers=list(layers), v_lr=lr, v_steps=steps
                     )
                     start = time.perf_counter()
-                    self.stage1_targets(hp, records)
+                    self.stage1_targets(hp, records, timed=False)
                     probs = sorted(self._reached[self._target_key(hp, records)])
                     reached = sum(p >= 0.5 for p in probs) / len(probs)
                     self._record(

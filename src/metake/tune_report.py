@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,7 @@ def write_outputs(
         "searched": searched,
         "chosen": chosen,
         "seconds": sum(r.get("seconds", 0.0) for r in tuner.rows.values()),
+        "cost": cost_table(tuner.rows.values()),
         "preset_file": str(out / PRESET_FILE),
     }
     (out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
@@ -57,6 +59,35 @@ RULE = (
     "unedited - 1 point, held-out perplexity drift <= 2% and >= 95% of the known facts still "
     "known; when none passes, the fewest violations, then the highest Eff. + Gen. (flagged)"
 )
+
+
+def cost_table(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Where the search time went, from the rows' own timings: Stage I's search, the targets
+    of each window, each method's candidates (one row per candidate and batch size)."""
+    labels = {"stage1": "Stage I lr/steps search", "targets": "Stage I targets (dev split)"}
+    parts: dict[str, list[float]] = {}
+    for row in rows:
+        label = labels.get(row["phase"], row.get("method", row["phase"]))
+        parts.setdefault(label, []).append(float(row.get("seconds", 0.0)))
+    return [{"part": k, "rows": len(v), "seconds": sum(v)} for k, v in parts.items()]
+
+
+def _cost_lines(cost: list[dict[str, Any]]) -> list[str]:
+    total = sum(part["seconds"] for part in cost)
+    lines = [
+        "Seconds as each row measured them (summed; a run beside other jobs is slower). Targets "
+        "computed before this accounting existed are not counted.",
+        "",
+        "| part | rows | minutes | share |",
+        "|---|---:|---:|---:|",
+    ]
+    for part in cost:
+        share = part["seconds"] / total if total else 0.0
+        lines.append(f"| {part['part']} | {part['rows']} | {part['seconds'] / 60:.1f} | "
+                     f"{100 * share:.0f}% |")  # fmt: skip
+    rows = sum(part["rows"] for part in cost)
+    lines.append(f"| total | {rows} | {total / 60:.1f} | 100% |")
+    return lines
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -113,7 +144,7 @@ def _markdown(report: dict[str, Any]) -> str:
     ]
     for method, row in report["chosen"].items():
         lines.append(_row(method, row))
-    lines += ["", "## Every candidate", ""]
+    lines += ["", "## Cost", "", *_cost_lines(report["cost"]), "", "## Every candidate", ""]
     for method, rows in report["searched"].items():
         lines += [
             f"### {method}",
