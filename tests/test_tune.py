@@ -275,3 +275,16 @@ def test_cost_table_sums_each_part_of_the_search():
         {"part": "Stage I targets (dev split)", "rows": 1, "seconds": 120.0},
         {"part": "memit", "rows": 2, "seconds": 120.0},
     ]
+
+
+def test_a_variant_starts_from_its_base_methods_choice(tmp_path, cheap_grids, monkeypatch):
+    """RECT after MEMIT: no window search of its own, MEMIT's window and lambda, its own grid."""
+    grids = {**tune.STRENGTH_GRIDS, "rect": {"rect_keep_fraction": [0.3, 0.7]}}
+    monkeypatch.setattr(tune, "STRENGTH_GRIDS", grids)
+    report = _tune(tmp_path, tiny_model("llama"), _config(tmp_path, methods=["memit", "rect"]))
+    memit = report["chosen"]["memit"]["settings"]
+    rect = report["searched"]["rect"]
+    assert {c["settings"]["rect_keep_fraction"] for c in rect} >= {0.3, 0.7}  # (+ refinement)
+    for candidate in rect:
+        assert candidate["settings"]["layers"] == memit["layers"]
+        assert candidate["settings"]["mom2_update_weight"] == memit["mom2_update_weight"]

@@ -93,6 +93,18 @@ is refined around its best value, except for MetaKE, whose runs cost most); the 
 every later key is where the search of the earlier keys holds it."""
 
 
+BUILT_ON = {
+    "rect": "memit",
+    "prune": "memit",
+    "memit_blue": "memit",
+    "alphaedit_blue": "alphaedit",
+    "metake": "alphaedit",
+    "metake_exact": "alphaedit",
+}
+"""Methods that start from another tuned method's settings (window, strength) when that one is
+tuned first, and search only their own grid: the variants share their base's located layers."""
+
+
 @dataclass
 class TuneConfig:
     """What a tuning run is asked (saved as ``config.json``)."""
@@ -524,17 +536,23 @@ class Tuner:
         chosen: dict[str, dict[str, Any]],
         base: Baseline,
     ) -> list[dict[str, Any]]:
-        """Windows at the default strength, then the strength grid and its refinement."""
+        """Windows at the default strength, then the strength grid and its refinement.
+
+        A method built on a tuned one (:data:`BUILT_ON`: RECT and PRUNE on MEMIT, BLUE and MetaKE
+        on AlphaEdit) starts from that method's chosen settings, window included, and searches
+        only its own grid.
+        """
         start = self.base_hparams.with_overrides(**shared)
-        if method in PLANNER_METHODS and "alphaedit" in chosen:  # over the tuned solver
-            start = start.with_overrides(**chosen["alphaedit"]["settings"])
+        parent = BUILT_ON.get(method)
+        if parent in chosen:
+            start = start.with_overrides(**chosen[parent]["settings"])
         results = []
 
         def run(hp: MemitHparams) -> dict[str, Any]:
             results.append(self.candidate(method, hp, base.probe, base.scores))
             return results[-1]
 
-        if method in PLANNER_METHODS and "alphaedit" in chosen:
+        if parent in chosen:
             best_hp = start
         else:
             for window in windows:
