@@ -256,8 +256,8 @@ def test_metake_never_mutates_weights_before_the_final_solve(solver, tmp_path, m
     real_layer_solve = editor.layer_solve
     seen = []
 
-    def checked_layer_solve():
-        solve = real_layer_solve()
+    def checked_layer_solve(*args):
+        solve = real_layer_solve(*args)
 
         def checked(*args, **kwargs):
             if not seen:  # the first layer's solve: nothing may have changed yet

@@ -50,8 +50,8 @@ def test_metake_lookahead_lowers_the_meta_loss_and_only_the_solve_writes(smollm2
     planned = []
     real_layer_solve = editor.layer_solve
 
-    def layer_solve_after_checking():
-        solve = real_layer_solve()
+    def layer_solve_after_checking(*args):
+        solve = real_layer_solve(*args)
 
         def checked(*args, **kwargs):
             if not planned:  # the first layer's solve: the weights must still be the original

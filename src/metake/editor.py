@@ -24,6 +24,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from metake.corpus import TextCorpus, load_corpus
 from metake.errors import MetakeError
+from metake.finite import require_finite
 from metake.hparams import MemitHparams, memit_hparams
 from metake.methods import (
     BASE_SOLVERS,
@@ -323,6 +324,9 @@ class Editor:
             self._set_layer_weights(before)
             plans, refined, deltas, timing = run(parsed, contexts)
             deltas = self._apply_rect(before) or deltas
+            for layer in before:
+                require_finite(self.adapter.weight(self.model, layer), "the edited weights",
+                               layer=layer, requests=parsed)  # fmt: skip
             solver_state = self._next_solver_state(parsed, contexts)
         except BaseException:
             self._set_layer_weights(snapshot)
@@ -356,11 +360,20 @@ class Editor:
             raise MetakeError(f"solve_targets spreads one target over the edit layers; "
                               f"{self.solver} does not")  # fmt: skip
         return apply_spread(self.model, self.tokenizer, requests, targets, self.hparams.layers,
-                            contexts, self.layer_solve())  # fmt: skip
+                            contexts, self.layer_solve(requests))  # fmt: skip
 
-    def layer_solve(self) -> LayerSolve:
-        """The session solver's per-layer closed form for :func:`apply_spread`."""
-        return self.stage2.delta
+    def layer_solve(self, requests: list[EditRequest] | None = None) -> LayerSolve:
+        """The session solver's per-layer closed form for :func:`apply_spread`; a non-finite
+        update raises :class:`~metake.errors.NonFiniteError` naming the layer and ``requests``."""
+        delta_of = self.stage2.delta
+
+        def solve(layer: int, keys: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+            delta = delta_of(layer, keys, resid)
+            require_finite(delta, f"Stage II ({self.solver} solve)", layer=layer,
+                           requests=requests)  # fmt: skip
+            return delta
+
+        return solve
 
     def _plan(
         self, requests: list[EditRequest], contexts: list[str], layer: int | None = None
@@ -442,6 +455,8 @@ class Editor:
                                        layer, key_average=self.key_average)  # fmt: skip
             resid = layer_residuals(self.model, acts, layer, target, 1)
             delta = self.stage2.delta(layer, acts.keys[layer], resid, acts.bare_keys[layer])
+            require_finite(delta, f"Stage II ({self.solver} solve)", layer=layer,
+                           requests=[request])  # fmt: skip
             self.adapter.add_to_weight(self.model, layer, delta)
             total = delta.float().cpu() if total is None else total + delta.float().cpu()
             plans.append(plan)
@@ -458,7 +473,7 @@ class Editor:
             seconds = (seconds[0] + timing[0], seconds[1] + timing[1])
             targets = refinement.v_target if refinement else plan.v_target
             deltas.update(apply_spread(self.model, self.tokenizer, requests, targets, [layer],
-                                       contexts, self.layer_solve()))  # fmt: skip
+                                       contexts, self.layer_solve(requests)))  # fmt: skip
             plans.append(plan)
             refined += [refinement] if refinement else []
         return plans, refined, deltas, seconds
@@ -527,6 +542,9 @@ class Editor:
         restrained = self.stage2.restrain(self._originals, raw)
         if restrained is None:
             return {}
+        for layer, (weight, _) in restrained.items():
+            require_finite(weight, "PRUNE (finalize)", layer=layer, requests=self.history,
+                           consequence="the raw edited weights were kept")  # fmt: skip
         for layer, (weight, _) in restrained.items():
             self.adapter.set_weight(self.model, layer, weight)
         self._raw_weights = raw
@@ -608,12 +626,14 @@ class Editor:
         """
         path = Path(path)
         self.finalize()
-        path.mkdir(parents=True, exist_ok=True)
         if getattr(self.model, "hf_quantizer", None) is not None:
             raise MetakeError("a quantised model cannot be saved; load it de-quantised")
+        deltas = self.accumulated_deltas()
+        for name, delta in deltas.items():
+            require_finite(delta, f"the edit of {name}", consequence="nothing was saved")
+        path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-        deltas = self.accumulated_deltas()
         meta = {"method": self.method, "solver": self.solver, "model_id": self.model_id}
         save_file(deltas, str(path / DELTA_FILE), metadata=meta)
         edits = {

@@ -21,3 +21,7 @@ class ModelNotAvailableError(MetakeError, FileNotFoundError):
 
 class CorpusError(MetakeError, ValueError):
     """A statistics corpus is missing, empty or malformed."""
+
+
+class NonFiniteError(MetakeError, FloatingPointError):
+    """A computation produced NaN or infinity (the batch is rolled back; nothing is cached)."""

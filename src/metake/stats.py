@@ -33,6 +33,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from metake.corpus import TextCorpus
 from metake.errors import CorpusError
+from metake.finite import require_finite
 from metake.models.adapters import get_adapter
 from metake.tokens import right_pad
 from metake.trace import capture
@@ -307,6 +308,9 @@ class StatsCache:
             if any(meta.get(k) != v for k, v in key.items()):
                 log.warning("ignoring cache file %s: its metadata does not match the key", path)
                 return None
+            if not bool(torch.isfinite(mom2).all()):
+                log.warning("ignoring cache file %s: it holds non-finite values; recomputing", path)
+                return None
             return SecondMoment(mom2=mom2.to(torch.float64), num_tokens=int(meta["num_tokens"]))
         except Exception as e:  # corrupt or truncated file: recompute
             log.warning("ignoring unreadable cache file %s: %s", path, e)
@@ -402,6 +406,9 @@ def get_second_moments(
             progress=progress,
         )
         extra = {"corpus_name": corpus.name}
+        for layer in missing:  # all checked before any is cached
+            require_finite(computed[layer].mom2, "the key statistics (C0)", layer=layer,
+                           consequence="nothing was cached")  # fmt: skip
         for layer in missing:
             result[layer] = computed[layer]
             try:

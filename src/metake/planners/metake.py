@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from metake.finite import require_finite
 from metake.hparams import MemitHparams
 from metake.models.adapters import ArchAdapter, get_adapter
 from metake.planners.hypergradient import Channel, ProxyChannel
@@ -298,6 +299,9 @@ def lookahead_targets(
         if observer is not None:
             observer(step, v_star.detach())
         loss, nll, terms = objective(v_star, gate)
+        require_finite(nll, "MetaKE look-ahead (meta-loss)", layer=plan.layer,
+                       requests=requests, per_request=True)  # fmt: skip
+        require_finite(loss, "MetaKE look-ahead (meta-loss)", layer=plan.layer, requests=requests)
         history.append({"step": step, **terms})
         log.debug("metake look-ahead step %d: %s", step, history[-1])
         if step == hparams.metake_steps:
@@ -305,6 +309,8 @@ def lookahead_targets(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    require_finite(v_star, "MetaKE look-ahead (targets)", layer=plan.layer, requests=requests,
+                   per_request=True)  # fmt: skip
     return RefinedPlan(
         v_target=v_star.detach(), history=history, final_nll=nll.detach().cpu().tolist()
     )

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from metake.finite import require_finite
 from metake.hparams import MemitHparams
 from metake.models.adapters import ArchAdapter, get_adapter
 from metake.planners.prefix import PrefixCachedBatch
@@ -298,6 +299,8 @@ def compute_targets(
         kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)  # KL(edited || original), [n]
         decay = hparams.v_weight_decay * delta.norm(dim=-1) / init_norm2
         loss = nll + hparams.kl_factor * kl + decay  # [n]
+        require_finite(loss, "Stage I (target optimisation)", layer=layer, requests=requests,
+                       per_request=True)  # fmt: skip
         history.append(
             {
                 "step": step,
@@ -320,10 +323,13 @@ def compute_targets(
             delta[~active] = before[~active]  # finished requests keep their delta
             scale = (max_norm / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
             delta.mul_(scale[:, None])
+    v_target = (v_init + delta).detach()
+    require_finite(v_target, "Stage I (targets)", layer=layer, requests=requests,
+                   per_request=True)  # fmt: skip
     return TargetPlan(
         layer=layer,
         v_init=v_init.detach(),
-        v_target=(v_init + delta).detach(),
+        v_target=v_target,
         steps_run=step,
         history=history,
         final_nll=nll.detach().tolist(),
