@@ -9,6 +9,7 @@ import torch
 from test_editor import TEXTS
 from tiny_models import tiny_model, tiny_tokenizer
 
+from metake.checkpoint import load_checkpoint
 from metake.corpus import TextCorpus
 from metake.editor import Editor
 from metake.errors import MetakeError
@@ -66,7 +67,7 @@ def test_bench_writes_results_and_resume_gives_identical_numbers(tmp_path):
     for name in ("results.json", "results.md", "final_metrics.png", "metrics_vs_edits.png",
                  "bench.log", "config.json"):  # fmt: skip
         assert (out / name).is_file(), name
-    assert not list(out.rglob("*.state.pt"))
+    assert not list(out.rglob("*.state.*"))
     assert set(full["aggregate"]) == {"memit", "alphaedit", "metake"}
     for method, figures in full["aggregate"].items():
         for metric in ("efficacy", "generalization", "specificity", "seconds_per_edit"):
@@ -85,7 +86,7 @@ def test_bench_writes_results_and_resume_gives_identical_numbers(tmp_path):
     # interrupted after one batch of seed 0's first method, then resumed
     part = tmp_path / "part"
     assert _run(config, part, model, tmp_path, stop_after_batches=1) == {}
-    assert (part / "parts" / "seed0" / "memit.state.pt").is_file()
+    assert (part / "parts" / "seed0" / "memit.state.safetensors").is_file()
     progress = progress_table(part)
     assert "pending: memit (checkpointed), alphaedit (not started)" in progress
     assert "seed 1: not started" in progress
@@ -137,8 +138,7 @@ def test_resume_checkpoint_restores_the_exact_weights(tmp_path, monkeypatch):
     model = tiny_model("gpt2")
     config = _config(tmp_path, methods=["alphaedit"], seeds=[0], edits=6, curve=False)
     _run(config, tmp_path / "a", model, tmp_path, stop_after_batches=2)
-    state = torch.load(tmp_path / "a" / "parts" / "seed0" / "alphaedit.state.pt",
-                       weights_only=False)  # fmt: skip
+    state = load_checkpoint(tmp_path / "a" / "parts" / "seed0" / "alphaedit.state.safetensors")
     assert len(state["batches"]) == 2
     assert state["editor"]["prev_keys_cov"]  # AlphaEdit's cache is part of the checkpoint
     finals.clear()
@@ -193,7 +193,7 @@ def test_bench_runs_the_table1_baselines_and_resumes_prune(tmp_path, monkeypatch
     prune_only = _config(tmp_path, methods=["prune"], seeds=[0],
                          overrides={**_config(tmp_path).overrides, **overrides})  # fmt: skip
     _run(prune_only, part, model, tmp_path, stop_after_batches=1)
-    state = torch.load(part / "parts" / "seed0" / "prune.state.pt", weights_only=False)
+    state = load_checkpoint(part / "parts" / "seed0" / "prune.state.safetensors")
     assert state["editor"]["finalized"]
     finals = _capture_final_edits(monkeypatch)
     resumed = _run(prune_only, part, model, tmp_path)

@@ -12,7 +12,8 @@ Run folder::
     bench.log                   the log
     parts/seed<S>/pre_edit.json the unedited model's scores
     parts/seed<S>/<method>.json one finished method (per-record metrics, curve, timings)
-    parts/seed<S>/<method>.state.pt  checkpoint after the last finished batch (while running)
+    parts/seed<S>/<method>.state.safetensors  checkpoint after the last finished batch (while
+                                running; no pickle: :mod:`metake.checkpoint`)
     results.json, results.md, *.png  written by :mod:`metake.evaluation.report` at the end
 
 After every batch the session's state (edited weights, AlphaEdit's key cache, context prefixes)
@@ -40,6 +41,7 @@ from tqdm import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 import metake
+from metake.checkpoint import load_checkpoint, load_legacy_checkpoint, save_checkpoint
 from metake.corpus import TextCorpus, load_corpus
 from metake.editor import Editor
 from metake.errors import MetakeError
@@ -297,12 +299,17 @@ class BenchRun:
         if done_path.is_file():
             log.info("seed %d %s: already done", seed, spec)
             return json.loads(done_path.read_text(encoding="utf-8"))
-        state_path = self._part(seed, f"{spec}.state.pt")
+        state_path = self._part(seed, f"{spec}.state.safetensors")
+        legacy_path = self._part(seed, f"{spec}.state.pt")  # older runs (torch.save)
         editor = self._editor(spec, seed)
         batches: list[dict[str, Any]] = []
         curve: list[dict[str, Any]] = []
+        state = None
         if state_path.is_file():
-            state = torch.load(state_path, weights_only=False)
+            state = load_checkpoint(state_path)
+        elif legacy_path.is_file():
+            state = load_legacy_checkpoint(legacy_path)
+        if state is not None:
             editor.load_state_dict(state["editor"])
             batches, curve = state["batches"], state["curve"]
             log.info("seed %d %s: resuming after batch %d", seed, spec, len(batches))
@@ -329,9 +336,7 @@ class BenchRun:
                     )
                     curve.append({"edits": len(edited), **mean_metrics(scores, names)})
                 state = {"editor": editor.state_dict(), "batches": batches, "curve": curve}
-                tmp = state_path.with_suffix(".tmp")
-                torch.save(state, tmp)
-                os.replace(tmp, state_path)
+                save_checkpoint(state_path, state)
                 bar.update(1)
                 bar.set_postfix_str(f"{batches[-1]['seconds'] / len(chunk):.1f} s/edit")
             bar.close()
@@ -351,6 +356,7 @@ class BenchRun:
         }
         _write_json(done_path, result)
         state_path.unlink(missing_ok=True)
+        legacy_path.unlink(missing_ok=True)
         return result
 
 

@@ -214,8 +214,9 @@ def progress_table(out: Path) -> str:
             if part.is_file():
                 rows["methods"][method] = _load_figures(part, names)
             else:
-                state = folder / f"{method}.state.pt"
-                pending.append(f"{method} ({'checkpointed' if state.is_file() else 'not started'})")
+                states = [folder / f"{method}.state.{ext}" for ext in ("safetensors", "pt")]
+                started = any(state.is_file() for state in states)
+                pending.append(f"{method} ({'checkpointed' if started else 'not started'})")
         table = markdown_table(rows, kind)
         todo = f"\npending: {', '.join(pending)}" if pending else ""
         sections.append(f"seed {seed}:\n{table}{todo}")
