@@ -132,7 +132,7 @@ def test_bench_command_runs_and_resumes(model_dir, tmp_path, capsys):
     args = ["bench", "--model", str(folder), "--corpus", str(corpus), "--device", "cpu",
             "--dataset", "requests", "--data", str(data), "--methods", "memit,metake+memit",
             "--edits", "2", "--batch-size", "1", "--seeds", "0", "--drift-texts", "2",
-            "--fluency-records", "1", "--out", str(out), "--set", "layers=[0,1]",
+            "--fluency-records", "1", "--out", str(out), "--layers", "0,1",
             "--set", "v_steps=2", "--set", "context_count=1", "--set", "metake_steps=1",
             "--set", "mom2_samples=8", "--set", "mom2_update_weight=10"]  # fmt: skip
     assert main(args) == 0
@@ -143,6 +143,9 @@ def test_bench_command_runs_and_resumes(model_dir, tmp_path, capsys):
     assert results["config"]["command"].startswith("metake bench")
     assert main(["bench", "--resume", str(out)]) == 0  # everything done: just the report again
     assert "| memit |" in capsys.readouterr().out
+    assert results["config"]["dtype"] == "float32"  # recorded: it changes results
+    assert main(["bench", "--resume", str(out), "--dtype", "bfloat16"]) == 2
+    assert "the run used --dtype float32, not bfloat16" in capsys.readouterr().err
     assert main(["bench", "--progress", str(out)]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("seed 0:") and "| metake+memit |" in printed
@@ -170,3 +173,34 @@ def test_tune_bad_input_is_one_clear_line(tmp_path, args, message, capsys):
     assert main(["tune", "--data", str(zsre), "--out", str(tmp_path / "t"), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("v_lr=abc", "v_lr must be a number, got 'abc'"),
+        ("v_steps=2.5", "v_steps must be a whole number, got 2.5"),
+        ("alphaedit_lambda=0", "'alphaedit_lambda' must be positive"),
+        ("nullspace_relative=maybe", "nullspace_relative must be true or false"),
+        ("layers=a,b", "layers must be a whole number, got 'a'"),
+        ("no_such_thing=1", "unknown hyper-parameter(s) no_such_thing"),
+    ],
+)
+def test_typed_set_values_get_one_line_errors(model_dir, capsys, setting, message):
+    folder, corpus = model_dir
+    request = ["--prompt", "{} lives in", "--subject", "Anna Berg", "--target", "Oslo"]
+    fast = [a for a in FAST if a not in ("--layers", "0,1")] + ["--set", "layers=0,1"]
+    code = main(["edit", "--model", str(folder), "--corpus", str(corpus), *fast, "--set", setting,
+                 *request])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_set_layers_accepts_a_comma_list(model_dir, capsys):
+    folder, corpus = model_dir
+    args = [a for a in FAST if a not in ("--layers", "0,1")]
+    code = main(["edit", "--model", str(folder), "--corpus", str(corpus), *args, "--set",
+                 "layers=0,1", "--prompt", "{} lives in", "--subject", "Anna Berg", "--target",
+                 "Oslo", "--json"])  # fmt: skip
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["report"]["layers"] == [0, 1]

@@ -185,3 +185,88 @@ def test_a_model_with_non_finite_edits_is_not_saved(tmp_path):
     with pytest.raises(NonFiniteError, match="nothing was saved"):
         editor.save(tmp_path / "saved")
     assert not (tmp_path / "saved").exists()
+
+
+def test_an_interrupted_save_leaves_no_folder_and_keeps_an_earlier_one(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    editor = _editor(model, tmp_path)
+    editor.edit(REQUESTS[:1])
+    target = tmp_path / "saved"
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(editor.tokenizer, "save_pretrained", broken)
+        with pytest.raises(OSError, match="disk full"):
+            editor.save(target)
+    assert not target.exists() and [p.name for p in tmp_path.iterdir()] == ["stats"]
+    editor.save(target)  # a complete first save
+    first = sorted(p.name for p in target.iterdir())
+    first_edits = (target / "metake_edits.json").read_text()
+    editor.edit(REQUESTS[1:])
+    with monkeypatch.context() as patch:
+        patch.setattr(editor.tokenizer, "save_pretrained", broken)
+        with pytest.raises(OSError, match="disk full"):
+            editor.save(target)
+    assert sorted(p.name for p in target.iterdir()) == first  # the earlier save, untouched
+    assert (target / "metake_edits.json").read_text() == first_edits
+    editor.save(target)  # replaced once complete
+    assert "Carl Dunn" in (target / "metake_edits.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved", "stats"]
+
+
+CHILD = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from safetensors.torch import save_file
+from tiny_models import tiny_model, tiny_tokenizer
+import metake.stats as stats
+from metake.corpus import TextCorpus
+from test_editor import TEXTS
+
+real = stats.compute_second_moments
+def counted(*args, **kwargs):
+    with open(sys.argv[3], "a") as marker:
+        marker.write("computed\n")
+    time.sleep(1.0)  # long enough for the other process to arrive and wait
+    return real(*args, **kwargs)
+stats.compute_second_moments = counted
+moments = stats.get_second_moments(tiny_model("llama"), tiny_tokenizer(), [0, 1],
+                                   TextCorpus.from_texts(TEXTS, name="shared texts"),
+                                   model_id="tiny", num_samples=10,
+                                   cache=stats.StatsCache(sys.argv[2]))
+save_file({str(k): v.mom2 for k, v in moments.items()}, sys.argv[4])
+"""
+
+
+def test_two_processes_computing_the_same_statistics_share_one_pass(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).parent)
+    marker = tmp_path / "calls.txt"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                tests,
+                str(tmp_path / "stats"),
+                str(marker),
+                str(tmp_path / f"out{i}.safetensors"),
+            ]
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert marker.read_text().count("computed") == 1  # the second waited and read the cache
+    assert len(list((tmp_path / "stats").glob("*.safetensors"))) == 2  # one entry per layer
+    a, b = (
+        load_file(str(tmp_path / "out0.safetensors")),
+        load_file(str(tmp_path / "out1.safetensors")),
+    )
+    for layer in ("0", "1"):
+        assert torch.equal(a[layer], b[layer])

@@ -190,7 +190,7 @@ def test_cache_roundtrip_without_forward(tmp_path, tokenizer, corpus, caplog):
     calls[0] = 0
     first = get_second_moments(model, tokenizer, [0, 2], corpus, **kw)
     assert calls[0] == 1  # 6 texts, batch size 8: one forward for both layers
-    files = sorted(p.name for p in (tmp_path / "stats").iterdir())
+    files = sorted(p.name for p in (tmp_path / "stats").glob("*.safetensors"))
     assert len(files) == 2 and all(f.endswith(".safetensors") for f in files)
 
     calls[0] = 0
@@ -208,12 +208,12 @@ def test_cache_roundtrip_without_forward(tmp_path, tokenizer, corpus, caplog):
     third = get_second_moments(model, tokenizer, [2, 1, 0], corpus, **kw)
     assert calls[0] == 1 and list(third) == [0, 1, 2]
     assert torch.equal(third[0].mom2, fresh[0].mom2)
-    assert len(list((tmp_path / "stats").iterdir())) == 3
+    assert len(list((tmp_path / "stats").glob("*.safetensors"))) == 3
 
     # use_cache=False neither reads nor writes
     calls[0] = 0
     get_second_moments(model, tokenizer, [0], corpus, use_cache=False, **kw)
-    assert calls[0] == 1 and len(list((tmp_path / "stats").iterdir())) == 3
+    assert calls[0] == 1 and len(list((tmp_path / "stats").glob("*.safetensors"))) == 3
 
 
 def test_cache_file_is_safetensors_with_metadata(tmp_path, gpt2, tokenizer, corpus):
@@ -231,7 +231,7 @@ def test_cache_file_is_safetensors_with_metadata(tmp_path, gpt2, tokenizer, corp
         cache=cache,
         progress=False,
     )
-    (path,) = list(tmp_path.iterdir())
+    (path,) = list(tmp_path.glob("*.safetensors"))
     raw = path.read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8 : 8 + header_len])  # plain JSON header: no pickle anywhere
@@ -282,9 +282,9 @@ def test_cache_keys_differ(tmp_path, tokenizer, corpus):
     ]
     for i, (model, corp, extra) in enumerate(runs, start=1):
         get_second_moments(model, tokenizer, [0], corp, **{**kw, **extra})
-        assert len(list(tmp_path.iterdir())) == i
+        assert len(list(tmp_path.glob("*.safetensors"))) == i
     get_second_moments(m0, tokenizer, [0], corpus, num_samples=4, **kw)  # a hit: no new file
-    assert len(list(tmp_path.iterdir())) == len(runs)
+    assert len(list(tmp_path.glob("*.safetensors"))) == len(runs)
 
 
 def test_model_fingerprint():

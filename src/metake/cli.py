@@ -120,6 +120,11 @@ def _subcommand(
                           formatter_class=_HelpFormatter)  # fmt: skip
 
 
+def _dtype(args: argparse.Namespace) -> str:
+    """``--dtype`` (float32 when not given)."""
+    return args.dtype or "float32"
+
+
 def _command_line(args: argparse.Namespace) -> str:
     """The command as typed (quoted so that it can be pasted), for run records."""
     import shlex
@@ -159,7 +164,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: auto)")
     parser.add_argument(
-        "--dtype", default="float32", help="float32 (default), bfloat16, float16 or auto"
+        "--dtype", default=None, help="float32 (default), bfloat16, float16 or auto"
     )
 
 
@@ -383,7 +388,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         device=resolve_device(args.device),
         command=_command_line(args),
     )
-    model, tokenizer = load_model(config.model, device=config.device, dtype=args.dtype)
+    model, tokenizer = load_model(config.model, device=config.device, dtype=_dtype(args))
     report = run_tune(config, args.out, model, tokenizer)
     for method, row in report["chosen"].items():
         flag = "" if not row["violations"] else "  (breaks: " + "; ".join(row["violations"]) + ")"
@@ -456,7 +461,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     check_solver(args.solver)  # before loading anything heavy
     trap_options = TrapOptions(args.trap_min_beta, args.trap_budget_quantile)
     device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, device=device, dtype=_dtype(args))
     dataset = load_dataset(args.dataset, args.data, tokenizer=tokenizer)
     records = sample_records(dataset.records, args.edits, args.seed)
     editor = Editor(model, tokenizer, "metake", solver=args.solver, preset=args.preset,
@@ -581,6 +586,7 @@ def _add_bench_parser(sub) -> None:
         help="zsRE edit target: answers[0] (paper's protocol, default) or alt (EasyEdit)",
     )
     _add_preset(bench)
+    _add_layers(bench)
     bench.add_argument(
         "--corpus",
         default=None,
@@ -608,6 +614,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.resume:
         config, out = BenchRun.read_config(args.resume), args.resume
+        asked = {
+            "--dtype": args.dtype,
+            "--device": None if args.device == "auto" else resolve_device(args.device),
+        }
+        kept = {"--dtype": config.dtype, "--device": config.device}
+        for option, value in asked.items():
+            if value is not None and value != kept[option]:
+                raise MetakeError(
+                    f"--resume {out}: the run used {option} {kept[option]}, not "
+                    f"{value}; resume without {option} or start another --out"
+                )
     else:
         config = BenchConfig(
             model=args.model,
@@ -622,23 +639,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
             curve=not args.no_curve,
             fluency_records=args.fluency_records,
             drift_texts=args.drift_texts,
-            overrides=dict(args.overrides),
+            overrides=_bench_overrides(args),
             preset=args.preset,
             corpus=args.corpus,
             device=resolve_device(args.device),
+            dtype=_dtype(args),
             records=args.records,
             exclude=args.exclude,
             command=_command_line(args),
         )
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         out = args.out or f"bench-runs/{config.model.replace('/', '_')}-{config.dataset}-{stamp}"
-    model, tokenizer = load_model(config.model, device=config.device, dtype=args.dtype)
+    model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
     start = time.perf_counter()
     results = BenchRun(config, out, model, tokenizer).run()
     agg = {"pre_edit": results["pre_edit"], "methods": results["aggregate"]}
     print(markdown_table(agg, config.dataset))
     print(f"{out}: results.json, results.md, plots; {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def _bench_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``--set`` and ``--layers`` of ``metake bench`` (every method)."""
+    overrides = dict(args.overrides)
+    if args.layers:
+        overrides["layers"] = args.layers
+    return overrides
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -689,7 +715,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     requests = _requests_from_args(args)  # validate before loading anything heavy
     resolve_method(args.method, args.solver)
     device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, device=device, dtype=_dtype(args))
     editor = Editor(
         model,
         tokenizer,
@@ -782,7 +808,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from metake.stats import get_second_moments
 
     device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
+    model, tokenizer = load_model(args.model, device=device, dtype=_dtype(args))
     hp = memit_hparams(model.config, **_overrides(args))
     corpus = load_corpus(args.corpus)
     start = time.perf_counter()

