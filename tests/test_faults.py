@@ -270,3 +270,26 @@ def test_two_processes_computing_the_same_statistics_share_one_pass(tmp_path):
     )
     for layer in ("0", "1"):
         assert torch.equal(a[layer], b[layer])
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_cache_file_is_detected_and_recomputed(damage, tmp_path, caplog):
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    corpus = TextCorpus.from_texts(TEXTS, name="damage texts")
+    cache = StatsCache(tmp_path / "stats")
+    good = get_second_moments(model, tok, [1], corpus, model_id="tiny", num_samples=10,
+                              cache=cache)  # fmt: skip
+    (path,) = (tmp_path / "stats").glob("*.safetensors")
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-8] ^= 0xFF  # one byte of the tensor data: still a valid file
+    else:
+        data = data[: len(data) // 2]
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="metake.stats"):
+        again = get_second_moments(model, tok, [1], corpus, model_id="tiny", num_samples=10,
+                                   cache=cache)  # fmt: skip
+    assert "ignoring" in caplog.text
+    assert torch.equal(again[1].mom2, good[1].mom2)
+    (path,) = (tmp_path / "stats").glob("*.safetensors")
+    assert path.read_bytes() != bytes(data)  # rewritten with the recomputed values

@@ -317,6 +317,11 @@ class StatsCache:
             if any(meta.get(k) != v for k, v in key.items()):
                 log.warning("ignoring cache file %s: its metadata does not match the key", path)
                 return None
+            expected = meta.get("sha256")
+            if expected is not None and expected != _tensor_digest(mom2):
+                log.warning("ignoring cache file %s: its checksum does not match (corrupt); "
+                            "recomputing", path)  # fmt: skip
+                return None
             if not bool(torch.isfinite(mom2).all()):
                 log.warning("ignoring cache file %s: it holds non-finite values; recomputing", path)
                 return None
@@ -331,12 +336,15 @@ class StatsCache:
         """Write ``moment`` atomically (temp file + ``os.replace``); returns the file path."""
         path = self.path_for(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {**(extra or {}), **key, "num_tokens": str(int(moment.num_tokens))}
         tensor = moment.mom2.detach().to(device="cpu", dtype=torch.float64).contiguous()
+        meta = {**(extra or {}), **key, "num_tokens": str(int(moment.num_tokens)),
+                "sha256": _tensor_digest(tensor)}  # fmt: skip
         fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
             save_file({"mom2": tensor}, tmp, metadata=meta)
+            with open(tmp, "rb") as handle:  # on disk before it takes the final name
+                os.fsync(handle.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -401,6 +409,12 @@ def get_second_moments(
                                                  batch_size=batch_size, accum_dtype=accum_dtype,
                                                  progress=progress))  # fmt: skip
     return {layer: result[layer] for layer in layers}
+
+
+def _tensor_digest(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (float64, contiguous): a cache file's integrity check."""
+    data = tensor.detach().to(device="cpu", dtype=torch.float64).contiguous().numpy()
+    return hashlib.sha256(data.tobytes()).hexdigest()
 
 
 def _load_cached(
