@@ -204,3 +204,23 @@ def test_set_layers_accepts_a_comma_list(model_dir, capsys):
                  "Oslo", "--json"])  # fmt: skip
     assert code == 0
     assert json.loads(capsys.readouterr().out)["report"]["layers"] == [0, 1]
+
+
+def test_edit_resumes_a_saved_session(model_dir, tmp_path, capsys):
+    folder, corpus = model_dir
+    first = tmp_path / "first"
+    assert main(["edit", "--model", str(folder), "--corpus", str(corpus), *FAST, "--method",
+                 "alphaedit", "--prompt", "{} lives in", "--subject", "Anna Berg", "--target",
+                 "Oslo", "--json", "--save", str(first)]) == 0  # fmt: skip
+    capsys.readouterr()
+    second = tmp_path / "second"
+    assert main(["edit", "--resume-session", str(first), "--corpus", str(corpus), "--device",
+                 "cpu", "--prompt", "The home of {} is", "--subject", "Carl Dunn", "--target",
+                 "Lima", "--json", "--save", str(second)]) == 0  # fmt: skip
+    result = json.loads(capsys.readouterr().out)
+    assert result["method"] == "alphaedit" and result["report"]["layers"] == [0, 1]
+    edits = json.loads((second / "metake_edits.json").read_text())
+    assert [r["subject"] for r in edits["requests"]] == ["Anna Berg", "Carl Dunn"]
+    code = main(["edit", "--resume-session", str(first), "--method", "memit", "--prompt",
+                 "{} is", "--subject", "Eva", "--target", "Rome"])  # fmt: skip
+    assert code == 2 and "drop --method" in capsys.readouterr().err

@@ -316,3 +316,41 @@ def test_apply_targets_equals_edit_with_the_same_targets(method, tmp_path):
             )
     with pytest.raises(MetakeError, match="targets must be"):
         second.apply_targets(requests, plan.v_target[:1])
+
+
+@pytest.mark.parametrize("method", ["alphaedit", "prune"])
+def test_a_saved_session_continues_exactly(method, tmp_path):
+    """Edit A, save, load, edit B == edit A then B in one session (bit-identical weights, key
+    cache and history); restore() after the load gives the original weights back."""
+    one = tiny_model("llama")
+    original = _state(one)
+    session = _editor(one, tmp_path, method=method)
+    session.edit(REQUESTS[:1])
+    session.save(tmp_path / "after-a")
+    session.edit(REQUESTS[1:])
+    session.finalize()
+    continuous = _state(one)
+
+    corpus = TextCorpus.from_texts(TEXTS, name="editor test texts")
+    loaded = Editor.load(tmp_path / "after-a", corpus=corpus,
+                         stats_cache=StatsCache(tmp_path / "stats"), progress=False)  # fmt: skip
+    assert (loaded.method, loaded.solver) == (session.method, session.solver)
+    assert [r.subject for r in loaded.history] == ["Anna Berg"]
+    loaded.edit(REQUESTS[1:])
+    loaded.finalize()
+    resumed = loaded.model.state_dict()
+    for name, value in continuous.items():
+        assert torch.equal(resumed[name], value), name
+    for layer, cache in session.stage2.state_dict().get("prev_keys_cov", {}).items():
+        assert torch.equal(loaded.stage2.state_dict()["prev_keys_cov"][layer], cache)
+    loaded.restore()
+    restored = loaded.model.state_dict()
+    for name, value in original.items():
+        assert torch.equal(restored[name], value), name
+
+
+def test_loading_a_folder_without_a_session_is_a_clear_error(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "plain")
+    with pytest.raises(MetakeError, match="holds no saved metake session"):
+        Editor.load(tmp_path / "plain")

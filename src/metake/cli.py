@@ -204,11 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
             "metake edit --subject 'The Eiffel Tower' --prompt '{} is located in the city of' "
             "--target Rome",
             "metake edit --method alphaedit --requests examples/ten_edits.json --save edited/",
+            "metake edit --resume-session edited/ --requests more.json --save edited/",
         ],
     )
     _add_model_args(edit)
     edit.add_argument(
-        "--method", default="memit", type=_method_name,
+        "--method", default=None, type=_method_name,
         help=f"one of {', '.join(METHODS)} (default memit; any BASE_OPTION composition, e.g. "
         "alphaedit_rect, works too; metake plans over --solver); `metake methods` describes "
         "them with their hyper-parameters",
@@ -245,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--seed", type=int, default=0, help="torch seed set before editing")
     edit.add_argument("--json", action="store_true", help="print one JSON object instead")
     edit.add_argument("--save", metavar="DIR", help="write the edited model and its deltas here")
+    edit.add_argument(
+        "--resume-session", metavar="DIR", default=None,
+        help="continue a session saved with --save: its model, method, settings, key cache and "
+        "edit log; --save again to keep the result",
+    )  # fmt: skip
     edit.set_defaults(func=cmd_edit)
 
     stats = _subcommand(
@@ -713,22 +719,26 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from metake.editor import Editor
 
     requests = _requests_from_args(args)  # validate before loading anything heavy
-    resolve_method(args.method, args.solver)
     device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model, device=device, dtype=_dtype(args))
-    editor = Editor(
-        model,
-        tokenizer,
-        args.method,
-        solver=args.solver,
-        preset=args.preset,
-        model_id=args.model,
-        corpus=args.corpus,
-        use_stats_cache=not args.no_stats_cache,
-        seed=args.seed,
-        progress=not args.json,
-        **_overrides(args),
-    )
+    if args.resume_session:
+        editor = _resumed_session(args, device)
+        model, tokenizer = editor.model, editor.tokenizer
+    else:
+        resolve_method(args.method or "memit", args.solver)
+        model, tokenizer = load_model(args.model, device=device, dtype=_dtype(args))
+        editor = Editor(
+            model,
+            tokenizer,
+            args.method or "memit",
+            solver=args.solver,
+            preset=args.preset,
+            model_id=args.model,
+            corpus=args.corpus,
+            use_stats_cache=not args.no_stats_cache,
+            seed=args.seed,
+            progress=not args.json,
+            **_overrides(args),
+        )
     editor.prepare(requests)
     before = _observe(model, tokenizer, requests, args.check, args.max_new_tokens)
     start = time.perf_counter()
@@ -737,8 +747,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     after = _observe(model, tokenizer, requests, args.check, args.max_new_tokens)
     out = {
-        "model": args.model,
-        "method": args.method,
+        "model": args.resume_session or args.model,
+        "method": editor.method,
         "solver": editor.solver,
         "requests": [
             {
@@ -768,6 +778,21 @@ def cmd_edit(args: argparse.Namespace) -> int:
     else:
         _print_edit(out, result.report)
     return 0
+
+
+def _resumed_session(args: argparse.Namespace, device: str):
+    """``--resume-session DIR``: the saved session, refusing options that would change it."""
+    from metake.editor import Editor
+
+    changing = {"--method": args.method, "--solver": args.solver, "--preset": args.preset,
+                "--layers": args.layers, "--set": args.overrides or None}  # fmt: skip
+    given = [option for option, value in changing.items() if value]
+    if given:
+        raise MetakeError(f"--resume-session continues the saved session with its own settings; "
+                          f"drop {', '.join(given)}")  # fmt: skip
+    return Editor.load(args.resume_session, device=device, corpus=args.corpus,
+                       use_stats_cache=not args.no_stats_cache, seed=args.seed,
+                       progress=not args.json)  # fmt: skip
 
 
 def _print_edit(out: dict[str, Any], report) -> None:

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from metake.checkpoint import load_checkpoint, save_checkpoint
 from metake.corpus import TextCorpus, load_corpus
 from metake.errors import MetakeError
 from metake.files import write_folder_atomically
@@ -52,6 +53,7 @@ SOLVERS = BASE_SOLVERS
 __all__ = ["METHODS", "METHOD_DESCRIPTIONS", "SOLVERS", "Editor", "resolve_method"]
 DELTA_FILE = "metake_deltas.safetensors"
 EDITS_FILE = "metake_edits.json"
+SESSION_FILE = "metake_session.safetensors"  # what Editor.load needs to continue (no pickle)
 _StageOutput = tuple[
     list[TargetPlan], list[RefinedPlan], dict[int, torch.Tensor], tuple[float, float]
 ]
@@ -642,11 +644,59 @@ class Editor:
             "requests": [r.to_dict() for r in self.history],
         }
         meta = {"method": self.method, "solver": self.solver, "model_id": self.model_id}
+        session = {
+            "state": self.state_dict(),
+            "originals": {layer: w.detach().cpu().clone() for layer, w in self._originals.items()},
+        }
 
         def write(folder: Path) -> None:
             self.model.save_pretrained(folder)
             self.tokenizer.save_pretrained(folder)
             save_file(deltas, str(folder / DELTA_FILE), metadata=meta)
+            save_checkpoint(folder / SESSION_FILE, session)
             (folder / EDITS_FILE).write_text(json.dumps(edits, indent=2), encoding="utf-8")
 
         return write_folder_atomically(path, write)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        device: str = "cpu",
+        corpus: TextCorpus | str | Path | None = None,
+        stats_cache: StatsCache | None = None,
+        use_stats_cache: bool = True,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> Editor:
+        """Reopen a session :meth:`save` wrote, to go on editing where it stopped.
+
+        Loads the edited model from ``path`` and the session beside it (method, solver and
+        hyper-parameters, context prefixes, AlphaEdit's key cache, the edit log, the original
+        weights of the edited layers). Statistics are read (or computed) with the original
+        weights in place, as the first session did. Editing A, saving, loading and editing B gives
+        the weights of editing A then B in one session; :meth:`restore` gives the original model.
+        """
+        from metake.models import load_model
+
+        path = Path(path)
+        if not (path / SESSION_FILE).is_file() or not (path / EDITS_FILE).is_file():
+            raise MetakeError(
+                f"{path} holds no saved metake session ({SESSION_FILE} and {EDITS_FILE}); save "
+                "one with Editor.save or metake edit --save"
+            )
+        info = json.loads((path / EDITS_FILE).read_text(encoding="utf-8"))
+        session = load_checkpoint(path / SESSION_FILE)
+        model, tokenizer = load_model(str(path), device=device)
+        hp = dict(info["hparams"])
+        hparams = MemitHparams(layers=tuple(hp.pop("layers"))).with_overrides(**hp)
+        state = session["state"]
+        editor = cls(model, tokenizer, info["method"], solver=info["solver"], hparams=hparams,
+                     model_id=info["model_id"], corpus=corpus, stats_cache=stats_cache,
+                     use_stats_cache=use_stats_cache, seed=seed, progress=progress,
+                     contexts=state["contexts"])  # fmt: skip
+        for layer, weight in session["originals"].items():  # the unedited model: statistics are
+            editor.adapter.set_weight(model, layer, weight)  # read on it, originals kept from it
+        editor.load_state_dict(state)  # then the edited weights, key cache, history go back in
+        return editor
