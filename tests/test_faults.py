@@ -293,3 +293,55 @@ def test_a_damaged_cache_file_is_detected_and_recomputed(damage, tmp_path, caplo
     assert torch.equal(again[1].mom2, good[1].mom2)
     (path,) = (tmp_path / "stats").glob("*.safetensors")
     assert path.read_bytes() != bytes(data)  # rewritten with the recomputed values
+
+
+BENCH_CHILD = r"""
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import metake.checkpoint as checkpoint
+from test_bench import _config, _run
+from tiny_models import tiny_model
+
+tmp, out, phase = Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+real = checkpoint.save_file
+def marked_save(tensors, path, metadata=None):
+    real(tensors, path, metadata=metadata)
+    (tmp / f"{phase}-written").write_text("")  # the temporary file exists, not yet renamed
+    if phase == "write":
+        time.sleep(30)  # killed here: mid-checkpoint-write
+checkpoint.save_file = marked_save
+_run(_config(tmp, methods=["alphaedit"], seeds=[0], edits=6, curve=False), out,
+     tiny_model("llama"), tmp)
+"""
+
+
+@pytest.mark.parametrize("phase", ["write", "batch"])
+def test_a_bench_killed_mid_run_resumes_to_identical_results(phase, tmp_path):
+    """SIGKILL during a checkpoint write, or during the batch after a checkpoint: the resumed
+    run's results equal an uninterrupted one's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from test_bench import _config, _run
+
+    tests = str(Path(__file__).parent)
+    child = subprocess.Popen([sys.executable, "-c", BENCH_CHILD, tests, str(tmp_path),
+                              str(tmp_path / "killed"), phase])  # fmt: skip
+    deadline = time.time() + 240
+    while not (tmp_path / f"{phase}-written").exists():
+        assert child.poll() is None and time.time() < deadline, "the bench ended too early"
+        time.sleep(0.05)
+    if phase == "batch":
+        time.sleep(0.3)  # into the next batch
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=60)
+    config = _config(tmp_path, methods=["alphaedit"], seeds=[0], edits=6, curve=False)
+    resumed = _run(config, tmp_path / "killed", tiny_model("llama"), tmp_path)
+    fresh = _run(config, tmp_path / "fresh", tiny_model("llama"), tmp_path)
+    a = resumed["runs"]["0"]["methods"]["alphaedit"]
+    b = fresh["runs"]["0"]["methods"]["alphaedit"]
+    assert a["per_record"] == b["per_record"] and a["perplexity"] == b["perplexity"]

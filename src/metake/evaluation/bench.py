@@ -41,7 +41,12 @@ from tqdm import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 import metake
-from metake.checkpoint import load_checkpoint, load_legacy_checkpoint, save_checkpoint
+from metake.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_legacy_checkpoint,
+    save_checkpoint,
+)
 from metake.corpus import TextCorpus, load_corpus
 from metake.editor import Editor
 from metake.errors import MetakeError
@@ -309,10 +314,14 @@ class BenchRun:
         batches: list[dict[str, Any]] = []
         curve: list[dict[str, Any]] = []
         state = None
-        if state_path.is_file():
-            state = load_checkpoint(state_path)
-        elif legacy_path.is_file():
-            state = load_legacy_checkpoint(legacy_path)
+        try:
+            if state_path.is_file():
+                state = load_checkpoint(state_path)
+            elif legacy_path.is_file():
+                state = load_legacy_checkpoint(legacy_path)
+        except CheckpointError as err:
+            log.warning("seed %d %s: %s; starting this method over", seed, spec, err)
+            state = None
         if state is not None:
             editor.load_state_dict(state["editor"])
             batches, curve = state["batches"], state["curve"]
