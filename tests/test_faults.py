@@ -4,6 +4,7 @@ the stage, and nothing non-finite is committed, cached or saved (issue 18)."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -345,3 +346,39 @@ def test_a_bench_killed_mid_run_resumes_to_identical_results(phase, tmp_path):
     a = resumed["runs"]["0"]["methods"]["alphaedit"]
     b = fresh["runs"]["0"]["methods"]["alphaedit"]
     assert a["per_record"] == b["per_record"] and a["perplexity"] == b["perplexity"]
+
+
+CONVERT_CHILD = r"""
+import sys, time
+from pathlib import Path
+import metake.models.load as load
+
+def slow_convert(gguf_path, folder):
+    with open(sys.argv[2], "a") as marker:
+        marker.write("converted\n")
+    time.sleep(1.0)
+    def write(staging):
+        (staging / "config.json").write_text("{}")
+    load.write_folder_atomically(folder, write)
+
+load._convert_gguf = slow_convert
+print(load._gguf_folder(Path(sys.argv[1])))
+"""
+
+
+def test_two_first_runs_convert_a_gguf_model_once(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF stand-in")
+    marker = tmp_path / "calls.txt"
+    env = {**os.environ, "METAKE_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", CONVERT_CHILD, str(gguf), str(marker)],
+                              env=env, stdout=subprocess.PIPE, text=True)  # fmt: skip
+             for _ in range(2)]  # fmt: skip
+    outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert marker.read_text().count("converted") == 1  # the second waited, then reused it
+    assert outputs[0] == outputs[1] and (Path(outputs[0]) / "config.json").is_file()
