@@ -10,7 +10,9 @@ Two ordinary ``metake bench`` runs, one per preset, with the same seed and the s
 ``--tuned`` is the tuned preset (default: the built-in one of the model, which ``metake tune``
 found; or a ``preset.json`` of a tuning run), ``--hand`` the preset it replaced (default
 ``benchmarks/presets/MODEL-hand.json``). Each run folder is resumable: run the same command
-again. Writes ``OUT/comparison.json`` and ``OUT/comparison.md``.
+again; ``--only hand`` (or ``tuned``) runs one side now and the same command without it later.
+Writes ``OUT/comparison.json`` and ``OUT/comparison.md``. s/edit is only comparable between runs
+made alone on the machine.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ def main() -> None:
     parser.add_argument("--methods", default="memit,alphaedit,metake,metake_exact")
     parser.add_argument("--hand-methods", default="memit,alphaedit,metake")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--only", choices=("tuned", "hand"), default=None,
+        help="run one of the two presets now (the other later: same command without --only)",
+    )  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results/preset_comparison_smollm2")
     args = parser.parse_args()
     out = Path(args.out)
@@ -52,6 +58,8 @@ def main() -> None:
     model, tokenizer = load_model(args.model, device=args.device)
     results = {}
     for label, (preset, methods) in presets.items():
+        if args.only is not None and label != args.only:
+            continue
         config = BenchConfig(
             model=args.model,
             dataset="zsre",
@@ -65,9 +73,12 @@ def main() -> None:
             fluency_records=0,
             preset=preset,
             device=args.device,
-            command=command_line(),
+            command=f"{command_line()} ({label} preset)",
         )
         results[label] = BenchRun(config, out / label, model, tokenizer).run()
+    if args.only is not None:
+        print(f"{out / args.only}: done; run again without --only for the comparison")
+        return
     records = {label: r["runs"][str(args.seed)]["records"] for label, r in results.items()}
     if records["tuned"] != records["hand"]:
         raise SystemExit("the two runs edited different records; use fresh --out folders")
