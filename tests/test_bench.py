@@ -13,7 +13,7 @@ from metake.checkpoint import load_checkpoint
 from metake.corpus import TextCorpus
 from metake.editor import Editor
 from metake.errors import MetakeError
-from metake.evaluation.bench import BenchConfig, BenchRun, method_spec, run_bench
+from metake.evaluation.bench import BenchConfig, BenchRun, curve_sample, method_spec, run_bench
 from metake.evaluation.report import progress_table
 from metake.stats import StatsCache
 
@@ -204,3 +204,20 @@ def test_bench_runs_the_table1_baselines_and_resumes_prune(tmp_path, monkeypatch
     assert resumed_final[2]  # ended finalised (PRUNE's restraint applied)
     assert (resumed["runs"]["0"]["methods"]["prune"]["per_record"]
             == methods["prune"]["per_record"])  # fmt: skip
+
+
+def test_curve_points_score_a_bounded_fixed_sample(tmp_path):
+    """After each batch at most curve_records edited records are scored (the run stays linear);
+    the final scores cover every record."""
+    records = list(range(10))
+    assert curve_sample(records, 3, 5, 0) == [0, 1, 2]  # all while few
+    later = curve_sample(records, 10, 5, 0)
+    assert len(later) == 5 and set(later) <= set(records)
+    assert curve_sample(records, 10, 5, 0) == later  # fixed for a seed
+    assert set(curve_sample(records, 8, 5, 0)) <= set(range(8))  # only edited ones
+    model = tiny_model("llama")
+    config = _config(tmp_path, methods=["memit"], seeds=[0], edits=6, curve_records=3)
+    result = _run(config, tmp_path / "run", model, tmp_path)
+    part = result["runs"]["0"]["methods"]["memit"]
+    assert [(p["edits"], p["scored"]) for p in part["curve"]] == [(2, 2), (4, 3), (6, 3)]
+    assert len(part["per_record"]) == 6

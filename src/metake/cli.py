@@ -574,6 +574,13 @@ def _add_bench_parser(sub) -> None:
         help="do not score the records edited so far after every batch",
     )
     bench.add_argument(
+        "--curve-records",
+        type=int,
+        default=200,
+        help="score at most this many edited records after each batch (a fixed sample; the "
+        "final scores cover all; default 200), so that long runs stay linear",
+    )
+    bench.add_argument(
         "--fluency-records",
         type=int,
         default=10,
@@ -643,6 +650,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             solver=args.solver,
             zsre_target=args.zsre_target,
             curve=not args.no_curve,
+            curve_records=args.curve_records,
             fluency_records=args.fluency_records,
             drift_texts=args.drift_texts,
             overrides=_bench_overrides(args),

@@ -85,6 +85,7 @@ class BenchConfig:
     solver: str = "alphaedit"  # the solver of a plain "metake"
     zsre_target: str = "answers"
     curve: bool = True  # score the records edited so far after every batch
+    curve_records: int = 200  # at most this many of them per batch (a fixed sample): linear runs
     fluency_records: int = 10  # records whose prompts are continued for the fluency score
     drift_texts: int = 32  # held-out Wikipedia intros for the perplexity drift
     overrides: dict[str, Any] = field(default_factory=dict)  # hyper-parameters, all methods
@@ -101,6 +102,8 @@ class BenchConfig:
             method_spec(spec, self.solver)
         if self.edits < 1 or self.batch_size < 1:
             raise MetakeError("--edits and --batch-size must be at least 1")
+        if self.curve_records < 1:
+            raise MetakeError("--curve-records must be at least 1")
         if not self.seeds:
             raise MetakeError("give at least one seed")
         for option in (self.records, self.exclude):
@@ -343,11 +346,13 @@ class BenchRun:
                 wall = time.perf_counter() - begin
                 batches.append(_batch_summary(report, wall, len(chunk)))
                 if self.config.curve:
-                    edited = records[: start + len(chunk)]
+                    edited = start + len(chunk)
+                    sample = curve_sample(records, edited, self.config.curve_records, seed)
                     scores = evaluate_records(
-                        self.model, self.tokenizer, edited, self.config.dataset
+                        self.model, self.tokenizer, sample, self.config.dataset
                     )
-                    curve.append({"edits": len(edited), **mean_metrics(scores, names)})
+                    curve.append({"edits": edited, "scored": len(sample),
+                                  **mean_metrics(scores, names)})  # fmt: skip
                 state = {"editor": editor.state_dict(), "batches": batches, "curve": curve}
                 save_checkpoint(state_path, state)
                 bar.update(1)
@@ -371,6 +376,22 @@ class BenchRun:
         state_path.unlink(missing_ok=True)
         legacy_path.unlink(missing_ok=True)
         return result
+
+
+def curve_sample(
+    records: Sequence[EvalRecord], edited: int, limit: int, seed: int
+) -> list[EvalRecord]:
+    """The records a curve point scores after ``edited`` edits: all of them up to ``limit``, else
+    the first ``limit`` edited ones in one seeded order of the run's records (the same order at
+    every point), so that a point costs at most ``limit`` records and a long run stays linear in
+    its length. The final scores cover every record.
+    """
+    if edited <= limit:
+        return list(records[:edited])
+    import random
+
+    order = random.Random(f"curve-{seed}").sample(range(len(records)), len(records))
+    return [records[i] for i in order if i < edited][:limit]
 
 
 def _batch_summary(report, wall: float, size: int) -> dict[str, Any]:
