@@ -5,6 +5,11 @@
 Replaces the entry NAME of ``src/metake/presets/memit.json`` by the tuned one (its ``match``,
 shared values, ``methods`` section and ``tuned`` record with the command that found it); the
 built-in entry's statistics settings (``mom2_*``) are kept unless the tuned file sets them.
+
+Refused (unless ``--force``) when the run's ``report.json`` beside the preset shows a method
+whose chosen setting broke the selection rule (the fallback) or barely edits: less than
+``--min-efficacy-gain`` points of Eff. over the unedited model on the dev split. A built-in
+preset that does not edit would make ``metake edit`` look broken.
 """
 
 from __future__ import annotations
@@ -21,7 +26,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tuned", help="preset.json written by metake tune")
     parser.add_argument("name", help="built-in preset to replace, e.g. smollm2-135m")
+    parser.add_argument(
+        "--min-efficacy-gain",
+        type=float,
+        default=10.0,
+        help="Eff. points over unedited every chosen method must gain (10)",
+    )
+    parser.add_argument("--force", action="store_true", help="adopt despite the checks")
     args = parser.parse_args()
+    problems = check_report(Path(args.tuned).with_name("report.json"), args.min_efficacy_gain)
+    if problems and not args.force:
+        raise SystemExit("not adopted (--force to adopt anyway):\n  " + "\n  ".join(problems))
     tuned = {k: v for k, v in json.loads(Path(args.tuned).read_text()).items() if k[0] != "_"}
     if len(tuned) != 1:
         raise SystemExit(f"{args.tuned}: expected one preset entry, found {len(tuned)}")
@@ -35,6 +50,25 @@ def main() -> None:
     presets[args.name] = merged
     PRESETS.write_text(json.dumps(presets, indent=2) + "\n", encoding="utf-8")
     print(f"{PRESETS}: {args.name} is now the tuned preset of {args.tuned}")
+
+
+def check_report(path: Path, min_gain: float) -> list[str]:
+    """What speaks against adopting the run whose report is ``path``: one line per method."""
+    if not path.is_file():
+        return [f"{path} is missing: cannot check the chosen settings"]
+    report = json.loads(path.read_text(encoding="utf-8"))
+    base = report["baseline"]["efficacy"]
+    problems = []
+    for method, row in report["chosen"].items():
+        if row.get("violations"):
+            problems.append(
+                f"{method}: no setting passed the rule ({'; '.join(row['violations'])})"
+            )
+        gain = row["efficacy"] - base
+        if gain < min_gain:
+            problems.append(f"{method}: Eff. {row['efficacy']:.1f} is only {gain:.1f} points over "
+                            f"the unedited {base:.1f} (barely edits)")  # fmt: skip
+    return problems
 
 
 if __name__ == "__main__":
