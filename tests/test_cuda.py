@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from test_bench import _config, _run
+from test_bench import _capture_final_edits, _config, _run
 from test_editor import REQUESTS, _editor
 from tiny_models import tiny_model, tiny_tokenizer
 
@@ -57,12 +57,25 @@ def test_diagnose_on_cuda(tmp_path):
     assert report["summary"]["median_cosine"] is not None
 
 
-def test_bench_runs_and_resumes_on_cuda(tmp_path):
+def test_bench_runs_and_resumes_on_cuda(tmp_path, monkeypatch):
+    """A resumed CUDA run ends on the edits of an uninterrupted one (within float noise: CUDA
+    kernels need not be bit-reproducible) with the same per-record scores."""
+    finals = _capture_final_edits(monkeypatch)
     model = tiny_model("llama").to("cuda")
     config = _config(tmp_path, seeds=[0], device="cuda")
     full = _run(config, tmp_path / "full", model, tmp_path)
+    full_finals = list(finals)
     assert _run(config, tmp_path / "part", model, tmp_path, stop_after_batches=1) == {}
+    finals.clear()
     resumed = _run(config, tmp_path / "part", model, tmp_path)
+    assert len(finals) == len(full_finals) == len(config.methods)
+    for (deltas, caches, _), (want_deltas, want_caches, _) in zip(finals, full_finals,
+                                                                  strict=True):  # fmt: skip
+        assert deltas.keys() == want_deltas.keys() and deltas
+        for name, delta in deltas.items():
+            torch.testing.assert_close(delta, want_deltas[name], atol=1e-5, rtol=1e-4)
+        for layer, cache in caches.items():
+            torch.testing.assert_close(cache, want_caches[layer], atol=1e-6, rtol=1e-6)
     for method in config.methods:
         a = full["runs"]["0"]["methods"][method]["per_record"]
         assert a == resumed["runs"]["0"]["methods"][method]["per_record"], method
