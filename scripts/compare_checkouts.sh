@@ -10,7 +10,8 @@ set -euo pipefail
 old=$(cd "${1:?usage: compare_checkouts.sh OLD NEW}" && pwd)
 new=$(cd "${2:?usage: compare_checkouts.sh OLD NEW}" && pwd)
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+trap '[[ -n "${KEEP:-}" ]] || rm -rf "$work"' EXIT
+echo "work folder: $work" >&2
 here=$(cd "$(dirname "$0")" && pwd)
 PYTHONPATH="$new/src" python - "$new/tests" "$work" <<'PY'
 import json, sys
@@ -37,13 +38,33 @@ for side in old new; do
 done
 diff "$work/fingerprint_old.txt" "$work/fingerprint_new.txt" && echo "edited weights: identical"
 python - "$work/bench_old/results.json" "$work/bench_new/results.json" <<'PY'
-import json, sys
-def strip(x):
-    if isinstance(x, dict):
-        return {k: strip(v) for k, v in x.items() if "second" not in k and k not in ("command", "versions")}
-    return [strip(v) for v in x] if isinstance(x, list) else x
-old, new = (strip(json.load(open(p))) for p in sys.argv[1:])
-if old != new:
+import json, re, sys
+
+def compare(old, new, path, only):
+    """Every figure both sides have must be equal; fields only one side has are listed."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in old.keys() | new.keys():
+            if "second" in key or key in ("command", "versions"):
+                continue
+            if key not in old or key not in new:
+                only.add(re.sub(r"\[\d+\]", "[]", f"{path}/{key}").lstrip("/"))
+                continue
+            if not compare(old[key], new[key], f"{path}/{key}", only):
+                return False
+        return True
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) == len(new) and all(
+            compare(a, b, f"{path}[{i}]", only) for i, (a, b) in enumerate(zip(old, new)))
+    if old != new:
+        print(f"tiny bench: {path}: {old!r} != {new!r}")
+    return old == new
+
+only = set()
+old, new = (json.load(open(p)) for p in sys.argv[1:])
+if not compare(old, new, "", only):
     sys.exit("tiny bench: results differ")
 print("tiny bench: identical results (per record, perplexity, fluency, curves)")
+if only:
+    print("fields only one side has (not compared):", ", ".join(sorted(only)[:6]),
+          f"(+{len(only) - 6})" if len(only) > 6 else "")
 PY
