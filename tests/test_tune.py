@@ -218,7 +218,9 @@ def test_bad_input_gets_clear_errors(tmp_path):
             corpus=TextCorpus.from_texts(TEXTS, name="t"),
         )
     with pytest.raises(MetakeError, match="knows only"):
-        _tune(tmp_path, model, _config(tmp_path, min_known_facts=5), out="few")
+        _tune(tmp_path, model, _config(tmp_path, min_known_facts=5, max_probe_facts=6), out="few")
+    with pytest.raises(MetakeError, match="--max-probe-facts must be at least 5"):
+        _config(tmp_path, min_known_facts=5, max_probe_facts=4)
 
 
 def test_preset_file_for_another_model_is_refused(tmp_path):

@@ -361,6 +361,13 @@ def _add_tune_parser(sub) -> None:
         f"(default {defaults.search_records})",
     )
     tune.add_argument(
+        "--max-probe-facts",
+        type=int,
+        default=defaults.max_probe_facts,
+        help="known facts checked after every candidate's edits (one fact = 100/N %% of the "
+        f"95 %% guard; default {defaults.max_probe_facts})",
+    )
+    tune.add_argument(
         "--window-size",
         type=int,
         default=defaults.window_size,
@@ -387,6 +394,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         methods=expand_methods(args.methods),
         batch_sizes=args.batch_sizes,
         search_records=args.search_records,
+        max_probe_facts=args.max_probe_facts,
         window_size=args.window_size,
         preset=args.preset,
         overrides=dict(args.overrides),

@@ -155,6 +155,11 @@ class TuneConfig:
             raise MetakeError("tune: --batch-sizes must be positive numbers")
         if self.window_size < 1 or self.search_records < 1:
             raise MetakeError("tune: --window-size and --search-records must be at least 1")
+        if self.max_probe_facts < self.min_known_facts:
+            raise MetakeError(
+                f"tune: --max-probe-facts must be at least {self.min_known_facts} (the fewest "
+                f"known facts a run needs), got {self.max_probe_facts}"
+            )
 
 
 @dataclass
