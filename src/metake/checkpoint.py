@@ -10,7 +10,6 @@ corrupt file raises :class:`CheckpointError` instead of loading half a state.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from metake.errors import MetakeError
+from metake.files import write_file_atomically
 
 FORMAT = "metake-checkpoint-1"
 
@@ -69,15 +69,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     structure = _encode(state, tensors, "")
     meta = {"format": FORMAT, "structure": json.dumps(structure)}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_file_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -1,12 +1,33 @@
-"""Files that appear whole or not at all: folders written beside their destination, flushed to
-disk and renamed into place, so that an interrupted write never leaves a plausible half."""
+"""Files that appear whole or not at all: files and folders written beside their destination,
+flushed to disk and renamed into place, so that an interrupted write never leaves a plausible
+half."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+
+def write_file_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, flush it to disk and rename it
+    to ``path``: readers see the old file or the whole new one. On any error the temporary file
+    is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(descriptor)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def fsync_tree(folder: Path) -> None:

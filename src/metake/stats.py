@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from metake.corpus import TextCorpus
 from metake.errors import CorpusError
+from metake.files import write_file_atomically
 from metake.finite import require_finite
 from metake.models.adapters import get_adapter
 from metake.tokens import right_pad
@@ -295,15 +295,13 @@ class StatsCache:
     def path_for(self, key: dict[str, str]) -> Path:
         """File of ``key``: ``<model id>-L<layer>-<16 hex of the key's sha256>.safetensors``."""
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", key["model_id"]).strip("._")[:60] or "model"
-        return self.root / f"{stem}-L{key['layer']}-{digest[:16]}.safetensors"
+        return self.root / f"{_file_stem(key)}-L{key['layer']}-{digest[:16]}.safetensors"
 
     def lock(self, key: dict[str, str]) -> FileLock:
         """An inter-process lock for computing ``key``'s model statistics (one per model)."""
         locks = self.root / "locks"
         locks.mkdir(parents=True, exist_ok=True)
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", key["model_id"]).strip("._")[:60] or "model"
-        return FileLock(str(locks / f"{stem}-{key['model_fingerprint'][:16]}.lock"))
+        return FileLock(str(locks / f"{_file_stem(key)}-{key['model_fingerprint'][:16]}.lock"))
 
     def load(self, key: dict[str, str]) -> SecondMoment | None:
         """The stored moment of ``key`` (``mom2`` ``[d_in, d_in]`` float64), or None if absent."""
@@ -333,23 +331,14 @@ class StatsCache:
     def save(
         self, key: dict[str, str], moment: SecondMoment, extra: dict[str, str] | None = None
     ) -> Path:
-        """Write ``moment`` atomically (temp file + ``os.replace``); returns the file path."""
-        path = self.path_for(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write ``moment`` atomically (:func:`~metake.files.write_file_atomically`), with the
+        sha256 of its tensor in the metadata; returns the file path."""
         tensor = moment.mom2.detach().to(device="cpu", dtype=torch.float64).contiguous()
         meta = {**(extra or {}), **key, "num_tokens": str(int(moment.num_tokens)),
                 "sha256": _tensor_digest(tensor)}  # fmt: skip
-        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"mom2": tensor}, tmp, metadata=meta)
-            with open(tmp, "rb") as handle:  # on disk before it takes the final name
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_file_atomically(
+            self.path_for(key), lambda tmp: save_file({"mom2": tensor}, str(tmp), metadata=meta)
+        )
 
 
 # ----- cached entry point --------------------------------------------------------------------
@@ -409,6 +398,11 @@ def get_second_moments(
                                                  batch_size=batch_size, accum_dtype=accum_dtype,
                                                  progress=progress))  # fmt: skip
     return {layer: result[layer] for layer in layers}
+
+
+def _file_stem(key: dict[str, str]) -> str:
+    """A key's model id as a safe file-name part (at most 60 characters)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", key["model_id"]).strip("._")[:60] or "model"
 
 
 def _tensor_digest(tensor: torch.Tensor) -> str:

@@ -37,7 +37,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -57,6 +56,7 @@ from metake.evaluation.bench import held_out_texts, method_spec
 from metake.evaluation.datasets import EvalRecord, in_ranges, load_dataset, parse_ranges
 from metake.evaluation.evaluate import evaluate_records, mean_metrics, metric_names
 from metake.evaluation.metrics import text_perplexity
+from metake.files import write_file_atomically
 from metake.hparams import MemitHparams, find_preset, memit_hparams
 from metake.methods import PLANNER_METHODS, parse_solver
 from metake.planners.standard import compute_targets, context_templates
@@ -378,16 +378,11 @@ class Tuner:
                 probs += [math.exp(-nll) for nll in plan.final_nll]
             self._targets[key] = torch.cat(parts)
             self._reached[key] = probs
-            path.parent.mkdir(exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file(
-                {
-                    "targets": self._targets[key].contiguous(),
-                    "reached": torch.tensor(probs, dtype=torch.float64),
-                },
-                str(tmp),
-            )
-            os.replace(tmp, path)
+            tensors = {
+                "targets": self._targets[key].contiguous(),
+                "reached": torch.tensor(probs, dtype=torch.float64),
+            }
+            write_file_atomically(path, lambda tmp: save_file(tensors, str(tmp)))
             if timed:
                 self._record(
                     {

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import statistics
 import time
@@ -63,6 +62,7 @@ from metake.evaluation.evaluate import (
     metric_names,
 )
 from metake.evaluation.metrics import text_perplexity
+from metake.files import write_file_atomically
 from metake.methods import PLANNER_METHODS, resolve_method
 from metake.stats import StatsCache
 
@@ -153,9 +153,8 @@ def held_out_texts(corpus: TextCorpus, count: int) -> list[str]:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=1)
+    write_file_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 class BenchRun:

