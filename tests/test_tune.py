@@ -138,7 +138,8 @@ def test_tune_end_to_end_writes_a_preset_that_edit_accepts(tmp_path, cheap_grids
     for method, rows in report["searched"].items():
         passing = [
             r for r in rows
-            if r["specificity"] >= base["specificity"] - 1.0
+            if r["efficacy"] >= base["efficacy"] + 10.0
+            and r["specificity"] >= base["specificity"] - 1.0
             and r["perplexity"] <= 1.02 * base["perplexity"]
             and r["probe_kept"] >= 0.95
         ]  # fmt: skip
@@ -147,8 +148,14 @@ def test_tune_end_to_end_writes_a_preset_that_edit_accepts(tmp_path, cheap_grids
             chosen = report["chosen"][method]
             assert chosen in passing, method
             assert chosen["efficacy"] + chosen["generalization"] == best, method
-        else:  # none passes: fewest broken conditions first
-            assert report["chosen"][method]["violations"], method
+        else:  # none passes: an editing setting first, then fewest broken conditions
+            chosen = report["chosen"][method]
+            assert chosen["violations"], method
+            editing = [r for r in rows if r["efficacy"] >= base["efficacy"] + 10.0]
+            if editing:
+                assert chosen in editing, method
+                fewest = min(len(r["violations"]) for r in editing)
+                assert len(chosen["violations"]) == fewest, method
     # the preset file gives each method its chosen settings through Editor/--preset
     preset = str(out / "preset.json")
     for method, solver in (("memit", None), ("alphaedit", None), ("metake", "alphaedit")):
@@ -196,6 +203,23 @@ def test_selection_rule_guards():
         assert len(violations(bad, base)) == 1
     better_but_bad = {**bad_ppl, "efficacy": 99.0}
     assert max([good, better_but_bad], key=lambda r: selection_key(r, base)) is good
+
+
+def test_selection_rule_prefers_an_edit_to_doing_nothing():
+    """A setting that changes nothing passes every damage guard; it is chosen only when no
+    candidate edits (Eff. at least 10 points over unedited), whatever guards the editing ones break.
+    """
+    base = {"efficacy": 20.0, "generalization": 20.0, "specificity": 30.0, "perplexity": 10.0}
+    idle = {**base, "efficacy": 25.0, "probe_kept": 1.0}
+    assert violations(idle, base) == ["does not edit (Eff. +5.0 < +10)"]
+    damaging = {**base, "efficacy": 80.0, "perplexity": 10.5, "probe_kept": 0.8}
+    worse = {**damaging, "efficacy": 90.0, "specificity": 20.0}
+    assert len(violations(damaging, base)) == 2
+    pick = max([idle, worse, damaging], key=lambda r: selection_key(r, base))
+    assert pick is damaging  # edits, then fewer broken guards than `worse`
+    assert max([idle, worse], key=lambda r: selection_key(r, base)) is worse
+    strict = max([idle, damaging], key=lambda r: selection_key(r, base, min_gain=70.0))
+    assert strict is idle  # neither edits by 70 points: fewest broken conditions
 
 
 def test_bad_input_gets_clear_errors(tmp_path):

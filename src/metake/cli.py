@@ -368,6 +368,14 @@ def _add_tune_parser(sub) -> None:
         f"95 %% guard; default {defaults.max_probe_facts})",
     )
     tune.add_argument(
+        "--min-efficacy-gain",
+        type=float,
+        default=defaults.min_efficacy_gain,
+        help="Eff. points over the unedited model that a chosen setting must gain: a setting "
+        "that changes nothing passes every damage guard (default "
+        f"{defaults.min_efficacy_gain:g}; changing it on a finished run only re-selects)",
+    )
+    tune.add_argument(
         "--window-size",
         type=int,
         default=defaults.window_size,
@@ -395,6 +403,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         batch_sizes=args.batch_sizes,
         search_records=args.search_records,
         max_probe_facts=args.max_probe_facts,
+        min_efficacy_gain=args.min_efficacy_gain,
         window_size=args.window_size,
         preset=args.preset,
         overrides=dict(args.overrides),
@@ -899,6 +908,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
             print(f"  {'':14s}   {method}: {shown}")
         if "tuned" in tuned:
             print(f"  {'':14s}   tuned by: {tuned['tuned'].get('command', '?')}")
+            for method, guards in tuned["tuned"].get("guards_broken", {}).items():
+                print(f"  {'':14s}   {method} breaks: {'; '.join(guards)} (no setting met them)")
     return 0
 
 

@@ -22,9 +22,12 @@ that no reported evaluation may use (``metake bench --exclude`` leaves it out):
    approximation of sequential editing that only the search uses); ROME, BLUE and MetaKE run real
    edits on the first ``search_records`` dev records.
 5. **One selection rule**, for every method: the highest Eff. + Gen. (mean over the batch sizes)
-   among the candidates with Spe. >= unedited - 1 point, held-out perplexity drift <= 2% and >= 95%
-   of the known facts still known; when no candidate passes, the one with the fewest violations
-   (then the highest Eff. + Gen.), flagged in the report.
+   among the candidates that edit (Eff. at least ``min_efficacy_gain`` points over the unedited
+   model) with Spe. >= unedited - 1 point, held-out perplexity drift <= 2% and >= 95% of the known
+   facts still known; when no candidate passes, a candidate that edits comes first, then the
+   fewest broken guards, then the highest Eff. + Gen., flagged in the report. (Without the first
+   condition a setting that changes nothing passes every guard: on SmolLM2 at 100 edits it was
+   the only one that did, see docs/presets.md.)
 
 The run folder holds ``rows.jsonl`` (every evaluated candidate; a rerun skips them: resumable),
 ``preset.json`` (``--preset`` for edit, bench and diagnose), ``report.md``/``report.json`` and
@@ -125,6 +128,7 @@ class TuneConfig:
     preset: str | None = None  # where the search starts from (default: the model's preset)
     overrides: dict[str, Any] = field(default_factory=dict)  # fixed hyper-parameters (--set)
     min_known_facts: int = 5
+    min_efficacy_gain: float = 10.0  # Eff. points over unedited a chosen setting must gain
     known_margin: float = 1.0  # nats every answer token leads by (robust known facts only)
     corpus: str | None = None
     device: str = "cpu"
@@ -170,14 +174,29 @@ class Baseline:
     probe: list[EditRequest]  # facts it knows (target_new = the true answer)
 
 
-def selection_key(row: dict[str, Any], base: dict[str, float]) -> tuple[int, float]:
-    """Sort key of the selection rule: fewest violations first, then the highest Eff. + Gen."""
-    return (-len(violations(row, base)), row["efficacy"] + row["generalization"])
+def edits(row: dict[str, Any], base: dict[str, float], min_gain: float = 10.0) -> bool:
+    """Whether a candidate edits: Eff. at least ``min_gain`` points over the unedited model."""
+    return row["efficacy"] - base["efficacy"] >= min_gain
 
 
-def violations(row: dict[str, Any], base: dict[str, float]) -> list[str]:
-    """Which of the rule's guards a candidate breaks (empty: admissible)."""
+def selection_key(
+    row: dict[str, Any], base: dict[str, float], min_gain: float = 10.0
+) -> tuple[bool, int, float]:
+    """Sort key of the selection rule: a setting that edits first, then the fewest broken
+    conditions, then the highest Eff. + Gen."""
+    return (
+        edits(row, base, min_gain),
+        -len(violations(row, base, min_gain)),
+        row["efficacy"] + row["generalization"],
+    )
+
+
+def violations(row: dict[str, Any], base: dict[str, float], min_gain: float = 10.0) -> list[str]:
+    """Which of the rule's conditions a candidate breaks (empty: admissible)."""
     out = []
+    if not edits(row, base, min_gain):
+        gain = row["efficacy"] - base["efficacy"]
+        out.append(f"does not edit (Eff. +{gain:.1f} < +{min_gain:g})")
     if row["specificity"] < base["specificity"] - 1.0:
         out.append(f"Spe. {row['specificity']:.2f} < {base['specificity'] - 1.0:.2f}")
     if row["perplexity"] > 1.02 * base["perplexity"]:
@@ -246,7 +265,7 @@ class Tuner:
         mine = asdict(self.config)
         if path.is_file():
             saved = json.loads(path.read_text(encoding="utf-8"))
-            free = ("command", "methods")  # more methods later: rows are kept per method
+            free = ("command", "methods", "min_efficacy_gain")  # rows hold no selection: kept
             differ = sorted(k for k in mine if k not in free and saved.get(k) != mine[k])
             if differ:
                 raise MetakeError(
@@ -503,10 +522,15 @@ class Tuner:
             **mean,
             "per_batch_size": {r["batch_size"]: r["id"] for r in rows},
         }
-        out["violations"] = violations(out, base)
+        out["violations"] = violations(out, base, self.config.min_efficacy_gain)
         return out
 
     # ----- the search -------------------------------------------------------------------------
+    def best(self, candidates: Sequence[dict[str, Any]], base: Baseline) -> dict[str, Any]:
+        """The candidate the selection rule picks (see :func:`selection_key`)."""
+        gain = self.config.min_efficacy_gain
+        return max(candidates, key=lambda c: selection_key(c, base.scores, gain))
+
     def run(self) -> dict[str, Any]:
         """Run (or continue) the whole search and write the preset and the report."""
         from metake.tune_report import write_outputs
@@ -523,7 +547,7 @@ class Tuner:
         for method in bar:
             bar.set_postfix_str(method)
             searched[method] = self._search_method(method, shared, windows, chosen, base)
-            chosen[method] = max(searched[method], key=lambda c: selection_key(c, base.scores))
+            chosen[method] = self.best(searched[method], base)
             log.info("tune %s: %s", method, chosen[method]["settings"])
             report = write_outputs(self, base, trace, stage1, windows, searched, chosen)
         return report
@@ -557,7 +581,7 @@ class Tuner:
         else:
             for window in windows:
                 run(start.with_overrides(layers=list(window)))
-            best = max(results, key=lambda c: selection_key(c, base.scores))
+            best = self.best(results, base)
             best_hp = start.with_overrides(layers=best["settings"]["layers"])
         grid = STRENGTH_GRIDS.get(_grid_key(method), {})
         refine = method not in PLANNER_METHODS  # MetaKE's runs are the dear ones
@@ -569,16 +593,15 @@ class Tuner:
                 if number == 0 or v != getattr(hp, name)
             ]
             for _ in range(REFINE_ROUNDS if number == 0 and refine else 0):
-                top = max(tried, key=lambda c: selection_key(c, base.scores))
+                top = self.best(tried, base)
                 seen = sorted({c["settings"][name] for c in tried})
                 tried += [
                     run(hp.with_overrides(**{name: v}))
                     for v in _refine(seen, top["settings"][name])
                     if v not in seen
                 ]
-            top = max(
-                [*tried, *[c for c in results if c["settings"] == _tuned_values(hp)]],
-                key=lambda c: selection_key(c, base.scores),
+            top = self.best(
+                [*tried, *[c for c in results if c["settings"] == _tuned_values(hp)]], base
             )
             hp = hp.with_overrides(**{name: top["settings"][name]})
         return results
