@@ -179,6 +179,12 @@ def test_tune_resumes_without_recomputing(tmp_path, cheap_grids, monkeypatch):
         raise AssertionError("a finished candidate was evaluated again")
 
     assert list((tmp_path / "run" / "targets").glob("*.safetensors"))  # Stage I, kept on disk
+    rows_file = tmp_path / "run" / "rows.jsonl"
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    for number, row in enumerate(rows):  # ids as another version wrote them: found by content
+        if row["phase"] == "search":
+            row["id"] = f"written by an older version {number}"
+    rows_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
     monkeypatch.setattr(Tuner, "score", no_edits)
     monkeypatch.setattr(tune, "compute_targets", no_edits)
     second = _tune(tmp_path, model, config)

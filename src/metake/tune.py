@@ -278,6 +278,8 @@ class Tuner:
             for line in rows.read_text(encoding="utf-8").splitlines():
                 if line.strip():
                     row = json.loads(line)
+                    if row["phase"] == "search":  # ids written by older versions: re-keyed
+                        row["id"] = search_row_id(row["method"], row["batch_size"], row["settings"])
                     self.rows[row["id"]] = row
 
     def _record(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -459,9 +461,7 @@ class Tuner:
         fixed = name not in PLANNER_METHODS and spec.spreads_one_target
         records = self.dev if fixed else self.dev[: self.config.search_records]
         batch_size = min(batch_size, len(records))
-        row_id = f"{method} b={batch_size} " + " ".join(
-            f"{k}={_id_value(v)}" for k, v in sorted(_tuned_values(hp).items())
-        )
+        row_id = search_row_id(method, batch_size, _tuned_values(hp))
         if row_id in self.rows:
             return self.rows[row_id]
         editor = Editor(
@@ -624,6 +624,12 @@ def edit_windows(mean_ie: Sequence[float], size: int, num_layers: int) -> list[t
         if window not in out:
             out.append(window)
     return out
+
+
+def search_row_id(method: str, batch_size: int, settings: dict[str, Any]) -> str:
+    """The id of one candidate's row at one batch size (what a rerun looks its result up by)."""
+    values = " ".join(f"{k}={_id_value(v)}" for k, v in sorted(settings.items()))
+    return f"{method} b={batch_size} {values}"
 
 
 def _id_value(value: Any) -> str:
