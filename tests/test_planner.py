@@ -83,6 +83,22 @@ def test_length_groups_give_the_same_targets(max_groups):
     torch.testing.assert_close(many.v_target, one.v_target, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("max_rows", [1, 2, 5])
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_row_pieces_with_their_own_backward_give_the_same_targets(max_rows, prefix_cache):
+    """Cutting the batch into pieces whose graphs are freed after each backward (the memory
+    bound) accumulates the gradient of the whole batch: the targets of one joint group."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    hp = MemitHparams(layers=(1,), v_steps=6, v_lr=0.5)
+    joint = compute_targets(model, tok, REQUESTS, hp, CONTEXTS, prefix_cache=prefix_cache,
+                            max_groups=1, max_rows=100)  # fmt: skip
+    pieces = compute_targets(model, tok, REQUESTS, hp, CONTEXTS, prefix_cache=prefix_cache,
+                             max_rows=max_rows)  # fmt: skip
+    assert not torch.equal(joint.v_target, joint.v_init)  # the targets moved
+    torch.testing.assert_close(pieces.v_target, joint.v_target, rtol=1e-5, atol=1e-6)
+    assert [h["active"] for h in pieces.history] == [h["active"] for h in joint.history]
+
+
 def test_length_groups_cover_every_row_once_with_least_padding():
     lengths = [5, 3, 9, 9, 2, 14, 3]
     groups = length_groups(lengths, 3)
