@@ -118,6 +118,7 @@ class TargetPlan:
     steps_run: int
     history: list[dict[str, float]] = field(default_factory=list)
     final_nll: list[float] = field(default_factory=list)  # per request, with the target in place
+    rows_run: int = 0  # prompt rows run over all steps (the work done)
 
 
 @dataclass
@@ -259,6 +260,7 @@ def compute_targets(
     max_groups: int = 4,
     skip_lower: bool = True,
     max_rows: int = MAX_GROUP_ROWS,
+    drop_finished: bool = True,
 ) -> TargetPlan:
     """Stage I for a batch: the target value ``v*`` (``[n, d]``) at the last edit layer.
 
@@ -267,16 +269,27 @@ def compute_targets(
     step (the same result up to float rounding, slower). Prompts run in up to ``max_groups``
     groups of similar length so that little compute goes to padding, each cut into pieces of at
     most ``max_rows`` rows whose graphs live one at a time (peak memory; results equal up to
-    float rounding).
+    float rounding). With ``drop_finished`` the prompts of requests that met the early stop are
+    left out of later steps (their delta, NLL and KL no longer change: the same result, less
+    work); ``TargetPlan.rows_run`` counts the prompt rows run over all steps.
     """
     adapter = get_adapter(model)
     layer = hparams.layers[-1]
     device = next(model.parameters()).device
     pb = build_planner_batch(tokenizer, requests, contexts, hparams.kl_prompt)
     full = pb.batch.to(device)
-    groups = row_groups(model, full, tokenizer.pad_token_id, prefix_cache, max_groups, max_rows)
-    if skip_lower:
-        enter_at_layer(model, adapter, groups, layer)
+
+    def groups_of(rows: torch.Tensor | None) -> list[RowGroup]:
+        """Length groups of the batch's ``rows`` (global numbers; ``None``: all rows)."""
+        part = full if rows is None else full.select(rows)
+        made = row_groups(model, part, tokenizer.pad_token_id, prefix_cache, max_groups, max_rows)
+        if rows is not None:
+            made = [RowGroup(rows[g.rows], g.batch, g.run) for g in made]
+        if skip_lower:
+            enter_at_layer(model, adapter, made, layer)
+        return made
+
+    groups = groups_of(None)
     n, num_rows = pb.num_requests, full.input_ids.shape[0]
     plain = pb.plain_rows().to(device)
     request_of_row = pb.request_of_row.to(device)
@@ -298,7 +311,7 @@ def compute_targets(
     optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
     active = torch.ones(n, dtype=torch.bool, device=device)
     terms = _Stage1Terms(model, adapter, adapter.layer_module(model, layer), groups, pb,
-                         request_of_row, hparams.kl_factor)  # fmt: skip
+                         request_of_row, hparams.kl_factor, groups_of)  # fmt: skip
     history: list[dict[str, float]] = []
     step = 0
     for step in range(hparams.v_steps):
@@ -323,6 +336,8 @@ def compute_targets(
         active = active & (loss >= hparams.v_loss_threshold)
         if last_step or not active.any():
             break
+        if drop_finished:
+            terms.keep_only(active)
         decay.sum().backward()
         with torch.no_grad():  # loss_i depends on delta_i alone: masking the gradient afterwards
             delta.grad[~active] = 0  # equals the gradient of the masked sum
@@ -342,6 +357,7 @@ def compute_targets(
         steps_run=step,
         history=history,
         final_nll=nll.tolist(),
+        rows_run=terms.rows_run,
     )
 
 
@@ -358,7 +374,9 @@ class _Stage1Terms:
     Each group's forward is followed by its backward (when asked), so only one group's graph is
     alive at a time: memory grows with the group size, not with the batch. The terms are sums
     over rows (a request's NLL is the mean over its context rows; its KL is read at its KL
-    row), so the accumulated gradient equals that of the whole batch's loss.
+    row), so the accumulated gradient equals that of the whole batch's loss. Requests left out
+    by :meth:`keep_only` keep their last terms (their delta no longer changes, nor does the
+    model: the terms would come out the same).
     """
 
     def __init__(
@@ -370,11 +388,26 @@ class _Stage1Terms:
         planner: PlannerBatch,
         request_of_row: torch.Tensor,
         kl_factor: float,
+        groups_of: Callable[[torch.Tensor], list[RowGroup]],
     ) -> None:
         self.model, self.adapter, self.layer_module = model, adapter, layer_module
-        self.groups, self.planner, self.kl_factor = groups, planner, kl_factor
+        self.groups, self.planner, self.kl_factor = list(groups), planner, kl_factor
         self.request_of_row = request_of_row  # [rows]
-        self.kl_init: dict[int, torch.Tensor] = {}  # group -> original KL log-probs [R_kl, V]
+        self.groups_of = groups_of
+        n = planner.num_requests
+        self.covered = torch.ones(n, dtype=torch.bool, device=request_of_row.device)
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # NLL, KL [n] each
+        self.kl_init: torch.Tensor | None = None  # original KL log-probs per request [n, V]
+        self.rows_run = 0
+
+    def keep_only(self, active: torch.Tensor) -> None:
+        """Run only the rows of the ``active`` requests (``[n]`` bool) from now on; regroups
+        once a quarter of the rows run so far would be idle."""
+        rows = active[self.request_of_row].nonzero().squeeze(1)
+        running = sum(len(g.rows) for g in self.groups)
+        if len(rows) <= 0.75 * running:
+            self.groups = self.groups_of(rows)
+            self.covered = active.clone()
 
     def __call__(self, delta: torch.Tensor, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-request NLL and KL (``[n]`` each, detached) with ``delta`` (``[n, d]``) added;
@@ -382,19 +415,22 @@ class _Stage1Terms:
         n = self.planner.num_requests
         nll = torch.zeros(n, dtype=delta.dtype, device=delta.device)
         kl = torch.zeros_like(nll)
-        for number, group in enumerate(self.groups):
+        for group in self.groups:
             with torch.set_grad_enabled(backward):
-                part_nll, part_kl = self._group_terms(number, group, delta)
+                part_nll, part_kl = self._group_terms(group, delta)
                 total = (part_nll + self.kl_factor * part_kl).sum()
             if backward and total.requires_grad:
                 total.backward()
             nll += part_nll.detach()
             kl += part_kl.detach()
+            self.rows_run += len(group.rows)
+        if self.last is not None:  # requests no longer run keep their terms
+            nll = torch.where(self.covered, nll, self.last[0])
+            kl = torch.where(self.covered, kl, self.last[1])
+        self.last = (nll, kl)
         return nll, kl
 
-    def _group_terms(
-        self, number: int, group: RowGroup, delta: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _group_terms(self, group: RowGroup, delta: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One group's share of every request's NLL and KL (``[n]`` each, with graph)."""
         n, contexts = self.planner.num_requests, self.planner.num_contexts
         local = torch.arange(len(group.rows), device=group.rows.device)
@@ -412,8 +448,11 @@ class _Stage1Terms:
             return part_nll, zeros
         h = hidden[kl_local, subject_last[kl_local]]
         kl_logp = torch.log_softmax(at_least_float32(self.adapter.logits(self.model, h)), dim=-1)
-        if number not in self.kl_init:  # the first step runs with delta = 0: the original
-            self.kl_init[number] = kl_logp.detach()
-        init = self.kl_init[number]
+        kl_owner = owner[kl_local]
+        if self.kl_init is None:  # the first step runs every row with delta = 0: the original
+            self.kl_init = kl_logp.new_zeros((n, kl_logp.shape[-1]))
+        if self.last is None:
+            self.kl_init[kl_owner] = kl_logp.detach()
+        init = self.kl_init[kl_owner]
         kl_rows = (kl_logp.exp() * (kl_logp - init)).sum(-1)  # KL(edited || original), [R_kl]
-        return part_nll, zeros.index_add(0, owner[kl_local], kl_rows.to(delta.dtype))
+        return part_nll, zeros.index_add(0, kl_owner, kl_rows.to(delta.dtype))
