@@ -27,6 +27,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,35 @@ def matmul_peak(threads: int, size: int = 2048, repeats: int = 8) -> float:
     return 2 * size**3 / best / 1e9
 
 
+class PeakMemory:
+    """Resident memory of this process sampled every 20 ms: the peak since :meth:`reset`."""
+
+    def __init__(self) -> None:
+        self.peak = self.now()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    @staticmethod
+    def now() -> float:
+        """Resident memory now, GiB."""
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.now())
+            time.sleep(0.02)
+
+    def reset(self) -> float:
+        """The peak so far; the next one starts from now."""
+        peak, self.peak = max(self.peak, self.now()), self.now()
+        return peak
+
+
 def child(args: Any) -> dict[str, Any]:
     """One edit of one batch in this process (imports whatever ``metake`` PYTHONPATH gives)."""
     import torch
 
+    import metake.editor
     from metake import Editor, load_model
     from metake.evaluation.datasets import load_dataset
     from metake.evaluation.evaluate import evaluate_records, mean_metrics
@@ -65,8 +91,9 @@ def child(args: Any) -> dict[str, Any]:
     dataset = load_dataset("zsre", args.data, tokenizer=tok)
     records = dataset.records[args.start : args.start + args.edits]
     method, _, solver = args.method.partition("+")
+    options = {"group_rows": int(args.group_rows)} if args.group_rows else {}
     editor = Editor(model, tok, method, solver=solver or None, model_id=args.model,
-                    progress=False)  # fmt: skip
+                    progress=False, **options, **dict(args.overrides))  # fmt: skip
     editor.load_statistics()
     editor.contexts  # noqa: B018  (context prefixes: once per session, not per batch)
     requests = [r.request for r in records]
@@ -77,9 +104,23 @@ def child(args: Any) -> dict[str, Any]:
             editor.edit(requests)
         editor.restore()
         return {"flops": counter.get_total_flops()}
+    memory = PeakMemory()
+    loaded = memory.reset()
+    peaks = {}
+    planner = metake.editor.compute_targets
+
+    def stage1(*a: Any, **k: Any) -> Any:  # the peak of Stage I alone
+        memory.reset()
+        try:
+            return planner(*a, **k)
+        finally:
+            peaks["stage1"] = max(peaks.get("stage1", 0.0), memory.reset())
+
+    metake.editor.compute_targets = stage1
     start = time.perf_counter()
     report = editor.edit(requests).report
     wall = time.perf_counter() - start
+    peaks["rest"] = memory.reset()
     start = time.perf_counter()
     scores = mean_metrics(evaluate_records(model, tok, records, "zsre"),
                           ("efficacy", "generalization", "specificity"))  # fmt: skip
@@ -93,16 +134,25 @@ def child(args: Any) -> dict[str, Any]:
         "seconds_stage2": report.seconds_stage2,
         "seconds_evaluation": evaluation,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "rss_loaded_gib": loaded,
+        "peak_stage1_gib": peaks["stage1"],
+        "peak_after_stage1_gib": peaks["rest"],
         "stage1_rows_run": getattr(report, "stage1_rows_run", None),
         **scores,
     }
 
 
-def run_child(args: Any, src: Path, method: str, count_flops: bool) -> dict[str, Any]:
+def run_child(
+    args: Any, src: Path, method: str, count_flops: bool, group_rows: int | None
+) -> dict[str, Any]:
     """:func:`child` in a fresh process on the checkout whose sources are ``src``."""
     command = [sys.executable, __file__, "--child", "--method", method, "--model", args.model,
                "--data", args.data, "--start", str(args.start), "--edits", str(args.edits),
                "--device", args.device, "--threads", str(args.threads)]  # fmt: skip
+    for key, value in args.overrides:
+        command += ["--set", f"{key}={json.dumps(value)}"]
+    if group_rows:
+        command += ["--group-rows", str(group_rows)]
     if count_flops:
         command.append("--count-flops")
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": str(args.threads)}
@@ -110,6 +160,27 @@ def run_child(args: Any, src: Path, method: str, count_flops: bool) -> dict[str,
     if done.returncode != 0:
         raise SystemExit(f"{method} on {src}: child failed\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with a JSON value (a plain string otherwise)."""
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def variants(checkouts: dict[str, Path], group_rows: str | None) -> list[tuple[str, Path, Any]]:
+    """(label, sources, group_rows) of every run: the baseline once, this checkout per size."""
+    out = []
+    for label, src in checkouts.items():
+        sizes = (
+            [int(v) for v in group_rows.split(",")] if group_rows and label == "current" else [None]
+        )
+        for size in sizes:
+            out.append((label if size is None else f"{label}, groups of {size}", src, size))
+    return out
 
 
 def baseline_checkout(ref: str) -> tuple[Path, Path]:
@@ -128,6 +199,21 @@ def main() -> int:
     parser.add_argument("--baseline", default=None, help="commit to compare with (a worktree)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--count-flops", action="store_true", help="a second child counts FLOPs")
+    parser.add_argument(
+        "--group-rows",
+        default=None,
+        help="comma-separated group sizes to run this checkout with (Editor's group_rows; "
+        "default: the library's own)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        type=key_value,
+        metavar="KEY=VALUE",
+        help="hyper-parameter for every run, e.g. v_steps=2 for a quick memory check",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -142,11 +228,11 @@ def main() -> int:
     runs: dict[str, dict[str, Any]] = {}
     try:
         for method in args.methods.split(","):
-            for label, src in checkouts.items():
+            for label, src, rows in variants(checkouts, args.group_rows):
                 print(f"{method} ({label}) ...", file=sys.stderr, flush=True)
-                row = run_child(args, src, method, count_flops=False)
+                row = run_child(args, src, method, False, rows)
                 if args.count_flops:
-                    row.update(run_child(args, src, method, count_flops=True))
+                    row.update(run_child(args, src, method, True, rows))
                 runs[f"{method} {label}"] = {"method": method, "checkout": label, **row}
     finally:
         if worktree is not None:
@@ -154,7 +240,8 @@ def main() -> int:
                             str(worktree)], check=False)  # fmt: skip
     result = {"command": command_line(), "model": args.model, "threads": args.threads,
               "records": [args.start, args.start + args.edits], "baseline": args.baseline,
-              "matmul_peak_gflops": peak, "runs": runs}  # fmt: skip
+              "matmul_peak_gflops": peak, "overrides": dict(args.overrides),
+              "runs": runs}  # fmt: skip
     out = Path(args.out)
     write_json(out, result)
     write_table(out, table(result))
@@ -170,11 +257,15 @@ def table(result: dict[str, Any]) -> list[str]:
         f"`{result['command']}`",
         "",
         f"{result['threads']} threads; float32 matmul peak {result['matmul_peak_gflops']:.0f} "
-        f"GFLOP/s; baseline: {result['baseline'] or '(none)'}. Seconds per edit.",
+        f"GFLOP/s; baseline: {result['baseline'] or '(none)'}; settings changed: "
+        f"{result['overrides'] or 'none'}. Seconds per edit.",
         "",
-        "| method | code | Stage I | look-ahead | Stage II | evaluation | total | peak RSS GiB "
-        "| GFLOP/s (% of peak) | Eff. | Gen. | Spe. |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "Memory: the process's resident set (model and statistics included: *loaded*), its "
+        "peak during Stage I and after it (look-ahead, Stage II), GiB.",
+        "",
+        "| method | code | Stage I | look-ahead | Stage II | evaluation | total | loaded | "
+        "peak Stage I | peak after | GFLOP/s (% of peak) | Eff. | Gen. | Spe. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["runs"].values():
         total = row["seconds_stage1"] + row["seconds_lookahead"] + row["seconds_stage2"]
@@ -185,7 +276,8 @@ def table(result: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {row['method']} | {row['checkout']} | {row['seconds_stage1'] / n:.2f} | "
             f"{row['seconds_lookahead'] / n:.2f} | {row['seconds_stage2'] / n:.2f} | "
-            f"{row['seconds_evaluation'] / n:.2f} | {total / n:.2f} | {row['peak_rss_gib']:.2f} | "
+            f"{row['seconds_evaluation'] / n:.2f} | {total / n:.2f} | {row['rss_loaded_gib']:.2f} "
+            f"| {row['peak_stage1_gib']:.2f} | {row['peak_after_stage1_gib']:.2f} | "
             f"{rate} | {row['efficacy']:.2f} | {row['generalization']:.2f} | "
             f"{row['specificity']:.2f} |"
         )
