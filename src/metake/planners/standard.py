@@ -209,7 +209,7 @@ def enter_at_layer(
         group.skip = (lower, trace.outputs[name], name in trace.tuple_outputs)
 
 
-MAX_GROUP_ROWS = 64
+MAX_GROUP_ROWS = 32
 """Rows one forward/backward of a planner holds at most: each group's graph is freed after its
 backward, so a planner's memory grows with this, not with the batch (100 edits x 6 contexts)."""
 
