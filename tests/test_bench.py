@@ -72,7 +72,8 @@ def test_bench_writes_results_and_resume_gives_identical_numbers(tmp_path):
     for method, figures in full["aggregate"].items():
         for metric in ("efficacy", "generalization", "specificity", "seconds_per_edit"):
             assert {"mean", "std"} <= set(figures[metric]), (method, metric)
-    assert set(full["pre_edit"]) >= {"efficacy", "generalization", "specificity", "perplexity"}
+    assert set(full["pre_edit"]) >= {"efficacy", "generalization", "specificity", "perplexity",
+                                     "efficacy_gen", "generalization_gen"}  # fmt: skip
     assert full["versions"]["torch"] == torch.__version__
     run0 = full["runs"]["0"]
     assert len(run0["methods"]["memit"]["per_record"]) == 4
@@ -80,6 +81,8 @@ def test_bench_writes_results_and_resume_gives_identical_numbers(tmp_path):
     assert run0["records"] != full["runs"]["1"]["records"]  # seeds draw different records
     table = (out / "results.md").read_text(encoding="utf-8")
     assert "| memit |" in table and "| unedited |" in table and "±" in table
+    assert "Eff. (generation)" in table and "Gen. (generation)" in table
+    assert all({"efficacy_gen", "perplexity"} <= set(p) for p in run0["methods"]["memit"]["curve"])
     for name, value in _weights(model).items():  # every method restored the model
         assert torch.equal(value, before[name]), name
 

@@ -279,3 +279,22 @@ def test_select_records_ranges_in_file_order_and_exclusions():
     for bad in ("5", "9:3", "a:b", "-1:4", ""):
         with pytest.raises(DatasetError, match="range"):
             parse_ranges(bad)
+
+
+@torch.no_grad()
+def test_generation_metrics_read_the_greedy_continuations():
+    """efficacy_gen / generalization_gen (zsRE) and paraphrase_gen (CounterFact): 1 where the
+    greedy text starts with the target, per prompt, paraphrases averaged."""
+    from metake.probe import greedy_completion
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    own = greedy_completion(model, tok, "Anna lives in", 4).split()[0]  # what the model says
+    record = _record(0, "{} lives in", "Anna", own, "Rome",
+                     ("Anna lives in", "Anna's home is zz"))  # fmt: skip
+    other = greedy_completion(model, tok, "Anna's home is zz", 4).lstrip()
+    zsre = evaluate_records(model, tok, [record], "zsre", generation=True)[0]
+    assert zsre["efficacy_gen"] == 1.0
+    assert zsre["generalization_gen"] == (1.0 + float(other.startswith(own))) / 2
+    cf = evaluate_records(model, tok, [record], "counterfact", generation=True)[0]
+    assert cf["efficacy_gen"] == 1.0 and cf["paraphrase_gen"] == zsre["generalization_gen"]
+    assert "efficacy_gen" not in evaluate_records(model, tok, [record], "zsre")[0]

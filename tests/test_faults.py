@@ -23,16 +23,15 @@ from metake.planners.metake import MetaObjective
 from metake.stats import StatsCache, get_second_moments
 
 
-def _nan_for_request(real, index: int, num_requests: int):
-    """Wrap ``mean_per_row``: its per-request result (``num_requests`` rows, not the per-prompt
-    one) gets NaN at ``index``."""
+def _nan_for_request(index: int):
+    """Patch for Stage I's per-request terms: request ``index``'s NLL becomes NaN."""
+    real = standard._Stage1Terms.__call__
 
-    def wrapped(values, rows, count, *args, **kwargs):
-        out = real(values, rows, count, *args, **kwargs)
-        if count == num_requests:
-            out = out.clone()
-            out[index] = float("nan")
-        return out
+    def wrapped(self, delta, backward):
+        nll, kl = real(self, delta, backward)
+        nll = nll.clone()
+        nll[index] = float("nan")
+        return nll, kl
 
     return wrapped
 
@@ -43,7 +42,7 @@ def test_a_nan_in_stage1_names_the_request_and_changes_nothing(method, tmp_path,
     editor = _editor(model, tmp_path, method=method)
     editor.edit(REQUESTS[:1])  # a committed first batch must survive the failing second
     committed = _state(model)
-    monkeypatch.setattr(standard, "mean_per_row", _nan_for_request(standard.mean_per_row, 0, 1))
+    monkeypatch.setattr(standard._Stage1Terms, "__call__", _nan_for_request(0))
     with pytest.raises(NonFiniteError, match=r"Stage I.*Carl Dunn.*rolled back"):
         editor.edit(REQUESTS[1:])
     _assert_same_state(model, committed)
@@ -54,7 +53,7 @@ def test_a_nan_in_the_second_request_of_a_batch_is_named_alone(tmp_path, monkeyp
     model = tiny_model("llama")
     editor = _editor(model, tmp_path)
     original = _state(model)
-    monkeypatch.setattr(standard, "mean_per_row", _nan_for_request(standard.mean_per_row, 1, 2))
+    monkeypatch.setattr(standard._Stage1Terms, "__call__", _nan_for_request(1))
     with pytest.raises(NonFiniteError) as raised:
         editor.edit(REQUESTS)
     assert "#1 'Carl Dunn'" in str(raised.value) and "Anna Berg" not in str(raised.value)
@@ -69,7 +68,7 @@ def test_an_exception_in_stage1_changes_nothing(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure in Stage I")
 
-    monkeypatch.setattr(standard, "_grouped_forward", broken)
+    monkeypatch.setattr(standard._Stage1Terms, "__call__", broken)
     with pytest.raises(RuntimeError, match="simulated"):
         editor.edit(REQUESTS)
     _assert_same_state(model, original)
@@ -81,15 +80,15 @@ def test_a_fault_in_the_lookahead_changes_nothing(failure, tmp_path, monkeypatch
     model = tiny_model("llama")
     editor = _editor(model, tmp_path, method="metake", solver="alphaedit", metake_steps=2)
     original = _state(model)
-    real_call = MetaObjective.__call__
+    real_evaluate = MetaObjective.evaluate
 
     def faulty(self, *args, **kwargs):
-        loss, nll, terms = real_call(self, *args, **kwargs)
+        loss, nll, terms = real_evaluate(self, *args, **kwargs)
         if failure == "exception":
             raise RuntimeError("simulated failure in the look-ahead")
         return loss * float("nan"), nll, terms
 
-    monkeypatch.setattr(MetaObjective, "__call__", faulty)
+    monkeypatch.setattr(MetaObjective, "evaluate", faulty)
     kind, message = (NonFiniteError, "MetaKE look-ahead")
     if failure == "exception":
         kind, message = RuntimeError, "simulated"

@@ -8,7 +8,13 @@ from tiny_models import tiny_model, tiny_tokenizer
 
 from metake.models.adapters import get_adapter
 from metake.requests import EditRequest
-from metake.solvers.memit import apply_memit, keys_and_values, memit_delta, subject_activations
+from metake.solvers.memit import (
+    apply_memit,
+    keys_and_values,
+    lower_layers,
+    memit_delta,
+    subject_activations,
+)
 
 
 def _random_problem(n=5, d_in=12, d_out=8, seed=0):
@@ -142,3 +148,24 @@ def test_keys_average_each_context_type_first_as_memit_compute_ks(family):
     assert (acts.keys[1] - plain_mean).abs().max() > 1e-3
     rome = subject_activations(model, tok, REQUESTS, ["", *prefixed], [1], 1, key_average="plain")
     torch.testing.assert_close(rome.keys[1], plain_mean, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma3_text", "gpt_neox"])
+def test_replaying_the_layers_below_gives_the_same_activations(model_type):
+    """Keys, values and projections read after skipping the layers below (their output cached
+    once) equal a full forward, also after an edit of the layers above."""
+    model, tok = tiny_model(model_type), tiny_tokenizer()
+    contexts = ["", "Some words here. "]
+    lower = lower_layers(model, tok, REQUESTS, contexts, 1)
+    adapter = get_adapter(model)
+    with torch.no_grad():
+        weight = adapter.weight(model, 2)
+        adapter.set_weight(model, 2, weight + 0.01 * torch.randn_like(weight))
+    full = subject_activations(model, tok, REQUESTS, contexts, [1, 2], 2)
+    fast = subject_activations(model, tok, REQUESTS, contexts, [1, 2], 2, lower=lower)
+    for layer in (1, 2):
+        torch.testing.assert_close(fast.keys[layer], full.keys[layer], rtol=0, atol=0)
+        torch.testing.assert_close(fast.projections[layer], full.projections[layer], rtol=0, atol=0)
+    torch.testing.assert_close(fast.values, full.values, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="below the cached layer"):
+        subject_activations(model, tok, REQUESTS, contexts, [0], 2, lower=lower)

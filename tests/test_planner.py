@@ -83,6 +83,47 @@ def test_length_groups_give_the_same_targets(max_groups):
     torch.testing.assert_close(many.v_target, one.v_target, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("max_rows", [1, 2, 5])
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_row_pieces_with_their_own_backward_give_the_same_targets(max_rows, prefix_cache):
+    """Cutting the batch into pieces whose graphs are freed after each backward (the memory
+    bound) accumulates the gradient of the whole batch: the targets of one joint group."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    hp = MemitHparams(layers=(1,), v_steps=6, v_lr=0.5)
+    joint = compute_targets(model, tok, REQUESTS, hp, CONTEXTS, prefix_cache=prefix_cache,
+                            max_groups=1, max_rows=100)  # fmt: skip
+    pieces = compute_targets(model, tok, REQUESTS, hp, CONTEXTS, prefix_cache=prefix_cache,
+                             max_rows=max_rows)  # fmt: skip
+    assert not torch.equal(joint.v_target, joint.v_init)  # the targets moved
+    torch.testing.assert_close(pieces.v_target, joint.v_target, rtol=1e-5, atol=1e-6)
+    assert [h["active"] for h in pieces.history] == [h["active"] for h in joint.history]
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False])
+def test_leaving_out_finished_requests_gives_the_same_targets_for_less_work(prefix_cache):
+    """Requests that met the early stop drop out of later steps: same targets, history and
+    final NLL as running every row to the end, fewer rows run."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    requests = REQUESTS + parse_requests([{"prompt": "{} works at", "subject": "Ola Nord",
+                                           "target_new": "the mill"}])  # fmt: skip
+    first = MemitHparams(layers=(1,), v_steps=1)  # each request's loss before any step
+    start = sorted(compute_targets(model, tok, requests, first, CONTEXTS).final_nll)
+    # a threshold that two requests meet at once and the others not (yet)
+    hp = MemitHparams(layers=(1,), v_steps=12, v_lr=0.5, v_loss_threshold=sum(start[1:3]) / 2)
+    every = compute_targets(model, tok, requests, hp, CONTEXTS, prefix_cache=prefix_cache,
+                            drop_finished=False, max_rows=2)  # fmt: skip
+    dropped = compute_targets(model, tok, requests, hp, CONTEXTS, prefix_cache=prefix_cache,
+                              drop_finished=True, max_rows=2)  # fmt: skip
+    actives = [h["active"] for h in every.history]
+    assert actives[0] > actives[-1] > 0  # some requests finished early
+    torch.testing.assert_close(dropped.v_target, every.v_target, rtol=1e-5, atol=1e-6)
+    assert [h["active"] for h in dropped.history] == actives
+    for a, b in zip(dropped.history, every.history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert dropped.final_nll == pytest.approx(every.final_nll, rel=1e-5)
+    assert dropped.rows_run < every.rows_run
+
+
 def test_length_groups_cover_every_row_once_with_least_padding():
     lengths = [5, 3, 9, 9, 2, 14, 3]
     groups = length_groups(lengths, 3)

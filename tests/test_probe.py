@@ -6,7 +6,13 @@ import pytest
 import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
-from metake.probe import answer_margins, token_accuracy
+from metake.probe import (
+    answer_margins,
+    generation_success,
+    greedy_completion,
+    greedy_continuations,
+    token_accuracy,
+)
 from metake.requests import EditRequest
 from metake.tokens import encode_request
 
@@ -57,3 +63,27 @@ def _greedy_fact(model, tok, fact: EditRequest) -> EditRequest:
             ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
     answer = "".join(tok.convert_ids_to_tokens(ids[-3:]))
     return EditRequest(fact.prompt, fact.subject, answer)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3_text"])
+def test_batched_greedy_continuations_equal_one_prompt_at_a_time(model_type):
+    """Left padding changes nothing: each batched continuation is the prompt's own greedy one."""
+    model, tok = tiny_model(model_type), tiny_tokenizer()
+    prompts = ["Anna Berg lives in", "Eva is", "The home town of Karl is a place", "x"]
+    budgets = [3, 5, 2, 4]
+    got = greedy_continuations(model, tok, prompts, budgets, batch_size=3)
+    for prompt, budget, text in zip(prompts, budgets, got, strict=True):
+        assert text == greedy_completion(model, tok, prompt, budget)
+
+
+def test_generation_success_reads_the_greedy_text():
+    """True when the continuation starts with the whole answer, False for a longer answer, and
+    for an answer that only teacher forcing would credit in part."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    prompt = "Anna Berg lives in"
+    text = greedy_completion(model, tok, prompt, 6)
+    words = text.split()
+    assert words, "the tiny model continued with nothing"
+    first = words[0]
+    pairs = [(prompt, first), (prompt, " " + first + " "), (prompt, first + "zzq"), (prompt, "zzq")]
+    assert generation_success(model, tok, pairs, batch_size=2) == [True, True, False, False]

@@ -598,6 +598,13 @@ def _add_bench_parser(sub) -> None:
         "final scores cover all; default 200), so that long runs stay linear",
     )
     bench.add_argument(
+        "--no-generation",
+        action="store_true",
+        help="skip the generation-based success rates (the greedy continuation of the edit "
+        "prompt and of each paraphrase starts with the whole target), reported by default beside "
+        "the teacher-forced scores, which flatter editing methods",
+    )
+    bench.add_argument(
         "--fluency-records",
         type=int,
         default=10,
@@ -668,6 +675,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             zsre_target=args.zsre_target,
             curve=not args.no_curve,
             curve_records=args.curve_records,
+            generation=not args.no_generation,
             fluency_records=args.fluency_records,
             drift_texts=args.drift_texts,
             overrides=_bench_overrides(args),

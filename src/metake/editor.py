@@ -38,7 +38,12 @@ from metake.methods import (
 from metake.models.adapters import get_adapter
 from metake.planners.hypergradient import Channel, ProxyChannel, SpreadChannel
 from metake.planners.metake import LOCALITY_PROMPTS, RefinedPlan, lookahead_targets
-from metake.planners.standard import TargetPlan, compute_targets, context_templates
+from metake.planners.standard import (
+    MAX_GROUP_ROWS,
+    TargetPlan,
+    compute_targets,
+    context_templates,
+)
 from metake.requests import EditRequest, parse_requests
 from metake.solvers.alphaedit import NullSpace
 from metake.solvers.memit import LayerSolve, apply_spread, layer_residuals, subject_activations
@@ -83,6 +88,7 @@ class EditReport:
     statistics_tokens: dict[int, int] = field(default_factory=dict)  # corpus tokens behind C0
     null_space_rank: dict[int, int] = field(default_factory=dict)  # AlphaEdit's P, per layer
     hparams: dict[str, Any] = field(default_factory=dict)
+    stage1_rows_run: int = 0  # prompt rows Stage I ran over all its steps (the work it did)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
@@ -118,7 +124,9 @@ class Editor:
     then executes them; ``"metake_exact"`` differentiates that look-ahead exactly through the
     whole multi-layer solver instead of the last-layer proxy. ``locality_prompts`` replaces
     MetaKE's generic locality prompts; ``contexts`` gives the context prefixes (``""`` first)
-    instead of generating them from the model.
+    instead of generating them from the model. ``group_rows`` bounds the prompt rows that the
+    planners run (and back-propagate) together: their memory grows with it, not with the batch;
+    results equal up to float rounding, so a GPU with memory to spare may raise it for speed.
     Hyper-parameters come from the model's preset (or the fallback), then ``hparams`` (a full
     :class:`MemitHparams`) or keyword ``overrides`` such as ``layers=[4, 5]``, ``v_lr=0.5``.
     Statistics (C0 per edit layer) are computed once over ``corpus`` (default: the built-in
@@ -143,9 +151,13 @@ class Editor:
         progress: bool = True,
         locality_prompts: Iterable[str] | None = None,
         contexts: Iterable[str] | None = None,
+        group_rows: int = MAX_GROUP_ROWS,
         **overrides: Any,
     ) -> None:
         self.method, self.solver = resolve_method(method, solver)
+        if not isinstance(group_rows, int) or group_rows < 1:
+            raise ValueError(f"group_rows must be a positive whole number, got {group_rows!r}")
+        self.group_rows = group_rows  # prompt rows per forward/backward of the planners
         if self.method == "metake_exact":
             if overrides.get("metake_hypergradient", "exact") != "exact":
                 raise MetakeError("method metake_exact differentiates exactly; drop "
@@ -277,6 +289,7 @@ class Editor:
             seconds_stage1=stage1_seconds,
             seconds_stage2=end - start - stage1_seconds,
             stage1_steps=sum(plan.steps_run for plan in plans),
+            stage1_rows_run=sum(plan.rows_run for plan in plans),
             stage1_history=[h for plan in plans for h in plan.history],
             stage1_target_prob=[math.exp(-nll) for plan in plans for nll in plan.final_nll],
             seconds_lookahead=lookahead_seconds,
@@ -387,13 +400,15 @@ class Editor:
         """
         start = time.perf_counter()
         hp = self.hparams if layer is None else self.hparams.with_overrides(layers=[layer])
-        plan = compute_targets(self.model, self.tokenizer, requests, hp, contexts)
+        plan = compute_targets(self.model, self.tokenizer, requests, hp, contexts,
+                               max_rows=self.group_rows)  # fmt: skip
         if self.method not in PLANNER_METHODS:
             return plan, None, (time.perf_counter() - start, 0.0)
         middle = time.perf_counter()
         channel = self.channel(requests, contexts, plan, hp.layers)
         refined = lookahead_targets(self.model, self.tokenizer, requests, plan, channel,
-                                    self.hparams, contexts, self.locality_prompts)  # fmt: skip
+                                    self.hparams, contexts, self.locality_prompts,
+                                    max_rows=self.group_rows)  # fmt: skip
         end = time.perf_counter()
         return plan, refined, (end - start, end - middle)
 

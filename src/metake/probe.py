@@ -27,6 +27,54 @@ def greedy_completion(
 
 
 @torch.no_grad()
+def greedy_continuations(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: Sequence[int],
+    batch_size: int = 32,
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (prompt ``i`` for ``max_new_tokens[i]`` tokens), in
+    left-padded batches; each equals :func:`greedy_completion` of its prompt alone."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    out: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: (max_new_tokens[i], len(encoded[i])))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in rows)
+        ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in rows])
+        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in rows])
+        generated = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max(max_new_tokens[i] for i in rows),
+            do_sample=False,
+            pad_token_id=pad,
+        )[:, width:]
+        for row, i in zip(generated, rows, strict=True):
+            text = tokenizer.decode(row[: max_new_tokens[i]], skip_special_tokens=True)
+            out[i] = text
+    return out
+
+
+def generation_success(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int = 32,
+) -> list[bool]:
+    """Per ``(prompt, answer)``: does the greedy continuation of the prompt start with the whole
+    answer (leading whitespace ignored, case kept)? Generation is allowed two tokens more than the
+    answer's own tokenisation, so that another segmentation of the same text still counts."""
+    budgets = [len(tokenizer(" " + a.strip(), add_special_tokens=False)["input_ids"]) + 2
+               for _, a in pairs]  # fmt: skip
+    texts = greedy_continuations(model, tokenizer, [p for p, _ in pairs], budgets, batch_size)
+    return [t.lstrip().startswith(a.strip()) for t, (_, a) in zip(texts, pairs, strict=True)]
+
+
+@torch.no_grad()
 def target_probability(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, request: EditRequest, target: str = ""
 ) -> float:

@@ -86,6 +86,7 @@ class BenchConfig:
     zsre_target: str = "answers"
     curve: bool = True  # score the records edited so far after every batch
     curve_records: int = 200  # at most this many of them per batch (a fixed sample): linear runs
+    generation: bool = True  # also score by greedy generation (efficacy_gen, ...)
     fluency_records: int = 10  # records whose prompts are continued for the fluency score
     drift_texts: int = 32  # held-out Wikipedia intros for the perplexity drift
     overrides: dict[str, Any] = field(default_factory=dict)  # hyper-parameters, all methods
@@ -264,7 +265,8 @@ class BenchRun:
 
     def _model_scores(self, records: Sequence[EvalRecord]) -> dict[str, Any]:
         """Per-record metrics and model-level figures of the model as it is now."""
-        per_record = evaluate_records(self.model, self.tokenizer, records, self.config.dataset)
+        per_record = evaluate_records(self.model, self.tokenizer, records, self.config.dataset,
+                                      generation=self.config.generation)  # fmt: skip
         scores: dict[str, Any] = {"per_record": per_record}
         if self.drift_texts:
             scores["perplexity"] = text_perplexity(self.model, self.tokenizer, self.drift_texts)
@@ -347,11 +349,15 @@ class BenchRun:
                 if self.config.curve:
                     edited = start + len(chunk)
                     sample = curve_sample(records, edited, self.config.curve_records, seed)
-                    scores = evaluate_records(
-                        self.model, self.tokenizer, sample, self.config.dataset
-                    )
-                    curve.append({"edits": edited, "scored": len(sample),
-                                  **mean_metrics(scores, names)})  # fmt: skip
+                    scores = evaluate_records(self.model, self.tokenizer, sample,
+                                              self.config.dataset,
+                                              generation=self.config.generation)  # fmt: skip
+                    point = {"edits": edited, "scored": len(sample), **mean_metrics(scores, names)}
+                    if self.drift_texts:  # general ability as the edits accumulate
+                        point["perplexity"] = text_perplexity(
+                            self.model, self.tokenizer, self.drift_texts
+                        )
+                    curve.append(point)
                 state = {"editor": editor.state_dict(), "batches": batches, "curve": curve}
                 save_checkpoint(state_path, state)
                 bar.update(1)

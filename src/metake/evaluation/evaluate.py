@@ -5,7 +5,10 @@ forwards and returns one dict of metrics per record (values in [0, 1]; ``None`` 
 has no prompt of that kind). Metric names: zsRE (and the user's own requests) ``efficacy``,
 ``efficacy_exact`` (all answer tokens right), ``generalization``, ``specificity``; CounterFact
 ``efficacy_score``, ``efficacy_magnitude``, ``paraphrase_score``, ``paraphrase_magnitude``,
-``neighborhood_score``, ``neighborhood_magnitude``.
+``neighborhood_score``, ``neighborhood_magnitude``. With ``generation=True`` also the
+generation-based success rates (the greedy continuation starts with the whole target; teacher
+forcing flatters editing methods): ``efficacy_gen`` and ``generalization_gen`` (zsRE) or
+``paraphrase_gen`` (CounterFact).
 """
 
 from __future__ import annotations
@@ -25,13 +28,19 @@ from metake.evaluation.metrics import (
     ngram_entropy,
     score_pairs,
 )
-from metake.probe import greedy_completion
+from metake.probe import generation_success, greedy_completion
 
-ZSRE_METRICS = ("efficacy", "generalization", "specificity", "efficacy_exact")
+ZSRE_METRICS = ("efficacy", "generalization", "specificity", "efficacy_exact",
+                "efficacy_gen", "generalization_gen")  # fmt: skip
 COUNTERFACT_METRICS = (
     "efficacy_score", "paraphrase_score", "neighborhood_score",
     "efficacy_magnitude", "paraphrase_magnitude", "neighborhood_magnitude",
+    "efficacy_gen", "paraphrase_gen",
 )  # fmt: skip
+GENERATION_METRICS = {"zsre": ("efficacy_gen", "generalization_gen"),
+                      "requests": ("efficacy_gen", "generalization_gen"),
+                      "counterfact": ("efficacy_gen", "paraphrase_gen")}  # fmt: skip
+"""The generation-based success rates beside the teacher-forced Eff. and Gen./Paraphrase."""
 MAIN_METRICS = {"zsre": ZSRE_METRICS[:3], "requests": ZSRE_METRICS[:3],
                 "counterfact": COUNTERFACT_METRICS[:3]}  # fmt: skip
 """The three columns of the paper's Table 1 for each dataset kind."""
@@ -108,6 +117,7 @@ def evaluate_records(
     records: Sequence[EvalRecord],
     kind: str,
     batch_size: int = 32,
+    generation: bool = False,
 ) -> list[dict[str, Any]]:
     """One metrics dict per record (see the module docstring), plus its ``index``."""
     pairs = sorted({pair for record in records for pair in _pairs_of(record, kind)})
@@ -122,7 +132,32 @@ def evaluate_records(
             record, score
         )
         out.append({"index": record.index, **metrics})
+    if generation:
+        for row, gen in zip(out, _generation_metrics(model, tokenizer, records, kind, batch_size),
+                            strict=True):  # fmt: skip
+            row.update(gen)
     return out
+
+
+def _generation_metrics(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[EvalRecord],
+    kind: str,
+    batch_size: int,
+) -> list[dict[str, float | None]]:
+    """Per record: the edit prompt's and the mean paraphrase's generation success (0/1 each)."""
+    pairs = sorted({(p, r.request.target_new) for r in records
+                    for p in (r.request.filled_prompt, *r.paraphrases)})  # fmt: skip
+    hits = dict(zip(pairs, generation_success(model, tokenizer, pairs, batch_size), strict=True))
+    edit_name, paraphrase_name = GENERATION_METRICS[kind]
+    return [
+        {
+            edit_name: float(hits[(r.request.filled_prompt, r.request.target_new)]),
+            paraphrase_name: _mean([float(hits[(p, r.request.target_new)]) for p in r.paraphrases]),
+        }
+        for r in records
+    ]
 
 
 def mean_metrics(per_record: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, float]:

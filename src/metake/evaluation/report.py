@@ -14,11 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from metake.evaluation.datasets import EvalDataset
-from metake.evaluation.evaluate import MAIN_METRICS, mean_metrics, metric_names
+from metake.evaluation.evaluate import (
+    GENERATION_METRICS,
+    MAIN_METRICS,
+    mean_metrics,
+    metric_names,
+)
 
 LABELS = {
     "efficacy": "Eff.", "generalization": "Gen.", "specificity": "Spe.",
-    "efficacy_exact": "Eff. (whole answer)",
+    "efficacy_exact": "Eff. (whole answer)", "efficacy_gen": "Eff. (generation)",
+    "generalization_gen": "Gen. (generation)", "paraphrase_gen": "Para. (generation)",
     "efficacy_score": "Efficacy Score", "paraphrase_score": "Paraphrase Score",
     "neighborhood_score": "Neighborhood Score", "efficacy_magnitude": "Eff. magnitude",
     "paraphrase_magnitude": "Para. magnitude", "neighborhood_magnitude": "Neigh. magnitude",
@@ -70,8 +76,10 @@ def _cell(stat: Mapping[str, float] | None, digits: int = 2) -> str:
 def markdown_table(agg: Mapping[str, Any], kind: str) -> str:
     """Method rows (unedited model first), the Table 1 columns, then the other figures."""
     columns = [*MAIN_METRICS[kind], "fluency", "perplexity", "seconds_per_edit"]
-    if kind != "counterfact":
-        columns.insert(3, "efficacy_exact")
+    extra = [] if kind == "counterfact" else ["efficacy_exact"]
+    rows_have = [agg["pre_edit"], *agg["methods"].values()]
+    extra += [n for n in GENERATION_METRICS[kind] if any(n in figures for figures in rows_have)]
+    columns[3:3] = extra
     head = "| Method | " + " | ".join(LABELS[c] for c in columns) + " |"
     lines = [head, "|---|" + "---:|" * len(columns)]
     rows = [("unedited", agg["pre_edit"])] + list(agg["methods"].items())
@@ -150,12 +158,16 @@ def write_plots(
     import matplotlib.pyplot as plt
 
     names = [n for n in MAIN_METRICS[kind] if n in agg["pre_edit"]]  # those the data has
+    names += [n for n in GENERATION_METRICS[kind] if n in agg["pre_edit"]]
     paths = []
     methods = list(agg["methods"])
     runs = list(seeds.values())
+    points = [p for run in runs for m in methods for p in run["methods"][m]["curve"]]
     if all(run["methods"][m]["curve"] for run in runs for m in methods):
-        fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
-        for ax, name in zip(axes[0], names, strict=True):
+        wanted = [*names, "perplexity"]
+        plotted = [n for n in wanted if all(n in p for p in points)]  # older parts lack some
+        fig, axes = plt.subplots(1, len(plotted), figsize=(4.2 * len(plotted), 3.4), squeeze=False)
+        for ax, name in zip(axes[0], plotted, strict=True):
             for method in methods:
                 curves = [run["methods"][method]["curve"] for run in runs]
                 xs = [p["edits"] for p in curves[0]]
@@ -166,7 +178,8 @@ def write_plots(
                 ax.axhline(pre["mean"], color="grey", linestyle="--", label="unedited")
             ax.set_xlabel("edits so far")
             ax.set_title(LABELS[name])
-            ax.set_ylim(0, 100)
+            if name != "perplexity":  # a percentage; perplexity keeps its own scale
+                ax.set_ylim(0, 100)
         axes[0][0].set_ylabel("% (records edited so far)")
         axes[0][-1].legend(fontsize=8)
         fig.tight_layout()

@@ -29,7 +29,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from metake.models.adapters import get_adapter
 from metake.requests import EditRequest
-from metake.solvers.memit import layer_residuals, subject_activations
+from metake.solvers.memit import layer_residuals, lower_layers, subject_activations
 from metake.trace import add_delta, add_low_rank
 
 GateFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -68,10 +68,12 @@ def spread_deltas(
     """
     deltas: dict[int, torch.Tensor] = {}
     last = layers[-1]
+    lower = lower_layers(model, tokenizer, requests, contexts, min(layers))  # not edited
     for i, layer in enumerate(layers):
         with virtual_deltas(model, deltas):
             acts = subject_activations(model, tokenizer, requests, contexts, [layer], last,
-                                       track_grad=True, key_average=key_average)  # fmt: skip
+                                       track_grad=True, key_average=key_average,
+                                       lower=lower)  # fmt: skip
         resid = layer_residuals(model, acts, layer, targets, len(layers) - i)  # [n, d]
         deltas[layer] = resid.double().T @ gate(layer, acts.keys[layer], acts.bare_keys[layer])
     return deltas

@@ -45,6 +45,7 @@ from metake.hparams import MemitHparams
 from metake.models.adapters import ArchAdapter, get_adapter
 from metake.planners.hypergradient import Channel, ProxyChannel
 from metake.planners.standard import (
+    MAX_GROUP_ROWS,
     PlannerBatch,
     RowGroup,
     TargetPlan,
@@ -200,6 +201,7 @@ class MetaObjective:
         locality_prompts: Sequence[str] = LOCALITY_PROMPTS,
         max_groups: int = 4,
         entry_layer: int | None = None,
+        max_rows: int = MAX_GROUP_ROWS,
     ) -> None:
         self.model = model
         self.hparams = hparams
@@ -210,7 +212,8 @@ class MetaObjective:
         batch = planner.batch.to(device)
         self.locality = locality.to(device)
         self.num_rows = batch.input_ids.shape[0]
-        self.groups = row_groups(model, batch, tokenizer.pad_token_id, False, max_groups)
+        self.groups = row_groups(model, batch, tokenizer.pad_token_id, False, max_groups,
+                                 max_rows)  # fmt: skip
         if entry_layer is not None:
             enter_at_layer(model, self.adapter, self.groups, entry_layer)
         self.where = _GroupedLocality.build(self.groups, self.locality, self.num_rows)
@@ -239,6 +242,62 @@ class MetaObjective:
     def regulariser(self, v_star: torch.Tensor) -> torch.Tensor:
         """``||v* - v_plan||^2``, averaged over requests (unweighted)."""
         return ((v_star - self.v_plan.to(v_star.dtype)) ** 2).sum(-1).mean()
+
+    def evaluate(
+        self,
+        v_star: torch.Tensor,
+        channel: Callable[[torch.Tensor], AbstractContextManager],
+        backward: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Meta-loss of ``v_star`` (``[n, d]``, a leaf) under ``channel``, one row group's graph
+        at a time: with ``backward`` each group's share is back-propagated at once (its graph then
+        freed; the channel's, shared by all groups, is kept until the last), accumulating the
+        whole loss's gradient into ``v_star.grad``. Returns (loss, NLL ``[n]``, terms), detached.
+
+        The edit NLL and the locality KL are means over rows and positions, so the groups'
+        shares add up to the loss of :meth:`__call__`; memory grows with the group size, not
+        with the batch.
+        """
+        hp = self.hparams
+        n, locality = self.num_requests, self.locality
+        rows_of_request = torch.bincount(self.request_of_row, minlength=n)  # [n]
+        positions_of_prompt = torch.bincount(locality.prompt_of_position,
+                                             minlength=locality.num_prompts)  # fmt: skip
+        nll = torch.zeros(n, dtype=v_star.dtype, device=v_star.device)
+        kl = torch.zeros((), dtype=v_star.dtype, device=v_star.device)
+        with torch.set_grad_enabled(backward), channel(v_star):
+            for number, group in enumerate(self.groups):
+                hidden = group.forward()
+                logp = target_log_probs(self.model, self.adapter, hidden, group.batch)
+                row_nll = -mean_per_row(logp, group.batch.target_rows, len(group.rows))  # [R_g]
+                rewrite = group.rows < self.rewrite_rows
+                owner = self.request_of_row[group.rows[rewrite]]
+                part_nll = torch.zeros_like(nll).index_add(
+                    0, owner, (row_nll[rewrite] / rows_of_request[owner]).to(nll.dtype)
+                )
+                at = self.where.local_rows[number], self.where.positions[number]
+                edited = torch.log_softmax(
+                    at_least_float32(self.adapter.logits(self.model, hidden[at])), dim=-1
+                )  # [P_g, V]
+                entries = self.where.entries[number]
+                original = self.original[entries]
+                kl_pos = (original.exp() * (original - edited)).sum(-1)  # [P_g]
+                prompts = locality.prompt_of_position[entries]
+                part_kl = (kl_pos / positions_of_prompt[prompts]).sum() / locality.num_prompts
+                share = hp.metake_edit_weight * part_nll.sum() / n
+                share = share + hp.metake_locality_weight * part_kl.to(share.dtype)
+                if backward and share.requires_grad:
+                    share.backward(retain_graph=True)
+                nll += part_nll.detach()
+                kl += part_kl.detach().to(kl.dtype)
+            reg = self.regulariser(v_star)
+            if backward:
+                (hp.metake_reg_weight * reg).backward()
+        task = hp.metake_edit_weight * nll.mean() + hp.metake_locality_weight * kl
+        loss = task + hp.metake_reg_weight * reg.detach()
+        terms = {"edit_nll": nll.mean().item(), "locality_kl": kl.item(), "reg": reg.item(),
+                 "loss": loss.item()}  # fmt: skip
+        return loss, nll, terms
 
     def __call__(
         self, v_star: torch.Tensor, channel: Callable[[torch.Tensor], AbstractContextManager]
@@ -269,6 +328,7 @@ def lookahead_targets(
     max_groups: int = 4,
     skip_lower: bool = True,
     observer: StepObserver | None = None,
+    max_rows: int = MAX_GROUP_ROWS,
 ) -> RefinedPlan:
     """Refine ``plan.v_target`` (``[n, d]``) through the solver: its gate or a channel.
 
@@ -290,7 +350,7 @@ def lookahead_targets(
     v_plan = plan.v_target.to(device=device, dtype=work_dtype)
     objective = MetaObjective(model, tokenizer, requests, v_plan, hparams, contexts,
                               locality_prompts, max_groups,
-                              gate.entry_layer if skip_lower else None)  # fmt: skip
+                              gate.entry_layer if skip_lower else None, max_rows)  # fmt: skip
     v_star = v_plan.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([v_star], lr=hparams.metake_lr)
     history: list[dict[str, float]] = []
@@ -298,16 +358,16 @@ def lookahead_targets(
     for step in range(hparams.metake_steps + 1):
         if observer is not None:
             observer(step, v_star.detach())
-        loss, nll, terms = objective(v_star, gate)
+        last_step = step == hparams.metake_steps
+        optimizer.zero_grad()
+        loss, nll, terms = objective.evaluate(v_star, gate, backward=not last_step)
         require_finite(nll, "MetaKE look-ahead (meta-loss)", layer=plan.layer,
                        requests=requests, per_request=True)  # fmt: skip
         require_finite(loss, "MetaKE look-ahead (meta-loss)", layer=plan.layer, requests=requests)
         history.append({"step": step, **terms})
         log.debug("metake look-ahead step %d: %s", step, history[-1])
-        if step == hparams.metake_steps:
+        if last_step:
             break
-        optimizer.zero_grad()
-        loss.backward()
         optimizer.step()
     require_finite(v_star, "MetaKE look-ahead (targets)", layer=plan.layer, requests=requests,
                    per_request=True)  # fmt: skip

@@ -118,6 +118,7 @@ class TargetPlan:
     steps_run: int
     history: list[dict[str, float]] = field(default_factory=list)
     final_nll: list[float] = field(default_factory=list)  # per request, with the target in place
+    rows_run: int = 0  # prompt rows run over all steps (the work done)
 
 
 @dataclass
@@ -208,14 +209,21 @@ def enter_at_layer(
         group.skip = (lower, trace.outputs[name], name in trace.tuple_outputs)
 
 
+MAX_GROUP_ROWS = 32
+"""Rows one forward/backward of a planner holds at most: each group's graph is freed after its
+backward, so a planner's memory grows with this, not with the batch (100 edits x 6 contexts)."""
+
+
 def row_groups(
     model: nn.Module,
     full: PromptBatch,
     pad_id: int,
     prefix_cache: bool,
     max_groups: int,
+    max_rows: int = MAX_GROUP_ROWS,
 ) -> list[RowGroup]:
-    """Split ``full`` into groups of similar length, each with its runner.
+    """Split ``full`` into groups of similar length (each of at most ``max_rows`` rows), each
+    with its runner.
 
     With ``prefix_cache`` the tokens before each subject's last token run once per group
     (:class:`~metake.planners.prefix.PrefixCachedBatch`) and rows are grouped by the length of
@@ -226,7 +234,12 @@ def row_groups(
     if use_prefix:
         lengths = lengths - full.subject_last
     groups = []
-    for members in length_groups(lengths.tolist(), max_groups):
+    pieces = [
+        members[start : start + max_rows]
+        for members in length_groups(lengths.tolist(), max_groups)
+        for start in range(0, len(members), max_rows)
+    ]
+    for members in pieces:
         rows = torch.tensor(members, dtype=torch.long, device=full.input_ids.device)
         sub = full.select(rows)
         if use_prefix:
@@ -246,26 +259,40 @@ def compute_targets(
     prefix_cache: bool = True,
     max_groups: int = 4,
     skip_lower: bool = True,
+    max_rows: int = MAX_GROUP_ROWS,
+    drop_finished: bool = True,
 ) -> TargetPlan:
     """Stage I for a batch: the target value ``v*`` (``[n, d]``) at the last edit layer.
 
     With ``prefix_cache`` (default) the tokens before each subject's last token run once
     (:class:`~metake.planners.prefix.PrefixCachedBatch`); ``False`` runs whole prompts at every
     step (the same result up to float rounding, slower). Prompts run in up to ``max_groups``
-    groups of similar length so that little compute goes to padding.
+    groups of similar length so that little compute goes to padding, each cut into pieces of at
+    most ``max_rows`` rows whose graphs live one at a time (peak memory; results equal up to
+    float rounding). With ``drop_finished`` the prompts of requests that met the early stop are
+    left out of later steps (their delta, NLL and KL no longer change: the same result, less
+    work); ``TargetPlan.rows_run`` counts the prompt rows run over all steps.
     """
     adapter = get_adapter(model)
     layer = hparams.layers[-1]
     device = next(model.parameters()).device
     pb = build_planner_batch(tokenizer, requests, contexts, hparams.kl_prompt)
     full = pb.batch.to(device)
-    groups = row_groups(model, full, tokenizer.pad_token_id, prefix_cache, max_groups)
-    if skip_lower:
-        enter_at_layer(model, adapter, groups, layer)
+
+    def groups_of(rows: torch.Tensor | None) -> list[RowGroup]:
+        """Length groups of the batch's ``rows`` (global numbers; ``None``: all rows)."""
+        part = full if rows is None else full.select(rows)
+        made = row_groups(model, part, tokenizer.pad_token_id, prefix_cache, max_groups, max_rows)
+        if rows is not None:
+            made = [RowGroup(rows[g.rows], g.batch, g.run) for g in made]
+        if skip_lower:
+            enter_at_layer(model, adapter, made, layer)
+        return made
+
+    groups = groups_of(None)
     n, num_rows = pb.num_requests, full.input_ids.shape[0]
-    plain, kl_rows = pb.plain_rows().to(device), pb.kl_rows().to(device)
+    plain = pb.plain_rows().to(device)
     request_of_row = pb.request_of_row.to(device)
-    rewrite = slice(0, pb.num_rewrite_rows)
 
     layer_name = adapter.layer_name(layer)
     v_rows = []
@@ -283,22 +310,16 @@ def compute_targets(
     delta = torch.zeros_like(v_init, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
     active = torch.ones(n, dtype=torch.bool, device=device)
-    kl_init: torch.Tensor | None = None
+    terms = _Stage1Terms(model, adapter, adapter.layer_module(model, layer), groups, pb,
+                         request_of_row, hparams.kl_factor, groups_of)  # fmt: skip
     history: list[dict[str, float]] = []
-    layer_module = adapter.layer_module(model, layer)
     step = 0
     for step in range(hparams.v_steps):
-        row_nll, last_hidden = _grouped_forward(model, adapter, layer_module, groups,
-                                                delta[request_of_row], num_rows)  # fmt: skip
-        nll = mean_per_row(row_nll[rewrite], request_of_row[rewrite], n)  # [n]
-        kl_logp = torch.log_softmax(
-            at_least_float32(adapter.logits(model, last_hidden[kl_rows])), dim=-1
-        )
-        if kl_init is None:
-            kl_init = kl_logp.detach()
-        kl = (kl_logp.exp() * (kl_logp - kl_init)).sum(-1)  # KL(edited || original), [n]
+        last_step = step == hparams.v_steps - 1
+        optimizer.zero_grad()
+        nll, kl = terms(delta, backward=not last_step)  # [n] each; gradients in delta.grad
         decay = hparams.v_weight_decay * delta.norm(dim=-1) / init_norm2
-        loss = nll + hparams.kl_factor * kl + decay  # [n]
+        loss = nll + hparams.kl_factor * kl + decay.detach()  # [n]
         require_finite(loss, "Stage I (target optimisation)", layer=layer, requests=requests,
                        per_request=True)  # fmt: skip
         history.append(
@@ -312,11 +333,14 @@ def compute_targets(
             }
         )
         log.debug("stage I step %d: %s", step, history[-1])
-        active = active & (loss.detach() >= hparams.v_loss_threshold)
-        if step == hparams.v_steps - 1 or not active.any():
+        active = active & (loss >= hparams.v_loss_threshold)
+        if last_step or not active.any():
             break
-        optimizer.zero_grad()
-        (loss * active).sum().backward()
+        if drop_finished:
+            terms.keep_only(active)
+        decay.sum().backward()
+        with torch.no_grad():  # loss_i depends on delta_i alone: masking the gradient afterwards
+            delta.grad[~active] = 0  # equals the gradient of the masked sum
         before = delta.detach().clone()
         optimizer.step()
         with torch.no_grad():
@@ -332,7 +356,8 @@ def compute_targets(
         v_target=v_target,
         steps_run=step,
         history=history,
-        final_nll=nll.detach().tolist(),
+        final_nll=nll.tolist(),
+        rows_run=terms.rows_run,
     )
 
 
@@ -343,26 +368,91 @@ def scatter_rows(groups: Sequence[RowGroup], parts: Sequence[torch.Tensor], num_
     return stacked.new_zeros((num_rows, *stacked.shape[1:])).index_put((rows,), stacked)
 
 
-def _grouped_forward(
-    model: nn.Module,
-    adapter: ArchAdapter,
-    layer_module: nn.Module,
-    groups: Sequence[RowGroup],
-    row_delta: torch.Tensor,
-    num_rows: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every group with ``row_delta[row]`` (``[rows, d]``) added at its subject's last token.
+class _Stage1Terms:
+    """Stage I's NLL and KL terms per request at one step, one row group at a time.
 
-    Returns each row's mean target NLL ``[rows]`` and its final hidden state at the subject's
-    last token ``[rows, d]``.
+    Each group's forward is followed by its backward (when asked), so only one group's graph is
+    alive at a time: memory grows with the group size, not with the batch. The terms are sums
+    over rows (a request's NLL is the mean over its context rows; its KL is read at its KL
+    row), so the accumulated gradient equals that of the whole batch's loss. Requests left out
+    by :meth:`keep_only` keep their last terms (their delta no longer changes, nor does the
+    model: the terms would come out the same).
     """
-    nll_parts, last_parts = [], []
-    for group in groups:
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: ArchAdapter,
+        layer_module: nn.Module,
+        groups: Sequence[RowGroup],
+        planner: PlannerBatch,
+        request_of_row: torch.Tensor,
+        kl_factor: float,
+        groups_of: Callable[[torch.Tensor], list[RowGroup]],
+    ) -> None:
+        self.model, self.adapter, self.layer_module = model, adapter, layer_module
+        self.groups, self.planner, self.kl_factor = list(groups), planner, kl_factor
+        self.request_of_row = request_of_row  # [rows]
+        self.groups_of = groups_of
+        n = planner.num_requests
+        self.covered = torch.ones(n, dtype=torch.bool, device=request_of_row.device)
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # NLL, KL [n] each
+        self.kl_init: torch.Tensor | None = None  # original KL log-probs per request [n, V]
+        self.rows_run = 0
+
+    def keep_only(self, active: torch.Tensor) -> None:
+        """Run only the rows of the ``active`` requests (``[n]`` bool) from now on; regroups
+        once a quarter of the rows run so far would be idle."""
+        rows = active[self.request_of_row].nonzero().squeeze(1)
+        running = sum(len(g.rows) for g in self.groups)
+        if len(rows) <= 0.75 * running:
+            self.groups = self.groups_of(rows)
+            self.covered = active.clone()
+
+    def __call__(self, delta: torch.Tensor, backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-request NLL and KL (``[n]`` each, detached) with ``delta`` (``[n, d]``) added;
+        with ``backward`` their sum's gradient is accumulated into ``delta.grad``."""
+        n = self.planner.num_requests
+        nll = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+        kl = torch.zeros_like(nll)
+        for group in self.groups:
+            with torch.set_grad_enabled(backward):
+                part_nll, part_kl = self._group_terms(group, delta)
+                total = (part_nll + self.kl_factor * part_kl).sum()
+            if backward and total.requires_grad:
+                total.backward()
+            nll += part_nll.detach()
+            kl += part_kl.detach()
+            self.rows_run += len(group.rows)
+        if self.last is not None:  # requests no longer run keep their terms
+            nll = torch.where(self.covered, nll, self.last[0])
+            kl = torch.where(self.covered, kl, self.last[1])
+        self.last = (nll, kl)
+        return nll, kl
+
+    def _group_terms(self, group: RowGroup, delta: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One group's share of every request's NLL and KL (``[n]`` each, with graph)."""
+        n, contexts = self.planner.num_requests, self.planner.num_contexts
         local = torch.arange(len(group.rows), device=group.rows.device)
+        owner = self.request_of_row[group.rows]  # [R_g]
         subject_last = group.batch.subject_last
-        with add_at_positions(layer_module, local, subject_last, row_delta[group.rows]):
+        with add_at_positions(self.layer_module, local, subject_last, delta[owner]):
             hidden = group.forward()
-        logp = target_log_probs(model, adapter, hidden, group.batch)
-        nll_parts.append(-mean_per_row(logp, group.batch.target_rows, len(group.rows)))
-        last_parts.append(hidden[local, subject_last])
-    return scatter_rows(groups, nll_parts, num_rows), scatter_rows(groups, last_parts, num_rows)
+        logp = target_log_probs(self.model, self.adapter, hidden, group.batch)
+        row_nll = -mean_per_row(logp, group.batch.target_rows, len(group.rows))  # [R_g]
+        rewrite = group.rows < self.planner.num_rewrite_rows
+        zeros = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+        part_nll = zeros.index_add(0, owner[rewrite], row_nll[rewrite].to(delta.dtype) / contexts)
+        kl_local = (~rewrite).nonzero().squeeze(1)
+        if len(kl_local) == 0:
+            return part_nll, zeros
+        h = hidden[kl_local, subject_last[kl_local]]
+        kl_logp = torch.log_softmax(at_least_float32(self.adapter.logits(self.model, h)), dim=-1)
+        kl_owner = owner[kl_local]
+        if self.kl_init is None:  # the first step runs every row with delta = 0: the original
+            self.kl_init = kl_logp.new_zeros((n, kl_logp.shape[-1]))
+        if self.last is None:
+            self.kl_init[kl_owner] = kl_logp.detach()
+        init = self.kl_init[kl_owner]
+        kl_rows = (kl_logp.exp() * (kl_logp - init)).sum(-1)  # KL(edited || original), [R_kl]
+        return part_nll, zeros.index_add(0, kl_owner, kl_rows.to(delta.dtype))

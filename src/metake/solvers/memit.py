@@ -16,6 +16,7 @@ For edit layers ``l_1 < ... < l_m`` (the last one, ``L``, holds the targets ``v*
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -25,8 +26,8 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from metake.models.adapters import get_adapter
 from metake.requests import EditRequest
 from metake.solvers.base import Solver
-from metake.tokens import encode_request, pad_batch
-from metake.trace import capture
+from metake.tokens import PromptBatch, encode_request, pad_batch
+from metake.trace import capture, skip_layers_below
 
 if TYPE_CHECKING:
     from metake.diagnostics.theory import SolverGeometry
@@ -80,6 +81,17 @@ class SubjectActivations(NamedTuple):
     bare_keys: dict[int, torch.Tensor]  # {layer: [n, d_in]}, projection inputs, no context
 
 
+class LowerLayers(NamedTuple):
+    """The residual stream leaving layer ``layer - 1`` for one batch of prompts, cached: later
+    forwards of the same prompts replay it instead of running ``modules`` (layers below
+    ``layer``, which an edit of layers ``>= layer`` never changes)."""
+
+    layer: int
+    modules: list[nn.Module]
+    hidden: torch.Tensor  # [rows, seq, d]
+    as_tuple: bool
+
+
 KEY_AVERAGES = ("types", "plain")
 """How keys are averaged over contexts: MEMIT's per-type mean, or ROME's plain mean."""
 
@@ -109,6 +121,7 @@ def subject_activations(
     *,
     track_grad: bool = False,
     key_average: str = "types",
+    lower: LowerLayers | None = None,
 ) -> SubjectActivations:
     """Keys ``{layer: [n, d_in]}`` (context-averaged), values ``[n, d]`` at ``value_layer``,
     the projections' outputs ``{layer: [n, d]}`` and the bare prompt's keys ``{layer: [n, d_in]}``.
@@ -120,27 +133,29 @@ def subject_activations(
     there, and projections the output of each key layer's projection, both for the prompt
     without context (``contexts[0]`` must be ``""``). One forward, stopped after the last module
     needed. With ``track_grad`` the forward keeps its autograd graph (for differentiating
-    through virtual updates, see :mod:`metake.planners.hypergradient`).
+    through virtual updates, see :mod:`metake.planners.hypergradient`). ``lower`` (from
+    :func:`lower_layers` for the same requests and contexts) skips the layers below its layer.
     """
-    if contexts[0] != "":
-        raise ValueError("the first context prefix must be the empty one")
     adapter = get_adapter(model)
     device = next(model.parameters()).device
-    encoded = [
-        encode_request(tokenizer, r, c, with_target=False) for r in requests for c in contexts
-    ]
-    batch = pad_batch(encoded, tokenizer.pad_token_id).to(device)
+    batch = _activation_batch(tokenizer, requests, contexts, device)
+    encoded_rows = batch.input_ids.shape[0]
     key_names = {layer: adapter.mlp_out_name(layer) for layer in key_layers}
     value_name = adapter.layer_name(value_layer)
     top = max(key_layers)
     stop = value_name if value_layer >= top else key_names[top]
+    if lower is not None and lower.layer > min(key_layers):
+        raise ValueError(
+            f"keys of layer {min(key_layers)} lie below the cached layer {lower.layer}"
+        )
     with (
         torch.set_grad_enabled(track_grad),
         capture(model, [*key_names.values(), value_name], stop_after=stop,
                 detach=not track_grad) as tr,
+        skip_layers_below(lower.modules, lower.hidden, lower.as_tuple) if lower else nullcontext(),
     ):  # fmt: skip
         model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    rows = torch.arange(len(encoded), device=device)
+    rows = torch.arange(encoded_rows, device=device)
     n, c = len(requests), len(contexts)
 
     def at_subject(acts: torch.Tensor) -> torch.Tensor:  # [n, c, d], float32 or float64
@@ -153,6 +168,43 @@ def subject_activations(
     projections = {layer: at_subject(tr.outputs[name])[:, 0] for layer, name in key_names.items()}
     values = at_subject(tr.outputs[value_name])[:, 0]
     return SubjectActivations(keys, values, projections, bare_keys)
+
+
+def _activation_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    contexts: Sequence[str],
+    device: torch.device,
+) -> PromptBatch:
+    """Every (request, context) prompt without its target, padded: the rows of
+    :func:`subject_activations`, request-major."""
+    if contexts[0] != "":
+        raise ValueError("the first context prefix must be the empty one")
+    encoded = [
+        encode_request(tokenizer, r, c, with_target=False) for r in requests for c in contexts
+    ]
+    return pad_batch(encoded, tokenizer.pad_token_id).to(device)
+
+
+@torch.no_grad()
+def lower_layers(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    contexts: Sequence[str],
+    layer: int,
+) -> LowerLayers | None:
+    """Run the prompts of :func:`subject_activations` once up to layer ``layer - 1`` and keep
+    the residual stream there (``None`` for layer 0: nothing to skip)."""
+    if layer == 0:
+        return None
+    adapter = get_adapter(model)
+    batch = _activation_batch(tokenizer, requests, contexts, next(model.parameters()).device)
+    name = adapter.layer_name(layer - 1)
+    with capture(model, [name], inputs=False, stop_after=name) as trace:
+        model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    modules = [adapter.layer_module(model, i) for i in range(layer)]
+    return LowerLayers(layer, modules, trace.outputs[name], name in trace.tuple_outputs)
 
 
 def keys_and_values(
@@ -204,8 +256,10 @@ def apply_spread(
     adapter = get_adapter(model)
     deltas: dict[int, torch.Tensor] = {}
     last = layers[-1]
+    lower = lower_layers(model, tokenizer, requests, contexts, min(layers))  # never edited here
     for i, layer in enumerate(layers):
-        acts = subject_activations(model, tokenizer, requests, contexts, [layer], last)
+        acts = subject_activations(model, tokenizer, requests, contexts, [layer], last,
+                                   lower=lower)  # fmt: skip
         resid = layer_residuals(model, acts, layer, targets.to(acts.values.device),
                                 len(layers) - i)  # fmt: skip
         delta = solve(layer, acts.keys[layer], resid)
