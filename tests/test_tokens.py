@@ -28,7 +28,9 @@ from metake.tokens import (
     document_start,
     encode_request,
     last_token_of_span,
+    left_pad,
     pad_batch,
+    padding_id,
     right_pad,
     special_prefix,
     target_token_ids,
@@ -482,3 +484,15 @@ def test_prompt_batch_to():
     assert isinstance(moved, PromptBatch)
     for name, value in vars(batch).items():
         assert torch.equal(getattr(moved, name), value)
+
+
+def test_left_pad_puts_real_tokens_last_and_padding_id_falls_back():
+    ids, mask = left_pad([[5, 6, 7], [8], []], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+
+    class NoPad:
+        pad_token_id = None
+        eos_token_id = [2, 3]
+
+    assert padding_id(NoPad()) == 2

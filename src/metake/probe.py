@@ -10,7 +10,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from metake.planners.standard import mean_per_row
 from metake.requests import EditRequest
-from metake.tokens import encode_request, pad_batch
+from metake.tokens import encode_request, left_pad, pad_batch, padding_id
 
 
 @torch.no_grad()
@@ -37,15 +37,14 @@ def greedy_continuations(
     """Greedy continuations of ``prompts`` (prompt ``i`` for ``max_new_tokens[i]`` tokens), in
     left-padded batches; each equals :func:`greedy_completion` of its prompt alone."""
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = padding_id(tokenizer)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     out: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: (max_new_tokens[i], len(encoded[i])))
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in rows)
-        ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in rows])
-        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in rows])
+        ids, mask = left_pad([encoded[i] for i in rows], pad)
+        width = ids.shape[1]
         generated = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -54,8 +53,7 @@ def greedy_continuations(
             pad_token_id=pad,
         )[:, width:]
         for row, i in zip(generated, rows, strict=True):
-            text = tokenizer.decode(row[: max_new_tokens[i]], skip_special_tokens=True)
-            out[i] = text
+            out[i] = tokenizer.decode(row[: max_new_tokens[i]], skip_special_tokens=True)
     return out
 
 

@@ -37,7 +37,7 @@ from metake.errors import CorpusError
 from metake.files import write_file_atomically
 from metake.finite import require_finite
 from metake.models.adapters import get_adapter
-from metake.tokens import right_pad
+from metake.tokens import padding_id, right_pad
 from metake.trace import capture
 
 log = logging.getLogger("metake.stats")
@@ -74,7 +74,7 @@ def compute_second_moments(
     stop_after = names[max(layers)]
     device = _input_device(model)
     acc_device = _accum_device(device, accum_dtype)
-    pad_id = _pad_id(tokenizer)
+    pad_id = padding_id(tokenizer)
 
     total = min(num_samples, corpus.num_texts) if corpus.num_texts else num_samples
     if corpus.num_texts and corpus.num_texts < num_samples:
@@ -181,17 +181,6 @@ def _accum_device(device: torch.device, accum_dtype: torch.dtype) -> torch.devic
     if device.type == "mps" and accum_dtype == torch.float64:
         return torch.device("cpu")
     return device
-
-
-def _pad_id(tokenizer) -> int:
-    """The id used for right padding; padded positions are masked out, so any id works."""
-    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if isinstance(value, int):
-            return value
-        if isinstance(value, (list, tuple)) and value and isinstance(value[0], int):
-            return value[0]
-    return 0
 
 
 _SORT_WINDOW = 16  # batches whose texts are sorted by length together (less padding)

@@ -217,6 +217,30 @@ def length_groups(lengths: Sequence[int], max_groups: int = 4) -> list[list[int]
     return [order[a:b] for a, b in reversed(bounds) if b > a]
 
 
+def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id used for padding: the pad token, else EOS, else UNK, else 0. Padded positions are
+    masked out, so any id works."""
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, (list, tuple)) and value and isinstance(value[0], int):
+            return value[0]
+    return 0
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token rows (for generation): ``(input_ids [B, S], attention_mask [B, S])``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
 def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token rows: ``(input_ids [B, S], attention_mask [B, S])``."""
     width = max(len(r) for r in rows)

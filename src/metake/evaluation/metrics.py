@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from metake.tokens import EncodedPrompt, pad_batch, special_prefix, target_token_ids
+from metake.tokens import EncodedPrompt, pad_batch, padding_id, special_prefix, target_token_ids
 
 
 def token_hits(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
@@ -121,7 +121,7 @@ def score_pairs(
 ) -> list[AnswerScore]:
     """Teacher-forced scores of ``(prompt, answer)`` pairs, batched (one forward per batch)."""
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = padding_id(tokenizer)
     encoded = [encode_pair(tokenizer, p, a) for p, a in pairs]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
     scores: list[AnswerScore | None] = [None] * len(encoded)
@@ -162,7 +162,7 @@ def text_perplexity(
     rows = [(prefix + list(tokenizer(t, add_special_tokens=False)["input_ids"]))[:max_length]
             for t in texts]  # fmt: skip
     nll_sum, count = 0.0, 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = padding_id(tokenizer)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         width = max(len(r) for r in chunk)
