@@ -320,3 +320,37 @@ def test_a_variant_starts_from_its_base_methods_choice(tmp_path, cheap_grids, mo
     for candidate in rect:
         assert candidate["settings"]["layers"] == memit["layers"]
         assert candidate["settings"]["mom2_update_weight"] == memit["mom2_update_weight"]
+
+
+def _adopt_script():
+    """``scripts/adopt_preset.py`` as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "adopt_preset.py"
+    spec = importlib.util.spec_from_file_location("adopt_preset", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_adopting_refuses_choices_that_do_not_edit_and_records_broken_guards(tmp_path):
+    adopt = _adopt_script()
+    report = {
+        "baseline": {"efficacy": 17.7},
+        "chosen": {
+            "memit": {"efficacy": 83.4, "violations": ["known facts kept 81% < 95%"]},
+            "alphaedit": {"efficacy": 31.2, "violations": []},
+        },
+    }
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    assert adopt.check_report(path, 10.0) == []  # both edit: adoptable
+    assert adopt.broken_guards(path) == {"memit": ["known facts kept 81% < 95%"]}
+    report["chosen"]["rome"] = {"efficacy": 20.0, "violations": ["does not edit (Eff. +2.3 < +10)"]}
+    path.write_text(json.dumps(report))
+    problems = adopt.check_report(path, 10.0)
+    assert len(problems) == 1 and problems[0].startswith("rome: Eff. 20.0")
+    assert "rome" not in adopt.broken_guards(path)  # not editing is refused, not recorded
+    missing = adopt.check_report(tmp_path / "missing.json", 10.0)
+    assert missing[0].endswith("is missing: cannot check the chosen settings")
