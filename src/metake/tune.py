@@ -159,6 +159,11 @@ class TuneConfig:
             raise MetakeError("tune: --batch-sizes must be positive numbers")
         if self.window_size < 1 or self.search_records < 1:
             raise MetakeError("tune: --window-size and --search-records must be at least 1")
+        if not 0 <= self.min_efficacy_gain <= 100:
+            raise MetakeError(
+                f"tune: --min-efficacy-gain must be between 0 and 100 Eff. points, got "
+                f"{self.min_efficacy_gain:g}"
+            )
         if self.max_probe_facts < self.min_known_facts:
             raise MetakeError(
                 f"tune: --max-probe-facts must be at least {self.min_known_facts} (the fewest "
