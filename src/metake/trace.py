@@ -175,3 +175,33 @@ def skip_layers_below(
     finally:
         for module in patched:
             del module.forward
+
+
+@dataclass
+class LowerLayers:
+    """The output of decoder layers ``modules`` (layers ``0 .. layer - 1``) for one batch,
+    cached so that later forwards of the same inputs replay it (:meth:`replay`)."""
+
+    modules: list[nn.Module]
+    hidden: torch.Tensor  # [batch, seq, d]
+    as_tuple: bool
+
+    @property
+    def layer(self) -> int:
+        """The first layer that still runs."""
+        return len(self.modules)
+
+    def replay(self) -> AbstractContextManager[None]:
+        """Within this context the cached layers return their output at once."""
+        return skip_layers_below(self.modules, self.hidden, self.as_tuple)
+
+
+@torch.no_grad()
+def cache_lower_layers(
+    model: nn.Module, modules: Sequence[nn.Module], name: str, run: Callable[[], object]
+) -> LowerLayers:
+    """Run ``run()`` (a forward of ``model``) up to module ``name``, the last of ``modules``
+    (decoder layers ``0 .. L - 1``), and keep its output for :meth:`LowerLayers.replay`."""
+    with capture(model, [name], inputs=False, stop_after=name) as trace:
+        run()
+    return LowerLayers(list(modules), trace.outputs[name], name in trace.tuple_outputs)

@@ -42,7 +42,7 @@ from metake.tokens import (
     length_groups,
     pad_batch,
 )
-from metake.trace import add_at_positions, capture, skip_layers_below
+from metake.trace import LowerLayers, add_at_positions, cache_lower_layers, capture
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +179,13 @@ class RowGroup:
     rows: torch.Tensor
     batch: PromptBatch
     run: Callable[[], torch.Tensor]
-    skip: tuple[list[nn.Module], torch.Tensor, bool] | None = None  # see enter_at_layer
+    skip: LowerLayers | None = None  # see enter_at_layer
 
     def forward(self) -> torch.Tensor:
         """``run()``, with the layers below the entry layer replayed from their cached output."""
         if self.skip is None:
             return self.run()
-        layers, hidden, as_tuple = self.skip
-        with skip_layers_below(layers, hidden, as_tuple):
+        with self.skip.replay():
             return self.run()
 
 
@@ -204,9 +203,7 @@ def enter_at_layer(
     name = adapter.layer_name(layer - 1)
     lower = [adapter.layer_module(model, i) for i in range(layer)]
     for group in groups:
-        with capture(model, [name], inputs=False, stop_after=name) as trace:
-            group.run()
-        group.skip = (lower, trace.outputs[name], name in trace.tuple_outputs)
+        group.skip = cache_lower_layers(model, lower, name, group.run)
 
 
 MAX_GROUP_ROWS = 32

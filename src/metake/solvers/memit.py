@@ -27,7 +27,7 @@ from metake.models.adapters import get_adapter
 from metake.requests import EditRequest
 from metake.solvers.base import Solver
 from metake.tokens import PromptBatch, encode_request, pad_batch
-from metake.trace import capture, skip_layers_below
+from metake.trace import LowerLayers, cache_lower_layers, capture
 
 if TYPE_CHECKING:
     from metake.diagnostics.theory import SolverGeometry
@@ -79,17 +79,6 @@ class SubjectActivations(NamedTuple):
     values: torch.Tensor  # [n, d], output of the value layer, prompt without context
     projections: dict[int, torch.Tensor]  # {layer: [n, d]}, projection outputs, no context
     bare_keys: dict[int, torch.Tensor]  # {layer: [n, d_in]}, projection inputs, no context
-
-
-class LowerLayers(NamedTuple):
-    """The residual stream leaving layer ``layer - 1`` for one batch of prompts, cached: later
-    forwards of the same prompts replay it instead of running ``modules`` (layers below
-    ``layer``, which an edit of layers ``>= layer`` never changes)."""
-
-    layer: int
-    modules: list[nn.Module]
-    hidden: torch.Tensor  # [rows, seq, d]
-    as_tuple: bool
 
 
 KEY_AVERAGES = ("types", "plain")
@@ -152,7 +141,7 @@ def subject_activations(
         torch.set_grad_enabled(track_grad),
         capture(model, [*key_names.values(), value_name], stop_after=stop,
                 detach=not track_grad) as tr,
-        skip_layers_below(lower.modules, lower.hidden, lower.as_tuple) if lower else nullcontext(),
+        lower.replay() if lower else nullcontext(),
     ):  # fmt: skip
         model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     rows = torch.arange(encoded_rows, device=device)
@@ -200,11 +189,13 @@ def lower_layers(
         return None
     adapter = get_adapter(model)
     batch = _activation_batch(tokenizer, requests, contexts, next(model.parameters()).device)
-    name = adapter.layer_name(layer - 1)
-    with capture(model, [name], inputs=False, stop_after=name) as trace:
-        model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     modules = [adapter.layer_module(model, i) for i in range(layer)]
-    return LowerLayers(layer, modules, trace.outputs[name], name in trace.tuple_outputs)
+    return cache_lower_layers(
+        model,
+        modules,
+        adapter.layer_name(layer - 1),
+        lambda: model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask),
+    )
 
 
 def keys_and_values(
