@@ -171,14 +171,25 @@ def _run_groups(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's mean target NLL ``[rows]`` and the locality log-probs ``[P, vocab]``."""
     nll_parts, locality_parts = [], []
-    for group, rows, positions in zip(groups, where.local_rows, where.positions, strict=True):
-        hidden = group.forward()
-        logp = target_log_probs(model, adapter, hidden, group.batch)
-        nll_parts.append(-mean_per_row(logp, group.batch.target_rows, len(group.rows)))
-        logits = at_least_float32(adapter.logits(model, hidden[rows, positions]))
-        locality_parts.append(torch.log_softmax(logits, dim=-1))
+    for number, group in enumerate(groups):
+        row_nll, locality_logp = _group_outputs(model, adapter, group, where, number)
+        nll_parts.append(row_nll)
+        locality_parts.append(locality_logp)
     row_nll = scatter_rows(groups, nll_parts, num_rows)
     return row_nll, torch.cat(locality_parts)[where.order]
+
+
+def _group_outputs(
+    model: nn.Module, adapter: ArchAdapter, group: RowGroup, where: _GroupedLocality, number: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One group's forward: its rows' mean target NLL ``[R_g]`` and the log-probs at its
+    locality positions ``[P_g, vocab]`` (group ``number`` of ``where``)."""
+    hidden = group.forward()
+    logp = target_log_probs(model, adapter, hidden, group.batch)
+    row_nll = -mean_per_row(logp, group.batch.target_rows, len(group.rows))
+    at = where.local_rows[number], where.positions[number]
+    logits = at_least_float32(adapter.logits(model, hidden[at]))
+    return row_nll, torch.log_softmax(logits, dim=-1)
 
 
 class MetaObjective:
@@ -267,18 +278,13 @@ class MetaObjective:
         kl = torch.zeros((), dtype=v_star.dtype, device=v_star.device)
         with torch.set_grad_enabled(backward), channel(v_star):
             for number, group in enumerate(self.groups):
-                hidden = group.forward()
-                logp = target_log_probs(self.model, self.adapter, hidden, group.batch)
-                row_nll = -mean_per_row(logp, group.batch.target_rows, len(group.rows))  # [R_g]
+                row_nll, edited = _group_outputs(self.model, self.adapter, group, self.where,
+                                                 number)  # [R_g], [P_g, V]  # fmt: skip
                 rewrite = group.rows < self.rewrite_rows
                 owner = self.request_of_row[group.rows[rewrite]]
                 part_nll = torch.zeros_like(nll).index_add(
                     0, owner, (row_nll[rewrite] / rows_of_request[owner]).to(nll.dtype)
                 )
-                at = self.where.local_rows[number], self.where.positions[number]
-                edited = torch.log_softmax(
-                    at_least_float32(self.adapter.logits(self.model, hidden[at])), dim=-1
-                )  # [P_g, V]
                 entries = self.where.entries[number]
                 original = self.original[entries]
                 kl_pos = (original.exp() * (original - edited)).sum(-1)  # [P_g]
