@@ -34,13 +34,16 @@ from metake.solvers.memit import (
 
 CONTEXTS = ["", "Some words. "]
 LAYERS = (0, 1, 2)
+DEEP = {"num_layers": 6, "layers": (1, 2, 4)}
+"""Edit layers above layer 0 with a gap: the replay starts from cached lower layers and each
+layer's forward from the residual stream that the previous one passed (``spread_updates``)."""
 
 
 def _moments(dim: int) -> dict[int, torch.Tensor]:
     """A random positive definite C0 per layer (``[dim, dim]``, float64)."""
     g = torch.Generator().manual_seed(11)
     out = {}
-    for layer in LAYERS:
+    for layer in range(DEEP["num_layers"]):
         a = torch.randn(dim, 2 * dim, generator=g, dtype=torch.float64)
         out[layer] = a @ a.T / a.shape[1]
     return out
@@ -63,10 +66,10 @@ def _solvers(dim: int):
     }
 
 
-def _setup(layers=LAYERS, model_type="gpt2"):
+def _setup(layers=LAYERS, model_type="gpt2", num_layers=None):
     """A float64 tiny model (GPT-2's norms, unlike Llama's or Gemma's, stay in float64),
     requests, targets at the last layer and the meta-objective."""
-    model = tiny_model(model_type).double()
+    model = tiny_model(model_type, num_layers=num_layers).double()
     tok = tiny_tokenizer()
     requests = parse_requests(REQUESTS)
     _, values = keys_and_values(model, tok, requests, CONTEXTS, layers[-1], layers[-1])
@@ -79,10 +82,10 @@ def _setup(layers=LAYERS, model_type="gpt2"):
 
 def _loss_after_solver(objective, tok, requests, v, solve) -> float:
     """Meta-loss after the real solver wrote its update for targets ``v``; weights restored."""
-    model, adapter = objective.model, objective.adapter
-    before = {layer: adapter.weight(model, layer).detach().clone() for layer in LAYERS}
+    model, adapter, layers = objective.model, objective.adapter, objective.hparams.layers
+    before = {layer: adapter.weight(model, layer).detach().clone() for layer in layers}
     try:
-        apply_spread(model, tok, requests, v, LAYERS, CONTEXTS, solve)
+        apply_spread(model, tok, requests, v, layers, CONTEXTS, solve)
         with torch.no_grad():
             loss, _, _ = objective(v, lambda _v: nullcontext())  # no virtual edit
         return float(loss)
@@ -91,29 +94,35 @@ def _loss_after_solver(objective, tok, requests, v, solve) -> float:
             adapter.set_weight(model, layer, weight)
 
 
+@pytest.mark.parametrize("shape", ["shallow", "deep"])
 @pytest.mark.parametrize("solver", ["memit", "alphaedit"])
-def test_spread_deltas_equal_the_solvers_updates(solver):
-    model, tok, requests, _, targets, _ = _setup()
+def test_spread_deltas_equal_the_solvers_updates(solver, shape):
+    extra = DEEP if shape == "deep" else {}
+    model, tok, requests, _, targets, _ = _setup(**extra)
+    layers = extra.get("layers", LAYERS)
     dim = get_adapter(model).weight(model, 0).shape[1]
     gate, solve = _solvers(dim)[solver]
     state = _state(model)
-    virtual = spread_deltas(model, tok, requests, targets, LAYERS, CONTEXTS, gate)
+    virtual = spread_deltas(model, tok, requests, targets, layers, CONTEXTS, gate)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # untouched
-    real = apply_spread(model, tok, requests, targets, LAYERS, CONTEXTS, solve)
-    for layer in LAYERS:
+    real = apply_spread(model, tok, requests, targets, layers, CONTEXTS, solve)
+    for layer in layers:
         torch.testing.assert_close(virtual[layer].detach().float(), real[layer], rtol=1e-5,
                                    atol=1e-7)  # fmt: skip
 
 
+@pytest.mark.parametrize("shape", ["shallow", "deep"])
 @pytest.mark.parametrize("solver", ["memit", "alphaedit"])
-def test_exact_hypergradient_matches_finite_differences_of_the_real_solver(solver):
-    model, tok, requests, _, targets, objective = _setup()
+def test_exact_hypergradient_matches_finite_differences_of_the_real_solver(solver, shape):
+    extra = DEEP if shape == "deep" else {}
+    model, tok, requests, _, targets, objective = _setup(**extra)
     dim = get_adapter(model).weight(model, 0).shape[1]
     gate, solve = _solvers(dim)[solver]
-    channel = SpreadChannel(model, tok, requests, LAYERS, CONTEXTS, gate)
-    v = targets.clone().requires_grad_(True)
-    loss, _, _ = objective(v, channel)
-    (grad,) = torch.autograd.grad(loss, v)
+    channel = SpreadChannel(model, tok, requests, extra.get("layers", LAYERS), CONTEXTS, gate)
+    for _ in range(2):  # the second call reuses what does not depend on v* (SpreadStart)
+        v = targets.clone().requires_grad_(True)
+        loss, _, _ = objective(v, channel)
+        (grad,) = torch.autograd.grad(loss, v)
     after_solver = _loss_after_solver(objective, tok, requests, targets, solve)
     assert loss.item() == pytest.approx(after_solver, rel=1e-9)
     g = torch.Generator().manual_seed(8)

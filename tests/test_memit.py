@@ -15,6 +15,8 @@ from metake.solvers.memit import (
     memit_delta,
     subject_activations,
 )
+from metake.tokens import encode_request
+from metake.trace import capture
 
 
 def _random_problem(n=5, d_in=12, d_out=8, seed=0):
@@ -169,3 +171,25 @@ def test_replaying_the_layers_below_gives_the_same_activations(model_type):
     torch.testing.assert_close(fast.values, full.values, rtol=0, atol=0)
     with pytest.raises(ValueError, match="below the cached layer"):
         subject_activations(model, tok, REQUESTS, contexts, [0], 2, lower=lower)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma3_text"])
+def test_activations_read_at_the_subject_equal_a_forward_of_the_whole_prompt(model_type):
+    """``subject_activations`` cuts each prompt after the subject's last token; what it reads
+    there equals the same position of a forward of the whole prompt, one prompt at a time."""
+    model, tok = tiny_model(model_type), tiny_tokenizer()
+    adapter = get_adapter(model)
+    requests = [EditRequest("{} is a friend of the band", "Bob", "x"), *REQUESTS]
+    acts = subject_activations(model, tok, requests, [""], [1], 2)
+    for i, request in enumerate(requests):
+        encoded = encode_request(tok, request, "", with_target=False)
+        if i == 0:  # this prompt goes on after its subject: the cut matters
+            assert encoded.subject_last + 1 < len(encoded.input_ids)
+        names = [adapter.mlp_out_name(1), adapter.layer_name(2)]
+        with torch.no_grad(), capture(model, names) as seen:
+            model(input_ids=torch.tensor([encoded.input_ids]))
+        at = encoded.subject_last
+        torch.testing.assert_close(acts.keys[1][i], seen.inputs[names[0]][0, at],
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(acts.values[i], seen.outputs[names[1]][0, at],
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip

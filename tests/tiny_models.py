@@ -97,13 +97,18 @@ def tiny_config(model_type: str) -> PretrainedConfig:
     raise KeyError(f"no tiny config for model type {model_type!r}")
 
 
-def tiny_model(model_type: str, seed: int = 0) -> PreTrainedModel:
+def tiny_model(model_type: str, seed: int = 0, num_layers: int | None = None) -> PreTrainedModel:
     """A tiny random causal LM of ``model_type``, float32, in eval mode, on the CPU.
 
     Weights come from the library's initialiser under ``torch.manual_seed(seed)``; then every
     parameter gets extra gaussian noise so biases and norm weights are not trivially 0 or 1.
+    ``num_layers`` replaces the 3 layers (model types without per-layer config lists only).
     """
     config = tiny_config(model_type)
+    if num_layers is not None:
+        if model_type.startswith("gemma3"):
+            raise ValueError("gemma3 configs list a type per layer: keep their 3 layers")
+        config.num_hidden_layers = num_layers
     torch.manual_seed(seed)
     if model_type == "gemma3":
         model = Gemma3ForConditionalGeneration(config)

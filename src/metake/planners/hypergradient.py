@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -29,8 +29,13 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from metake.models.adapters import get_adapter
 from metake.requests import EditRequest
-from metake.solvers.memit import layer_residuals, lower_layers, subject_activations
-from metake.trace import add_delta, add_low_rank
+from metake.solvers.memit import (
+    SubjectActivations,
+    layer_residuals,
+    lower_layers,
+    subject_activations,
+)
+from metake.trace import LowerLayers, add_delta, add_low_rank, capture
 
 GateFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 """``(layer, keys [n, d_in], bare keys [n, d_in]) -> M [n, d_in]``: a solver's gate,
@@ -49,6 +54,109 @@ def virtual_deltas(model: nn.Module, deltas: Mapping[int, torch.Tensor]) -> Iter
         yield
 
 
+@dataclass(frozen=True)
+class LowRankUpdate:
+    """A weight update kept in factors, ``Delta = up^T down`` (``[d_out, d_in]``): ``up`` is the
+    residual ``R`` (``[n, d_out]``), ``down`` the solver's gate ``M`` (``[n, d_in]``)."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        """``Delta = R^T M`` (``[d_out, d_in]``, the factors' dtype)."""
+        return self.up.T @ self.down
+
+
+@contextmanager
+def virtual_updates(model: nn.Module, updates: Mapping[int, LowRankUpdate]) -> Iterator[None]:
+    """Like :func:`virtual_deltas` for factored updates, in each projection's own dtype: an input
+    row ``x`` gains ``(x M^T) R``, ``n (d_in + d_out)`` work per position instead of ``d_in d_out``.
+    """
+    adapter = get_adapter(model)
+    with ExitStack() as stack:
+        for layer, update in updates.items():
+            stack.enter_context(low_rank_on(adapter.mlp_out(model, layer), update))
+        yield
+
+
+def low_rank_on(module: nn.Module, update: LowRankUpdate) -> AbstractContextManager[None]:
+    """Make the projection ``module`` act as ``W + R^T M`` (in its own dtype; ``add_low_rank``)."""
+    dtype = next(module.parameters()).dtype
+    return add_low_rank(module, update.down.T.to(dtype), update.up.to(dtype))
+
+
+@dataclass
+class SpreadStart:
+    """What the replay of Stage II computes before any (virtual) update: the same for every
+    ``v*`` of one batch, so a look-ahead computes it once (:func:`spread_start`)."""
+
+    lower: LowerLayers | None  # the residual stream below the first edit layer
+    acts: SubjectActivations  # keys of the first edit layer, values of the last
+    gate: torch.Tensor  # the first edit layer's M, [n, d_in]
+
+
+@torch.no_grad()
+def spread_start(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    layers: Sequence[int],
+    contexts: Sequence[str],
+    gate: GateFn,
+    key_average: str = "types",
+) -> SpreadStart:
+    """The first layer's keys and gate and the last layer's values on the unedited model."""
+    lower = lower_layers(model, tokenizer, requests, contexts, layers[0])
+    acts = subject_activations(model, tokenizer, requests, contexts, [layers[0]], layers[-1],
+                               key_average=key_average, lower=lower)  # fmt: skip
+    keys, bare = acts.keys[layers[0]], acts.bare_keys[layers[0]]
+    return SpreadStart(lower, acts, gate(layers[0], keys, bare))
+
+
+def spread_updates(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    targets: torch.Tensor,
+    layers: Sequence[int],
+    contexts: Sequence[str],
+    gate: GateFn,
+    key_average: str = "types",
+    start: SpreadStart | None = None,
+) -> dict[int, LowRankUpdate]:
+    """:func:`~metake.solvers.memit.apply_spread` as a differentiable function of ``targets``.
+
+    ``targets`` is ``[n, d]`` at ``layers[-1]``; returns ``{layer: R^T M}`` in factors (float64)
+    with the autograd graph back to ``targets``, and leaves the model unchanged. Layer ``l_i``
+    sees keys and values computed under the virtual updates of ``l_1..l_{i-1}``, its residual is
+    ``(v* - z) / (m - i)``, its update ``R^T gate(l_i, K)``, as in the solver.
+
+    Nothing is computed twice: the first layer's keys and gate and the unedited values do not
+    depend on ``targets`` (``start``, from :func:`spread_start`; computed here if not given), and
+    the forward for layer ``l_{i+1}`` starts at layer ``l_i`` from the residual stream that the
+    forward for ``l_i`` passed there (the updates below ``l_i`` are the same for both).
+    """
+    start = start or spread_start(model, tokenizer, requests, layers, contexts, gate, key_average)
+    adapter = get_adapter(model)
+    updates: dict[int, LowRankUpdate] = {}
+    lower, acts, layer_gate = start.lower, start.acts, start.gate
+    for i, layer in enumerate(layers):
+        if i > 0:
+            below = [adapter.layer_name(layer - 1)] if i + 1 < len(layers) else []
+            with virtual_updates(model, updates), capture(model, below, inputs=False,
+                                                          detach=False) as seen:  # fmt: skip
+                acts = subject_activations(model, tokenizer, requests, contexts, [layer],
+                                           layers[-1], track_grad=True, key_average=key_average,
+                                           lower=lower)  # fmt: skip
+            layer_gate = gate(layer, acts.keys[layer], acts.bare_keys[layer])
+            if below:  # the input of layer l_i, for the forward of l_{i+1}
+                modules = [adapter.layer_module(model, j) for j in range(layer)]
+                lower = LowerLayers(modules, seen.outputs[below[0]], below[0] in seen.tuple_outputs)
+        resid = layer_residuals(model, acts, layer, targets, len(layers) - i)  # [n, d_out]
+        updates[layer] = LowRankUpdate(resid.double(), layer_gate.double())
+    return updates
+
+
 def spread_deltas(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -59,24 +167,10 @@ def spread_deltas(
     gate: GateFn,
     key_average: str = "types",
 ) -> dict[int, torch.Tensor]:
-    """:func:`~metake.solvers.memit.apply_spread` as a differentiable function of ``targets``.
-
-    ``targets`` is ``[n, d]`` at ``layers[-1]``; returns ``{layer: Delta [d_out, d_in]}``
-    (float64) with the autograd graph back to ``targets``, and leaves the model unchanged.
-    Layer ``l_i`` sees keys and values computed under the virtual updates of ``l_1..l_{i-1}``,
-    its residual is ``(v* - z) / (m - i)``, its update ``R^T gate(l_i, K)``, as in the solver.
-    """
-    deltas: dict[int, torch.Tensor] = {}
-    last = layers[-1]
-    lower = lower_layers(model, tokenizer, requests, contexts, min(layers))  # not edited
-    for i, layer in enumerate(layers):
-        with virtual_deltas(model, deltas):
-            acts = subject_activations(model, tokenizer, requests, contexts, [layer], last,
-                                       track_grad=True, key_average=key_average,
-                                       lower=lower)  # fmt: skip
-        resid = layer_residuals(model, acts, layer, targets, len(layers) - i)  # [n, d]
-        deltas[layer] = resid.double().T @ gate(layer, acts.keys[layer], acts.bare_keys[layer])
-    return deltas
+    """:func:`spread_updates` as dense ``{layer: Delta [d_out, d_in]}`` (float64)."""
+    updates = spread_updates(model, tokenizer, requests, targets, layers, contexts, gate,
+                             key_average)  # fmt: skip
+    return {layer: update.dense() for layer, update in updates.items()}
 
 
 @dataclass
@@ -97,19 +191,29 @@ class ProxyChannel:
         """The lowest layer whose forward changes (the look-ahead replays those below)."""
         return self.layer
 
-    def __call__(self, v_star: torch.Tensor) -> AbstractContextManager[None]:
-        """Virtual weights for targets ``v_star`` (``[n, d]``)."""
-        dtype = next(self.module.parameters()).dtype
-        down = self.gate.to(device=v_star.device, dtype=dtype).T  # [d_in, n]
+    def updates(self, v_star: torch.Tensor) -> dict[int, LowRankUpdate]:
+        """``{layer: (v* - z)^T M}`` in factors, differentiable in ``v_star`` (``[n, d]``)."""
         resid = v_star - self.current
         if self.to_projection is not None:
             resid = self.to_projection(resid)
-        return add_low_rank(self.module, down, resid.to(dtype))
+        return {self.layer: LowRankUpdate(resid, self.gate.to(v_star.device))}
+
+    def apply(self, updates: Mapping[int, LowRankUpdate]) -> AbstractContextManager[None]:
+        """Virtual weights for ``updates`` (as :meth:`updates` returns them)."""
+        return low_rank_on(self.module, updates[self.layer])
+
+    def __call__(self, v_star: torch.Tensor) -> AbstractContextManager[None]:
+        """Virtual weights for targets ``v_star`` (``[n, d]``)."""
+        return self.apply(self.updates(v_star))
 
 
 @dataclass
 class SpreadChannel:
-    """The exact solver: every edit layer's update, as :func:`spread_deltas` computes it."""
+    """The exact solver: every edit layer's update, as :func:`spread_updates` computes it.
+
+    What does not depend on ``v*`` (:class:`SpreadStart`) is computed at the first call and kept:
+    a channel serves one batch while the model's weights stay as they are (one look-ahead).
+    """
 
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
@@ -118,20 +222,60 @@ class SpreadChannel:
     contexts: Sequence[str]
     gate: GateFn
     key_average: str = "types"  # how the solver averages keys over contexts (ROME: "plain")
+    _start: SpreadStart | None = field(default=None, init=False, repr=False)
 
     @property
     def entry_layer(self) -> int:
         """The lowest layer whose forward changes (the look-ahead replays those below)."""
         return self.layers[0]
 
+    def updates(self, v_star: torch.Tensor) -> dict[int, LowRankUpdate]:
+        """``{layer: R^T M}`` in factors, differentiable in ``v_star`` (``[n, d]``)."""
+        if self._start is None:
+            self._start = spread_start(self.model, self.tokenizer, self.requests, self.layers,
+                                       self.contexts, self.gate, self.key_average)  # fmt: skip
+        return spread_updates(self.model, self.tokenizer, self.requests, v_star, self.layers,
+                              self.contexts, self.gate, self.key_average,
+                              self._start)  # fmt: skip
+
     def deltas(self, v_star: torch.Tensor) -> dict[int, torch.Tensor]:
-        """``{layer: Delta(v*) [d_out, d_in]}``, differentiable in ``v_star`` (``[n, d]``)."""
-        return spread_deltas(self.model, self.tokenizer, self.requests, v_star, self.layers,
-                             self.contexts, self.gate, self.key_average)  # fmt: skip
+        """``{layer: Delta(v*) [d_out, d_in]}`` (float64), differentiable in ``v_star``."""
+        return {layer: u.dense() for layer, u in self.updates(v_star).items()}
+
+    def apply(self, updates: Mapping[int, LowRankUpdate]) -> AbstractContextManager[None]:
+        """Virtual weights for ``updates`` (as :meth:`updates` returns them)."""
+        return virtual_updates(self.model, updates)
 
     def __call__(self, v_star: torch.Tensor) -> AbstractContextManager[None]:
         """Virtual weights for targets ``v_star`` (``[n, d]``)."""
-        return virtual_deltas(self.model, self.deltas(v_star))
+        return self.apply(self.updates(v_star))
 
 
 Channel = ProxyChannel | SpreadChannel
+
+
+def detached_updates(
+    updates: Mapping[int, LowRankUpdate], requires_grad: bool
+) -> dict[int, LowRankUpdate]:
+    """The same factors cut from their graph, as leaves (collecting gradients if asked)."""
+    return {
+        layer: LowRankUpdate(
+            u.up.detach().requires_grad_(requires_grad),
+            u.down.detach().requires_grad_(requires_grad),
+        )  # fmt: skip
+        for layer, u in updates.items()
+    }
+
+
+def backward_into_updates(
+    updates: Mapping[int, LowRankUpdate], leaves: Mapping[int, LowRankUpdate]
+) -> None:
+    """Carry the gradients collected on ``leaves`` back through ``updates``' graph, once."""
+    outputs, grads = [], []
+    for layer, update in updates.items():
+        for factor, leaf in ((update.up, leaves[layer].up), (update.down, leaves[layer].down)):
+            if factor.requires_grad and leaf.grad is not None:
+                outputs.append(factor)
+                grads.append(leaf.grad)
+    if outputs:
+        torch.autograd.backward(outputs, grads)

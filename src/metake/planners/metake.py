@@ -43,7 +43,12 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from metake.finite import require_finite
 from metake.hparams import MemitHparams
 from metake.models.adapters import ArchAdapter, get_adapter
-from metake.planners.hypergradient import Channel, ProxyChannel
+from metake.planners.hypergradient import (
+    Channel,
+    ProxyChannel,
+    backward_into_updates,
+    detached_updates,
+)
 from metake.planners.standard import (
     MAX_GROUP_ROWS,
     PlannerBatch,
@@ -255,15 +260,14 @@ class MetaObjective:
         return ((v_star - self.v_plan.to(v_star.dtype)) ** 2).sum(-1).mean()
 
     def evaluate(
-        self,
-        v_star: torch.Tensor,
-        channel: Callable[[torch.Tensor], AbstractContextManager],
-        backward: bool = True,
+        self, v_star: torch.Tensor, channel: Channel, backward: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """Meta-loss of ``v_star`` (``[n, d]``, a leaf) under ``channel``, one row group's graph
         at a time: with ``backward`` each group's share is back-propagated at once (its graph then
-        freed; the channel's, shared by all groups, is kept until the last), accumulating the
-        whole loss's gradient into ``v_star.grad``. Returns (loss, NLL ``[n]``, terms), detached.
+        freed) into detached copies of the channel's updates, and their summed gradient goes
+        through the channel's graph (the solver's replay, for the exact one) once, accumulating
+        the whole loss's gradient into ``v_star.grad``. Returns (loss, NLL ``[n]``, terms),
+        detached.
 
         The edit NLL and the locality KL are means over rows and positions, so the groups'
         shares add up to the loss of :meth:`__call__`; memory grows with the group size, not
@@ -276,7 +280,10 @@ class MetaObjective:
                                              minlength=locality.num_prompts)  # fmt: skip
         nll = torch.zeros(n, dtype=v_star.dtype, device=v_star.device)
         kl = torch.zeros((), dtype=v_star.dtype, device=v_star.device)
-        with torch.set_grad_enabled(backward), channel(v_star):
+        with torch.set_grad_enabled(backward):
+            updates = channel.updates(v_star)
+        leaves = detached_updates(updates, backward)
+        with torch.set_grad_enabled(backward), channel.apply(leaves):
             for number, group in enumerate(self.groups):
                 row_nll, edited = _group_outputs(self.model, self.adapter, group, self.where,
                                                  number)  # [R_g], [P_g, V]  # fmt: skip
@@ -293,9 +300,12 @@ class MetaObjective:
                 share = hp.metake_edit_weight * part_nll.sum() / n
                 share = share + hp.metake_locality_weight * part_kl.to(share.dtype)
                 if backward and share.requires_grad:
-                    share.backward(retain_graph=True)
+                    share.backward()
                 nll += part_nll.detach()
                 kl += part_kl.detach().to(kl.dtype)
+        with torch.set_grad_enabled(backward):
+            if backward:
+                backward_into_updates(updates, leaves)
             reg = self.regulariser(v_star)
             if backward:
                 (hp.metake_reg_weight * reg).backward()

@@ -26,7 +26,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from metake.models.adapters import get_adapter
 from metake.requests import EditRequest
 from metake.solvers.base import Solver
-from metake.tokens import PromptBatch, encode_request, pad_batch
+from metake.tokens import EncodedPrompt, PromptBatch, encode_request, pad_batch
 from metake.trace import LowerLayers, cache_lower_layers, capture
 
 if TYPE_CHECKING:
@@ -165,14 +165,16 @@ def _activation_batch(
     contexts: Sequence[str],
     device: torch.device,
 ) -> PromptBatch:
-    """Every (request, context) prompt without its target, padded: the rows of
+    """Every (request, context) prompt without its target, cut after the subject's last token
+    (everything read there is causal: later tokens change nothing), padded: the rows of
     :func:`subject_activations`, request-major."""
     if contexts[0] != "":
         raise ValueError("the first context prefix must be the empty one")
     encoded = [
         encode_request(tokenizer, r, c, with_target=False) for r in requests for c in contexts
     ]
-    return pad_batch(encoded, tokenizer.pad_token_id).to(device)
+    cut = [EncodedPrompt(e.input_ids[: e.subject_last + 1], e.subject_last) for e in encoded]
+    return pad_batch(cut, tokenizer.pad_token_id).to(device)
 
 
 @torch.no_grad()
