@@ -6,14 +6,15 @@
 
 For every method and each checkout (this one; ``--baseline REF``, a commit checked out into a
 temporary git worktree, is the code path as it was before) one child process loads the model,
-edits zsRE records START..START+EDITS as one batch and scores them. Each child reports seconds
-per edit by stage (Stage I, MetaKE's look-ahead, Stage II, evaluation), its peak resident memory
-(``ru_maxrss``: the whole process, model included), Stage I's rows run where the code counts
-them, and Eff./Gen./Spe. of the edited batch (quality must not move with the speed-ups). With
-``--count-flops`` a second child per run counts the floating-point operations of the edit
-(``torch.utils.flop_counter``; matmuls and convolutions, forward and backward) so the table can
-give the achieved FLOP/s against this CPU's matmul peak, measured here first (float32, the
-thread count of the children). Writes ``OUT.json`` and ``OUT.md``.
+edits zsRE records START..START+EDITS as one batch and scores them (``--variant
+LABEL:KEY=VALUE`` adds a run of this checkout with other settings, e.g. bfloat16 planners). Each
+child reports seconds per edit by stage (Stage I, MetaKE's look-ahead, Stage II, evaluation),
+its peak resident memory (``ru_maxrss``: the whole process, model included), Stage I's rows run
+where the code counts them, and Eff./Gen./Spe. of the edited batch (quality must not move with
+the speed-ups). With ``--count-flops`` a second child per run counts the floating-point
+operations of the edit (``torch.utils.flop_counter``; matmuls and convolutions, forward and
+backward) so the table can give the achieved FLOP/s against this CPU's matmul peak, measured
+here first (float32, the thread count of the children). Writes ``OUT.json`` and ``OUT.md``.
 
 Run it on an otherwise idle machine: every figure is a wall-clock time.
 """
@@ -143,13 +144,19 @@ def child(args: Any) -> dict[str, Any]:
 
 
 def run_child(
-    args: Any, src: Path, method: str, count_flops: bool, group_rows: int | None
+    args: Any,
+    src: Path,
+    method: str,
+    count_flops: bool,
+    group_rows: int | None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """:func:`child` in a fresh process on the checkout whose sources are ``src``."""
+    """:func:`child` in a fresh process on the checkout whose sources are ``src`` (``extra``:
+    settings on top of ``--set``)."""
     command = [sys.executable, __file__, "--child", "--method", method, "--model", args.model,
                "--data", args.data, "--start", str(args.start), "--edits", str(args.edits),
                "--device", args.device, "--threads", str(args.threads)]  # fmt: skip
-    for key, value in args.overrides:
+    for key, value in [*args.overrides, *(extra or {}).items()]:
         command += ["--set", f"{key}={json.dumps(value)}"]
     if group_rows:
         command += ["--group-rows", str(group_rows)]
@@ -171,15 +178,24 @@ def key_value(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def variants(checkouts: dict[str, Path], group_rows: str | None) -> list[tuple[str, Path, Any]]:
-    """(label, sources, group_rows) of every run: the baseline once, this checkout per size."""
+def variants(
+    checkouts: dict[str, Path], group_rows: str | None, extra: list[str] | None = None
+) -> list[tuple[str, Path, Any, dict[str, Any]]]:
+    """(label, sources, group_rows, settings) of every run: the baseline once, this checkout per
+    group size and once more per ``--variant LABEL:KEY=VALUE[,KEY=VALUE]``."""
     out = []
     for label, src in checkouts.items():
         sizes = (
             [int(v) for v in group_rows.split(",")] if group_rows and label == "current" else [None]
         )
         for size in sizes:
-            out.append((label if size is None else f"{label}, groups of {size}", src, size))
+            out.append((label if size is None else f"{label}, groups of {size}", src, size, {}))
+    for text in extra or []:
+        name, _, settings = text.partition(":")
+        pairs = dict(key_value(part) for part in settings.split(",") if part)
+        if not name or not pairs:
+            raise SystemExit(f"--variant {text!r}: expected LABEL:KEY=VALUE[,KEY=VALUE]")
+        out.append((f"current, {name}", checkouts["current"], None, pairs))
     return out
 
 
@@ -214,6 +230,14 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="hyper-parameter for every run, e.g. v_steps=2 for a quick memory check",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
+        help="one more run of this checkout with these settings, e.g. "
+        "bf16:planner_autocast=bfloat16",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -228,11 +252,11 @@ def main() -> int:
     runs: dict[str, dict[str, Any]] = {}
     try:
         for method in args.methods.split(","):
-            for label, src, rows in variants(checkouts, args.group_rows):
+            for label, src, rows, extra in variants(checkouts, args.group_rows, args.variant):
                 print(f"{method} ({label}) ...", file=sys.stderr, flush=True)
-                row = run_child(args, src, method, False, rows)
+                row = run_child(args, src, method, False, rows, extra)
                 if args.count_flops:
-                    row.update(run_child(args, src, method, True, rows))
+                    row.update(run_child(args, src, method, True, rows, extra))
                 runs[f"{method} {label}"] = {"method": method, "checkout": label, **row}
     finally:
         if worktree is not None:

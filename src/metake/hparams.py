@@ -30,6 +30,7 @@ class MemitHparams:
     kl_prompt: str = "{} is a"
     context_count: int = 5  # deterministic (greedy) context prefixes, plus the empty one
     context_length: int = 10
+    planner_autocast: str | None = None  # "bfloat16": Stage I and look-ahead under autocast
     # Stage II: Delta = R K^T (lambda C0 + K K^T)^-1 per layer
     mom2_update_weight: float = 15000.0
     mom2_samples: int = 10033
@@ -61,6 +62,8 @@ class MemitHparams:
             raise ValueError(f"hparams: 'layers' must be ascending and distinct, got {self.layers}")
         if self.metake_hypergradient not in ("proxy", "exact"):
             raise ValueError("hparams: 'metake_hypergradient' must be 'proxy' or 'exact'")
+        if self.planner_autocast not in (None, "bfloat16"):
+            raise ValueError("hparams: 'planner_autocast' must be 'bfloat16' or none")
         if self.mom2_dtype not in ("float32", "float64"):
             raise ValueError("hparams: 'mom2_dtype' must be 'float32' or 'float64'")
         positive = ("v_lr", "mom2_update_weight", "mom2_samples", "mom2_max_length", "metake_lr",
@@ -169,7 +172,7 @@ def coerce_hparam(name: str, value: Any, annotation: str) -> Any:
 HPARAM_GROUPS: dict[str, tuple[str, ...]] = {
     "planner (every method: Stage I target optimisation)": (
         "layers", "v_lr", "v_steps", "v_loss_threshold", "v_weight_decay", "clamp_norm_factor",
-        "kl_factor", "kl_prompt", "context_count", "context_length",
+        "kl_factor", "kl_prompt", "context_count", "context_length", "planner_autocast",
     ),
     "statistics (C0 of every edit layer)": (
         "mom2_samples", "mom2_max_length", "mom2_batch_size", "mom2_dtype",

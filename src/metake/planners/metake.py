@@ -35,6 +35,7 @@ import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -62,6 +63,7 @@ from metake.planners.standard import (
     scatter_rows,
     target_log_probs,
 )
+from metake.precision import planner_precision
 from metake.requests import EditRequest
 from metake.tokens import EncodedPrompt, special_prefix
 
@@ -355,7 +357,8 @@ def lookahead_targets(
     weights only). Returns the refined targets and, per step, the meta-loss and its three terms
     (step 0 is the Stage I target itself). Prompts run in up to ``max_groups`` groups of similar
     length (little compute spent on padding); with ``skip_lower`` every step starts at the
-    channel's lowest changed layer from the cached residual stream below it.
+    channel's lowest changed layer from the cached residual stream below it. Its forwards and
+    backwards run under ``hparams.planner_autocast`` (:mod:`metake.precision`).
     """
     device = next(model.parameters()).device
     work_dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
@@ -364,9 +367,11 @@ def lookahead_targets(
         module = get_adapter(model).mlp_out(model, plan.layer)
         gate = ProxyChannel(module, plan.layer, gate, current)
     v_plan = plan.v_target.to(device=device, dtype=work_dtype)
-    objective = MetaObjective(model, tokenizer, requests, v_plan, hparams, contexts,
-                              locality_prompts, max_groups,
-                              gate.entry_layer if skip_lower else None, max_rows)  # fmt: skip
+    precision = partial(planner_precision, model, hparams.planner_autocast)
+    with precision():  # the original log-probs at the precision of the edited ones
+        objective = MetaObjective(model, tokenizer, requests, v_plan, hparams, contexts,
+                                  locality_prompts, max_groups,
+                                  gate.entry_layer if skip_lower else None, max_rows)  # fmt: skip
     v_star = v_plan.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([v_star], lr=hparams.metake_lr)
     history: list[dict[str, float]] = []
@@ -376,7 +381,8 @@ def lookahead_targets(
             observer(step, v_star.detach())
         last_step = step == hparams.metake_steps
         optimizer.zero_grad()
-        loss, nll, terms = objective.evaluate(v_star, gate, backward=not last_step)
+        with precision():
+            loss, nll, terms = objective.evaluate(v_star, gate, backward=not last_step)
         require_finite(nll, "MetaKE look-ahead (meta-loss)", layer=plan.layer,
                        requests=requests, per_request=True)  # fmt: skip
         require_finite(loss, "MetaKE look-ahead (meta-loss)", layer=plan.layer, requests=requests)

@@ -33,6 +33,7 @@ from metake.finite import require_finite
 from metake.hparams import MemitHparams
 from metake.models.adapters import ArchAdapter, get_adapter
 from metake.planners.prefix import PrefixCachedBatch
+from metake.precision import planner_precision
 from metake.requests import EditRequest
 from metake.tokens import (
     EncodedPrompt,
@@ -268,7 +269,9 @@ def compute_targets(
     most ``max_rows`` rows whose graphs live one at a time (peak memory; results equal up to
     float rounding). With ``drop_finished`` the prompts of requests that met the early stop are
     left out of later steps (their delta, NLL and KL no longer change: the same result, less
-    work); ``TargetPlan.rows_run`` counts the prompt rows run over all steps.
+    work); ``TargetPlan.rows_run`` counts the prompt rows run over all steps. The steps' forwards
+    and backwards run under ``hparams.planner_autocast`` (:mod:`metake.precision`); the starting
+    values ``v_init`` are read at full precision, as Stage II reads them.
     """
     adapter = get_adapter(model)
     layer = hparams.layers[-1]
@@ -314,7 +317,8 @@ def compute_targets(
     for step in range(hparams.v_steps):
         last_step = step == hparams.v_steps - 1
         optimizer.zero_grad()
-        nll, kl = terms(delta, backward=not last_step)  # [n] each; gradients in delta.grad
+        with planner_precision(model, hparams.planner_autocast):
+            nll, kl = terms(delta, backward=not last_step)  # [n] each; gradients in delta.grad
         decay = hparams.v_weight_decay * delta.norm(dim=-1) / init_norm2
         loss = nll + hparams.kl_factor * kl + decay.detach()  # [n]
         require_finite(loss, "Stage I (target optimisation)", layer=layer, requests=requests,
