@@ -1,6 +1,6 @@
 """The exact hypergradient through the multi-layer solver, against the solver itself.
 
-``spread_deltas`` replays Stage II differentiably; its gradient is checked against central finite
+``spread_updates`` replays Stage II differentiably; its gradient is checked against central finite
 differences of the meta-loss after the *real* solver (``apply_spread`` with the solvers' own
 update functions) wrote its weights, in float64. With one edit layer the exact hypergradient
 must equal the structural proxy's.
@@ -20,7 +20,7 @@ from metake import MetakeError
 from metake.evaluation.bench import method_spec
 from metake.hparams import MemitHparams
 from metake.models.adapters import get_adapter
-from metake.planners.hypergradient import ProxyChannel, SpreadChannel, spread_deltas
+from metake.planners.hypergradient import ProxyChannel, SpreadChannel, spread_updates
 from metake.planners.metake import LOCALITY_PROMPTS, MetaObjective
 from metake.requests import parse_requests
 from metake.solvers.alphaedit import alphaedit_delta, alphaedit_gate, null_space
@@ -37,6 +37,11 @@ LAYERS = (0, 1, 2)
 DEEP = {"num_layers": 6, "layers": (1, 2, 4)}
 """Edit layers above layer 0 with a gap: the replay starts from cached lower layers and each
 layer's forward from the residual stream that the previous one passed (``spread_updates``)."""
+
+
+def _dense(updates):
+    """``{layer: Delta [d_out, d_in]}`` from factored updates."""
+    return {layer: update.dense() for layer, update in updates.items()}
 
 
 def _moments(dim: int) -> dict[int, torch.Tensor]:
@@ -96,14 +101,14 @@ def _loss_after_solver(objective, tok, requests, v, solve) -> float:
 
 @pytest.mark.parametrize("shape", ["shallow", "deep"])
 @pytest.mark.parametrize("solver", ["memit", "alphaedit"])
-def test_spread_deltas_equal_the_solvers_updates(solver, shape):
+def test_spread_updates_equal_the_solvers_updates(solver, shape):
     extra = DEEP if shape == "deep" else {}
     model, tok, requests, _, targets, _ = _setup(**extra)
     layers = extra.get("layers", LAYERS)
     dim = get_adapter(model).weight(model, 0).shape[1]
     gate, solve = _solvers(dim)[solver]
     state = _state(model)
-    virtual = spread_deltas(model, tok, requests, targets, layers, CONTEXTS, gate)
+    virtual = _dense(spread_updates(model, tok, requests, targets, layers, CONTEXTS, gate))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # untouched
     real = apply_spread(model, tok, requests, targets, layers, CONTEXTS, solve)
     for layer in layers:
@@ -162,7 +167,7 @@ def test_gemma3_virtual_updates_and_one_layer_proxy_go_through_the_post_mlp_norm
     model, tok, requests, values, targets, objective = _setup(model_type="gemma3_text")
     dim = get_adapter(model).weight(model, 0).shape[1]
     gate, solve = _solvers(dim)["memit"]
-    virtual = spread_deltas(model, tok, requests, targets, LAYERS, CONTEXTS, gate)
+    virtual = _dense(spread_updates(model, tok, requests, targets, LAYERS, CONTEXTS, gate))
     state = _state(model)
     real = apply_spread(model, tok, requests, targets, LAYERS, CONTEXTS, solve)
     for layer in LAYERS:

@@ -10,7 +10,7 @@ turns the targets ``v*`` (``[n, d]`` at the last edit layer ``L``) into such a v
   residual ``v* - z_L`` is first mapped to a change of the projection's output, as the solver
   maps it (:meth:`~metake.models.adapters.ArchAdapter.residual_to_projection`).
 - :class:`SpreadChannel`: the whole Stage II solver as it will run, replayed differentiably
-  (:func:`spread_deltas`): for every edit layer in order the keys and the last layer's values are
+  (:func:`spread_updates`): for every edit layer in order the keys and the last layer's values are
   recomputed under the earlier layers' (virtual) updates, the residual is spread, the gate is
   solved in float64 from those keys, so autograd gives the exact hypergradient
   ``g_true = sum_l J_l^T s_l`` of the paper's Theorem 3 (through keys, residual spreading, the
@@ -155,22 +155,6 @@ def spread_updates(
         resid = layer_residuals(model, acts, layer, targets, len(layers) - i)  # [n, d_out]
         updates[layer] = LowRankUpdate(resid.double(), layer_gate.double())
     return updates
-
-
-def spread_deltas(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    requests: Sequence[EditRequest],
-    targets: torch.Tensor,
-    layers: Sequence[int],
-    contexts: Sequence[str],
-    gate: GateFn,
-    key_average: str = "types",
-) -> dict[int, torch.Tensor]:
-    """:func:`spread_updates` as dense ``{layer: Delta [d_out, d_in]}`` (float64)."""
-    updates = spread_updates(model, tokenizer, requests, targets, layers, contexts, gate,
-                             key_average)  # fmt: skip
-    return {layer: update.dense() for layer, update in updates.items()}
 
 
 @dataclass
