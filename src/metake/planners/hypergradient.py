@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from metake.models.adapters import get_adapter
@@ -35,7 +36,7 @@ from metake.solvers.memit import (
     lower_layers,
     subject_activations,
 )
-from metake.trace import LowerLayers, add_delta, add_low_rank, capture
+from metake.trace import LowerLayers, Trace, add_delta, add_low_rank, capture
 
 GateFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 """``(layer, keys [n, d_in], bare keys [n, d_in]) -> M [n, d_in]``: a solver's gate,
@@ -134,7 +135,10 @@ def spread_updates(
     Nothing is computed twice: the first layer's keys and gate and the unedited values do not
     depend on ``targets`` (``start``, from :func:`spread_start`; computed here if not given), and
     the forward for layer ``l_{i+1}`` starts at layer ``l_i`` from the residual stream that the
-    forward for ``l_i`` passed there (the updates below ``l_i`` are the same for both).
+    forward for ``l_i`` passed there (the updates below ``l_i`` are the same for both). Each of
+    these forwards is checkpointed: its graph keeps only what it returns and is recomputed
+    during the backward, so memory holds one forward's activations, not all of them (every
+    request x context prompt runs at once here: the solve couples them).
     """
     start = start or spread_start(model, tokenizer, requests, layers, contexts, gate, key_average)
     adapter = get_adapter(model)
@@ -143,11 +147,13 @@ def spread_updates(
     for i, layer in enumerate(layers):
         if i > 0:
             below = [adapter.layer_name(layer - 1)] if i + 1 < len(layers) else []
-            with virtual_updates(model, updates), capture(model, below, inputs=False,
-                                                          detach=False) as seen:  # fmt: skip
-                acts = subject_activations(model, tokenizer, requests, contexts, [layer],
-                                           layers[-1], track_grad=True, key_average=key_average,
-                                           lower=lower)  # fmt: skip
+
+            args = (model, tokenizer, requests, contexts, layer, layers[-1], key_average,
+                    lower, dict(updates), below)  # fmt: skip
+            if torch.is_grad_enabled():  # keep inputs and outputs; recompute the rest backward
+                acts, seen = checkpoint(_replay_layer, *args, use_reentrant=False)
+            else:
+                acts, seen = _replay_layer(*args)
             layer_gate = gate(layer, acts.keys[layer], acts.bare_keys[layer])
             if below:  # the input of layer l_i, for the forward of l_{i+1}
                 modules = [adapter.layer_module(model, j) for j in range(layer)]
@@ -155,6 +161,28 @@ def spread_updates(
         resid = layer_residuals(model, acts, layer, targets, len(layers) - i)  # [n, d_out]
         updates[layer] = LowRankUpdate(resid.double(), layer_gate.double())
     return updates
+
+
+def _replay_layer(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    contexts: Sequence[str],
+    layer: int,
+    last: int,
+    key_average: str,
+    lower: LowerLayers | None,
+    done: Mapping[int, LowRankUpdate],
+    below: Sequence[str],
+) -> tuple[SubjectActivations, Trace]:
+    """One forward of :func:`spread_updates`: keys at ``layer`` and values at ``last`` under
+    the updates ``done``, from ``lower``; ``below`` (one layer name or none) is captured with
+    its graph for the next layer's forward."""
+    with virtual_updates(model, done), capture(model, below, inputs=False, detach=False) as seen:
+        acts = subject_activations(model, tokenizer, requests, contexts, [layer], last,
+                                   track_grad=True, key_average=key_average,
+                                   lower=lower)  # fmt: skip
+    return acts, seen
 
 
 @dataclass
