@@ -269,14 +269,13 @@ Channel = ProxyChannel | SpreadChannel
 def detached_updates(
     updates: Mapping[int, LowRankUpdate], requires_grad: bool
 ) -> dict[int, LowRankUpdate]:
-    """The same factors cut from their graph, as leaves (collecting gradients if asked)."""
-    return {
-        layer: LowRankUpdate(
-            u.up.detach().requires_grad_(requires_grad),
-            u.down.detach().requires_grad_(requires_grad),
-        )  # fmt: skip
-        for layer, u in updates.items()
-    }
+    """The same factors cut from their graph, as leaves; those that depend on ``v*`` collect
+    gradients if asked (a constant factor, such as the proxy's gate, costs no gradient)."""
+
+    def leaf(factor: torch.Tensor) -> torch.Tensor:
+        return factor.detach().requires_grad_(requires_grad and factor.requires_grad)
+
+    return {layer: LowRankUpdate(leaf(u.up), leaf(u.down)) for layer, u in updates.items()}
 
 
 def backward_into_updates(
