@@ -376,21 +376,22 @@ def lookahead_targets(
     optimizer = torch.optim.Adam([v_star], lr=hparams.metake_lr)
     history: list[dict[str, float]] = []
     nll = torch.zeros(len(requests))
-    for step in range(hparams.metake_steps + 1):
-        if observer is not None:
-            observer(step, v_star.detach())
-        last_step = step == hparams.metake_steps
-        optimizer.zero_grad()
-        with precision():
+    with precision():  # entered once for all steps
+        for step in range(hparams.metake_steps + 1):
+            if observer is not None:
+                observer(step, v_star.detach())
+            last_step = step == hparams.metake_steps
+            optimizer.zero_grad()
             loss, nll, terms = objective.evaluate(v_star, gate, backward=not last_step)
-        require_finite(nll, "MetaKE look-ahead (meta-loss)", layer=plan.layer,
-                       requests=requests, per_request=True)  # fmt: skip
-        require_finite(loss, "MetaKE look-ahead (meta-loss)", layer=plan.layer, requests=requests)
-        history.append({"step": step, **terms})
-        log.debug("metake look-ahead step %d: %s", step, history[-1])
-        if last_step:
-            break
-        optimizer.step()
+            require_finite(nll, "MetaKE look-ahead (meta-loss)", layer=plan.layer,
+                           requests=requests, per_request=True)  # fmt: skip
+            require_finite(loss, "MetaKE look-ahead (meta-loss)", layer=plan.layer,
+                           requests=requests)  # fmt: skip
+            history.append({"step": step, **terms})
+            log.debug("metake look-ahead step %d: %s", step, history[-1])
+            if last_step:
+                break
+            optimizer.step()
     require_finite(v_star, "MetaKE look-ahead (targets)", layer=plan.layer, requests=requests,
                    per_request=True)  # fmt: skip
     return RefinedPlan(

@@ -314,40 +314,40 @@ def compute_targets(
                          request_of_row, hparams.kl_factor, groups_of)  # fmt: skip
     history: list[dict[str, float]] = []
     step = 0
-    for step in range(hparams.v_steps):
-        last_step = step == hparams.v_steps - 1
-        optimizer.zero_grad()
-        with planner_precision(model, hparams.planner_autocast):
+    with planner_precision(model, hparams.planner_autocast):  # entered once: one cast
+        for step in range(hparams.v_steps):
+            last_step = step == hparams.v_steps - 1
+            optimizer.zero_grad()
             nll, kl = terms(delta, backward=not last_step)  # [n] each; gradients in delta.grad
-        decay = hparams.v_weight_decay * delta.norm(dim=-1) / init_norm2
-        loss = nll + hparams.kl_factor * kl + decay.detach()  # [n]
-        require_finite(loss, "Stage I (target optimisation)", layer=layer, requests=requests,
-                       per_request=True)  # fmt: skip
-        history.append(
-            {
-                "step": step,
-                "nll": nll.mean().item(),
-                "kl": kl.mean().item(),
-                "weight_decay": decay.mean().item(),
-                "loss": loss.mean().item(),
-                "active": int(active.sum()),
-            }
-        )
-        log.debug("stage I step %d: %s", step, history[-1])
-        active = active & (loss >= hparams.v_loss_threshold)
-        if last_step or not active.any():
-            break
-        if drop_finished:
-            terms.keep_only(active)
-        decay.sum().backward()
-        with torch.no_grad():  # loss_i depends on delta_i alone: masking the gradient afterwards
-            delta.grad[~active] = 0  # equals the gradient of the masked sum
-        before = delta.detach().clone()
-        optimizer.step()
-        with torch.no_grad():
-            delta[~active] = before[~active]  # finished requests keep their delta
-            scale = (max_norm / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
-            delta.mul_(scale[:, None])
+            decay = hparams.v_weight_decay * delta.norm(dim=-1) / init_norm2
+            loss = nll + hparams.kl_factor * kl + decay.detach()  # [n]
+            require_finite(loss, "Stage I (target optimisation)", layer=layer, requests=requests,
+                           per_request=True)  # fmt: skip
+            history.append(
+                {
+                    "step": step,
+                    "nll": nll.mean().item(),
+                    "kl": kl.mean().item(),
+                    "weight_decay": decay.mean().item(),
+                    "loss": loss.mean().item(),
+                    "active": int(active.sum()),
+                }
+            )
+            log.debug("stage I step %d: %s", step, history[-1])
+            active = active & (loss >= hparams.v_loss_threshold)
+            if last_step or not active.any():
+                break
+            if drop_finished:
+                terms.keep_only(active)
+            decay.sum().backward()
+            with torch.no_grad():  # loss_i depends on delta_i alone: masking the gradient
+                delta.grad[~active] = 0  # afterwards equals the gradient of the masked sum
+            before = delta.detach().clone()
+            optimizer.step()
+            with torch.no_grad():
+                delta[~active] = before[~active]  # finished requests keep their delta
+                scale = (max_norm / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
+                delta.mul_(scale[:, None])
     v_target = (v_init + delta).detach()
     require_finite(v_target, "Stage I (targets)", layer=layer, requests=requests,
                    per_request=True)  # fmt: skip
