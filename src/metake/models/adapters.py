@@ -58,6 +58,10 @@ class ArchAdapter:
         self._check_layer(model, layer)
         return model.get_submodule(self.layer_name(layer))
 
+    def layers_below(self, model: nn.Module, layer: int) -> list[nn.Module]:
+        """Decoder layers ``0 .. layer - 1`` (what a cached residual stream at ``layer`` skips)."""
+        return [self.layer_module(model, i) for i in range(layer)]
+
     def mlp_out(self, model: nn.Module, layer: int) -> nn.Module:
         """The MLP output projection module of layer ``layer``."""
         self._check_layer(model, layer)

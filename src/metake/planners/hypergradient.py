@@ -147,7 +147,6 @@ def spread_updates(
     for i, layer in enumerate(layers):
         if i > 0:
             below = [adapter.layer_name(layer - 1)] if i + 1 < len(layers) else []
-
             args = (model, tokenizer, requests, contexts, layer, layers[-1], key_average,
                     lower, dict(updates), below)  # fmt: skip
             if torch.is_grad_enabled():  # keep inputs and outputs; recompute the rest backward
@@ -156,8 +155,8 @@ def spread_updates(
                 acts, seen = _replay_layer(*args)
             layer_gate = gate(layer, acts.keys[layer], acts.bare_keys[layer])
             if below:  # the input of layer l_i, for the forward of l_{i+1}
-                modules = [adapter.layer_module(model, j) for j in range(layer)]
-                lower = LowerLayers(modules, seen.outputs[below[0]], below[0] in seen.tuple_outputs)
+                lower = LowerLayers(adapter.layers_below(model, layer), seen.outputs[below[0]],
+                                    below[0] in seen.tuple_outputs)  # fmt: skip
         resid = layer_residuals(model, acts, layer, targets, len(layers) - i)  # [n, d_out]
         updates[layer] = LowRankUpdate(resid.double(), layer_gate.double())
     return updates

@@ -35,7 +35,6 @@ import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 from torch import nn
@@ -367,16 +366,15 @@ def lookahead_targets(
         module = get_adapter(model).mlp_out(model, plan.layer)
         gate = ProxyChannel(module, plan.layer, gate, current)
     v_plan = plan.v_target.to(device=device, dtype=work_dtype)
-    precision = partial(planner_precision, model, hparams.planner_autocast)
-    with precision():  # the original log-probs at the precision of the edited ones
-        objective = MetaObjective(model, tokenizer, requests, v_plan, hparams, contexts,
-                                  locality_prompts, max_groups,
-                                  gate.entry_layer if skip_lower else None, max_rows)  # fmt: skip
     v_star = v_plan.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([v_star], lr=hparams.metake_lr)
     history: list[dict[str, float]] = []
     nll = torch.zeros(len(requests))
-    with precision():  # entered once for all steps
+    with planner_precision(model, hparams.planner_autocast):  # entered once: one weight cast
+        # the original log-probs at the precision of the edited ones
+        objective = MetaObjective(model, tokenizer, requests, v_plan, hparams, contexts,
+                                  locality_prompts, max_groups,
+                                  gate.entry_layer if skip_lower else None, max_rows)  # fmt: skip
         for step in range(hparams.metake_steps + 1):
             if observer is not None:
                 observer(step, v_star.detach())

@@ -202,7 +202,7 @@ def enter_at_layer(
     if layer == 0:
         return
     name = adapter.layer_name(layer - 1)
-    lower = [adapter.layer_module(model, i) for i in range(layer)]
+    lower = adapter.layers_below(model, layer)
     for group in groups:
         group.skip = cache_lower_layers(model, lower, name, group.run)
 

@@ -26,7 +26,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from metake.models.adapters import get_adapter
 from metake.requests import EditRequest
 from metake.solvers.base import Solver
-from metake.tokens import EncodedPrompt, PromptBatch, encode_request, pad_batch
+from metake.tokens import EncodedPrompt, PromptBatch, encode_request, pad_batch, padding_id
 from metake.trace import LowerLayers, cache_lower_layers, capture
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ def _activation_batch(
         encode_request(tokenizer, r, c, with_target=False) for r in requests for c in contexts
     ]
     cut = [EncodedPrompt(e.input_ids[: e.subject_last + 1], e.subject_last) for e in encoded]
-    return pad_batch(cut, tokenizer.pad_token_id).to(device)
+    return pad_batch(cut, padding_id(tokenizer)).to(device)
 
 
 @torch.no_grad()
@@ -191,10 +191,9 @@ def lower_layers(
         return None
     adapter = get_adapter(model)
     batch = _activation_batch(tokenizer, requests, contexts, next(model.parameters()).device)
-    modules = [adapter.layer_module(model, i) for i in range(layer)]
     return cache_lower_layers(
         model,
-        modules,
+        adapter.layers_below(model, layer),
         adapter.layer_name(layer - 1),
         lambda: model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask),
     )
