@@ -162,6 +162,57 @@ def test_float32_accumulation_close_to_float64(llama, tokenizer, corpus):
         compute_second_moments(llama, tokenizer, [3], corpus, **kw)
 
 
+def test_bfloat16_forward_close_to_full_precision_but_not_equal(llama, tokenizer, corpus):
+    """The statistics' forward under bfloat16 autocast: keys rounded (C0 moves, a little), the
+    sums still exact for those keys, the model's weights and attention setting untouched."""
+    kw = dict(num_samples=20, max_length=MAX_LEN, progress=False)
+    weights = {name: p.clone() for name, p in llama.named_parameters()}
+    attention = llama.config._attn_implementation
+    full = compute_second_moments(llama, tokenizer, [0, 1], corpus, **kw)
+    half = compute_second_moments(llama, tokenizer, [0, 1], corpus, autocast="bfloat16", **kw)
+    again = compute_second_moments(llama, tokenizer, [0, 1], corpus, autocast="bfloat16", **kw)
+    for layer in (0, 1):
+        a, b = full[layer].mom2, half[layer].mom2
+        assert b.dtype == torch.float64 and half[layer].num_tokens == full[layer].num_tokens
+        assert not torch.equal(a, b)  # the forward really ran in bfloat16
+        assert float((a - b).norm() / a.norm()) < 2e-2
+        torch.testing.assert_close(b, b.T, rtol=0, atol=0)
+        torch.testing.assert_close(again[layer].mom2, b, rtol=0, atol=0)  # deterministic
+    assert all(torch.equal(p, weights[name]) for name, p in llama.named_parameters())
+    assert all(p.dtype == torch.float32 for p in llama.parameters())
+    assert llama.config._attn_implementation == attention
+    with pytest.raises(ValueError, match="autocast"):
+        compute_second_moments(llama, tokenizer, [1], corpus, autocast="float16", **kw)
+
+
+def test_batch_gram_in_float32_equals_float64_products():
+    """Under autocast each batch's k^T k is formed in float32 and added to the float64 sum."""
+    from metake.stats import _accumulate
+
+    keys = torch.randn(50, 7, generator=torch.Generator().manual_seed(0))
+    sums: dict[int, torch.Tensor] = {}
+    _accumulate(sums, 3, keys, torch.float64, batch_gram=True)
+    _accumulate(sums, 3, keys, torch.float64, batch_gram=True)
+    want = 2 * keys.double().T @ keys.double()
+    assert sums[3].dtype == torch.float64
+    torch.testing.assert_close(sums[3], want, rtol=1e-6, atol=1e-5)
+
+
+def test_mom2_autocast_hparam_reaches_the_cache_key(tmp_path):
+    from metake.hparams import MemitHparams
+
+    hp = MemitHparams(layers=(1,)).with_overrides(mom2_autocast="bfloat16")
+    assert hp.mom2_autocast == "bfloat16"
+    assert hp.with_overrides(mom2_autocast="none").mom2_autocast is None
+    with pytest.raises(ValueError, match="mom2_autocast"):
+        MemitHparams(layers=(1,), mom2_autocast="float16")
+    common = dict(model_id="m", model_fp="f", layer=1, corpus_fp="c", num_samples=2,
+                  max_length=8, accum_dtype=torch.float64)  # fmt: skip
+    plain = StatsCache.key(**common)
+    assert "forward_autocast" not in plain  # the full-precision keys are those of before
+    assert StatsCache.key(**common, autocast="bfloat16")["forward_autocast"] == "bfloat16"
+
+
 # ----- (6) padding tokens are excluded -------------------------------------------------------
 @pytest.mark.parametrize("with_pad", [False, True])
 @pytest.mark.parametrize("model_name", ["gpt2", "llama"])
@@ -279,6 +330,7 @@ def test_cache_keys_differ(tmp_path, tokenizer, corpus):
         (m1, corpus, dict(num_samples=4)),
         (m0, corpus, dict(num_samples=4, accum_dtype=torch.float32)),
         (m0, corpus, dict(num_samples=4, max_length=MAX_LEN - 1)),
+        (m0, corpus, dict(num_samples=4, autocast="bfloat16")),
     ]
     for i, (model, corp, extra) in enumerate(runs, start=1):
         get_second_moments(model, tokenizer, [0], corp, **{**kw, **extra})

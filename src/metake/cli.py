@@ -880,6 +880,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         max_length=hp.mom2_max_length,
         batch_size=args.batch_size,
         accum_dtype=getattr(torch, hp.mom2_dtype),
+        autocast=hp.mom2_autocast,
         use_cache=not args.no_stats_cache,
     )
     kind = "relative" if hp.nullspace_relative else "absolute"

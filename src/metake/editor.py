@@ -243,6 +243,7 @@ class Editor:
             max_length=hp.mom2_max_length,
             batch_size=hp.mom2_batch_size,
             accum_dtype=getattr(torch, hp.mom2_dtype),
+            autocast=hp.mom2_autocast,
             cache=self.stats_cache,
             use_cache=self.use_stats_cache,
             progress=self.progress,

@@ -37,6 +37,7 @@ class MemitHparams:
     mom2_max_length: int = 256
     mom2_batch_size: int = 8
     mom2_dtype: str = "float64"
+    mom2_autocast: str | None = None  # "bfloat16": the statistics' forward under autocast
     # AlphaEdit (method="alphaedit"): null-space projector of C0 and its own ridge term
     nullspace_threshold: float = 2e-2  # AlphaEdit's configs for GPT2-XL, GPT-J, Llama3-8B
     nullspace_relative: bool = False  # threshold as a fraction of C0's largest eigenvalue
@@ -64,6 +65,8 @@ class MemitHparams:
             raise ValueError("hparams: 'metake_hypergradient' must be 'proxy' or 'exact'")
         if self.planner_autocast not in (None, "bfloat16"):
             raise ValueError("hparams: 'planner_autocast' must be 'bfloat16' or none")
+        if self.mom2_autocast not in (None, "bfloat16"):
+            raise ValueError("hparams: 'mom2_autocast' must be 'bfloat16' or none")
         if self.mom2_dtype not in ("float32", "float64"):
             raise ValueError("hparams: 'mom2_dtype' must be 'float32' or 'float64'")
         positive = ("v_lr", "mom2_update_weight", "mom2_samples", "mom2_max_length", "metake_lr",
@@ -175,7 +178,7 @@ HPARAM_GROUPS: dict[str, tuple[str, ...]] = {
         "kl_factor", "kl_prompt", "context_count", "context_length", "planner_autocast",
     ),
     "statistics (C0 of every edit layer)": (
-        "mom2_samples", "mom2_max_length", "mom2_batch_size", "mom2_dtype",
+        "mom2_samples", "mom2_max_length", "mom2_batch_size", "mom2_dtype", "mom2_autocast",
     ),
     "memit": ("mom2_update_weight",),
     "alphaedit": (

@@ -8,7 +8,14 @@ layers at once (one forward per batch, stopped after the highest layer); only th
 
 Results are cached on disk as safetensors files (no pickle), keyed by the model id, a content
 fingerprint of the model weights, the layer, the corpus fingerprint, ``num_samples``,
-``max_length`` and the accumulation dtype.
+``max_length``, the accumulation dtype and (when set) the forward's autocast dtype.
+
+With ``autocast="bfloat16"`` the forward runs under :func:`~metake.precision.planner_precision`
+(matrix products in bfloat16: several times faster on CPUs with AMX/AVX512-BF16 and on GPUs)
+and each batch's ``k^T k`` is formed in float32, then added to the running sum in the
+accumulation dtype: keys rounded to bfloat16 gain nothing from a float64 product. How much
+that changes ``C0``, next to the sampling noise of the corpus itself, is measured by
+``benchmarks/stats_speed.py`` (docs/statistics.md).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from metake.errors import CorpusError
 from metake.files import write_file_atomically
 from metake.finite import require_finite
 from metake.models.adapters import get_adapter
+from metake.precision import AUTOCAST_DTYPES, planner_precision
 from metake.tokens import padding_id, right_pad
 from metake.trace import capture
 
@@ -65,10 +73,15 @@ def compute_second_moments(
     max_length: int = 256,
     batch_size: int = 8,
     accum_dtype: torch.dtype = torch.float64,
+    autocast: str | None = None,
     progress: bool = True,
 ) -> dict[int, SecondMoment]:
-    """One pass over ``num_samples`` texts: ``{layer: E[k k^T]}`` with ``mom2`` ``[d_in, d_in]``."""
-    layers = _check_args(model, layers, num_samples, max_length, batch_size, accum_dtype)
+    """One pass over ``num_samples`` texts: ``{layer: E[k k^T]}`` with ``mom2`` ``[d_in, d_in]``.
+
+    ``autocast`` (``None`` or ``"bfloat16"``) runs the forward in that precision (module doc).
+    """
+    layers = _check_args(model, layers, num_samples, max_length, batch_size, accum_dtype,
+                         autocast)  # fmt: skip
     adapter = get_adapter(model)
     names = {layer: adapter.mlp_out_name(layer) for layer in layers}
     stop_after = names[max(layers)]
@@ -94,7 +107,7 @@ def compute_second_moments(
         total=total, desc=f"key statistics ({corpus.name})", unit="text", disable=not progress
     )
     try:
-        with torch.no_grad():
+        with torch.no_grad(), planner_precision(model, autocast):
             texts = itertools.islice(corpus.iter_texts(), num_samples)
             for consumed, rows in _token_batches(tokenizer, texts, batch_size, max_length):
                 num_texts += consumed
@@ -109,14 +122,11 @@ def compute_second_moments(
                     model(input_ids=input_ids, attention_mask=mask, use_cache=False)
                 keep = mask.bool()
                 num_tokens += int(keep.sum())
-                for layer, name in names.items():
-                    k = trace.inputs[name]  # [batch, seq, d_in]
-                    k = k[keep.to(k.device)].to(device=acc_device, dtype=accum_dtype)  # [n, d_in]
-                    if layer not in sums:
-                        sums[layer] = torch.zeros(
-                            k.shape[-1], k.shape[-1], dtype=accum_dtype, device=acc_device
-                        )
-                    sums[layer].addmm_(k.T, k)
+                with torch.autocast(device.type, enabled=False):  # the sums at full precision
+                    for layer, name in names.items():
+                        k = trace.inputs[name]  # [batch, seq, d_in]
+                        k = k[keep.to(k.device)].to(acc_device)  # [n, d_in]
+                        _accumulate(sums, layer, k, accum_dtype, batch_gram=autocast is not None)
                 del trace
     finally:
         bar.close()
@@ -143,6 +153,26 @@ def compute_second_moments(
     }
 
 
+def _accumulate(
+    sums: dict[int, torch.Tensor],
+    layer: int,
+    keys: torch.Tensor,
+    accum_dtype: torch.dtype,
+    batch_gram: bool,
+) -> None:
+    """Add ``keys^T keys`` (keys ``[n, d_in]``) to ``sums[layer]`` (``[d_in, d_in]``, created
+    on first use); with ``batch_gram`` the batch's product is formed in float32 first."""
+    if layer not in sums:
+        d_in = keys.shape[-1]
+        sums[layer] = torch.zeros(d_in, d_in, dtype=accum_dtype, device=keys.device)
+    if batch_gram:
+        keys = keys.float()
+        sums[layer].add_(keys.T @ keys)
+    else:
+        keys = keys.to(accum_dtype)
+        sums[layer].addmm_(keys.T, keys)
+
+
 def _check_args(
     model: nn.Module,
     layers: Sequence[int],
@@ -150,9 +180,13 @@ def _check_args(
     max_length: int,
     batch_size: int,
     accum_dtype: torch.dtype,
+    autocast: str | None = None,
 ) -> list[int]:
     if accum_dtype not in _ACCUM_DTYPES:
         raise ValueError(f"accum_dtype must be torch.float32 or torch.float64, got {accum_dtype}")
+    if autocast is not None and autocast not in AUTOCAST_DTYPES:
+        raise ValueError(f"the statistics' autocast must be one of {sorted(AUTOCAST_DTYPES)} or "
+                         f"None, got {autocast!r}")  # fmt: skip
     for value, what in (
         (num_samples, "num_samples"),
         (max_length, "max_length"),
@@ -268,9 +302,13 @@ class StatsCache:
         num_samples: int,
         max_length: int,
         accum_dtype: torch.dtype,
+        autocast: str | None = None,
     ) -> dict[str, str]:
-        """The cache key as string metadata (all values are strings, as safetensors requires)."""
-        return {
+        """The cache key as string metadata (all values are strings, as safetensors requires).
+
+        ``autocast`` enters the key only when set, so the full-precision keys stay as they were.
+        """
+        key = {
             "format": _FORMAT,
             "model_id": str(model_id),
             "model_fingerprint": model_fp,
@@ -280,6 +318,9 @@ class StatsCache:
             "max_length": str(int(max_length)),
             "accum_dtype": _ACCUM_DTYPES.get(accum_dtype, str(accum_dtype)),
         }
+        if autocast is not None:
+            key["forward_autocast"] = str(autocast)
+        return key
 
     def path_for(self, key: dict[str, str]) -> Path:
         """File of ``key``: ``<model id>-L<layer>-<16 hex of the key's sha256>.safetensors``."""
@@ -342,12 +383,14 @@ def get_second_moments(
     max_length: int = 256,
     batch_size: int = 8,
     accum_dtype: torch.dtype = torch.float64,
+    autocast: str | None = None,
     cache: StatsCache | None = None,
     use_cache: bool = True,
     progress: bool = True,
 ) -> dict[int, SecondMoment]:
     """``{layer: E[k k^T]}`` (``[d_in, d_in]`` float64): cached layers loaded, the rest computed."""
-    layers = _check_args(model, layers, num_samples, max_length, batch_size, accum_dtype)
+    layers = _check_args(model, layers, num_samples, max_length, batch_size, accum_dtype,
+                         autocast)  # fmt: skip
     if not use_cache:
         return compute_second_moments(
             model,
@@ -358,6 +401,7 @@ def get_second_moments(
             max_length=max_length,
             batch_size=batch_size,
             accum_dtype=accum_dtype,
+            autocast=autocast,
             progress=progress,
         )
 
@@ -372,6 +416,7 @@ def get_second_moments(
             num_samples=num_samples,
             max_length=max_length,
             accum_dtype=accum_dtype,
+            autocast=autocast,
         )
         for layer in layers
     }
@@ -385,7 +430,7 @@ def get_second_moments(
                 result.update(_compute_and_cache(model, tokenizer, missing, corpus, cache, keys,
                                                  num_samples=num_samples, max_length=max_length,
                                                  batch_size=batch_size, accum_dtype=accum_dtype,
-                                                 progress=progress))  # fmt: skip
+                                                 autocast=autocast, progress=progress))  # fmt: skip
     return {layer: result[layer] for layer in layers}
 
 
