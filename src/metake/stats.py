@@ -12,10 +12,11 @@ fingerprint of the model weights, the layer, the corpus fingerprint, ``num_sampl
 
 With ``autocast="bfloat16"`` the forward runs under :func:`~metake.precision.planner_precision`
 (matrix products in bfloat16: several times faster on CPUs with AMX/AVX512-BF16 and on GPUs)
-and each batch's ``k^T k`` is formed in float32, then added to the running sum in the
-accumulation dtype: keys rounded to bfloat16 gain nothing from a float64 product. How much
-that changes ``C0``, next to the sampling noise of the corpus itself, is measured by
-``benchmarks/stats_speed.py`` (docs/statistics.md).
+and so does each batch's ``k^T k`` (the keys already are bfloat16 numbers: their products are
+exact and summed in float32 inside the kernel, only the batch's result is rounded), which is
+then added to the running sum in the accumulation dtype. How much that changes ``C0``, next to
+the sampling noise of the corpus itself, is measured by ``benchmarks/stats_speed.py``
+(docs/statistics.md).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def compute_second_moments(
     stop_after = names[max(layers)]
     device = _input_device(model)
     acc_device = _accum_device(device, accum_dtype)
+    batch_dtype = AUTOCAST_DTYPES[autocast] if autocast is not None else None
     pad_id = padding_id(tokenizer)
 
     total = min(num_samples, corpus.num_texts) if corpus.num_texts else num_samples
@@ -126,7 +128,7 @@ def compute_second_moments(
                     for layer, name in names.items():
                         k = trace.inputs[name]  # [batch, seq, d_in]
                         k = k[keep.to(k.device)].to(acc_device)  # [n, d_in]
-                        _accumulate(sums, layer, k, accum_dtype, batch_gram=autocast is not None)
+                        _accumulate(sums, layer, k, accum_dtype, batch_dtype)
                 del trace
     finally:
         bar.close()
@@ -158,15 +160,15 @@ def _accumulate(
     layer: int,
     keys: torch.Tensor,
     accum_dtype: torch.dtype,
-    batch_gram: bool,
+    batch_dtype: torch.dtype | None = None,
 ) -> None:
     """Add ``keys^T keys`` (keys ``[n, d_in]``) to ``sums[layer]`` (``[d_in, d_in]``, created
-    on first use); with ``batch_gram`` the batch's product is formed in float32 first."""
+    on first use); with ``batch_dtype`` the batch's product is formed in that dtype first."""
     if layer not in sums:
         d_in = keys.shape[-1]
         sums[layer] = torch.zeros(d_in, d_in, dtype=accum_dtype, device=keys.device)
-    if batch_gram:
-        keys = keys.float()
+    if batch_dtype is not None:
+        keys = keys.to(batch_dtype)
         sums[layer].add_(keys.T @ keys)
     else:
         keys = keys.to(accum_dtype)
