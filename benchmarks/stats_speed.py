@@ -9,8 +9,8 @@ the built-in Wikipedia corpus (first ``--texts`` intros), without the cache:
 
 - **time** of one pass over the first ``--timing-texts`` texts for every layer of ``--layers``,
   as ``metake stats`` runs it (float32 forward, float64 sums) and with
-  ``mom2_autocast="bfloat16"`` (bfloat16 forward, each batch's k^T k in bfloat16 added in float64), best of
-  ``--repeats``;
+  ``mom2_autocast="bfloat16"`` (bfloat16 forward, each batch's k^T k in bfloat16, added in
+  float64), best of ``--repeats``;
 - **how far C0 moves** over all ``--texts`` texts: the relative Frobenius difference of the
   bfloat16 C0 from the float32 one, next to the yardstick of the corpus's own sampling noise
   (C0 of the first half of the texts against C0 of the second half, both float32) and the
