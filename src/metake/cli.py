@@ -258,14 +258,28 @@ def build_parser() -> argparse.ArgumentParser:
         "stats",
         "precompute the key statistics C0 of edit layers (cached on disk)",
         "Compute C0 = E[k k^T] of the MLP-output keys over a corpus, once, into the cache that "
-        "`metake edit` reads, and print each layer's AlphaEdit null-space rank.",
+        "`metake edit` reads, and print each layer's AlphaEdit null-space rank. Under torchrun "
+        "(or accelerate launch) each process reads its share of the corpus and the sums are "
+        "all-reduced; rank 0 writes the cache and prints.",
         ["metake stats --model smollm2-135m --layers 3,4,5,6,7",
-         "metake stats --model gemma3-270m --corpus my_texts.jsonl --samples 5000"],
+         "metake stats --model gemma3-270m --corpus my_texts.jsonl --samples 5000",
+         "torchrun --standalone --nproc-per-node 4 -m metake stats --model M --export c0.st",
+         "metake stats --model M --import c0.st"],
     )  # fmt: skip
     _add_model_args(stats)
     _add_layers(stats)
     _add_stats_args(stats)
     stats.add_argument("--batch-size", type=int, default=8)
+    stats.add_argument(
+        "--export", metavar="FILE", default=None,
+        help="also write the statistics (per-layer C0 and token counts) to FILE (safetensors), "
+        "for another machine's --import",
+    )  # fmt: skip
+    stats.add_argument(
+        "--import", dest="import_file", metavar="FILE", default=None,
+        help="put the statistics of a --export FILE into this machine's cache (checked against "
+        "this model's weights) instead of computing them",
+    )  # fmt: skip
     _add_set(stats, "override a hyper-parameter, e.g. --set nullspace_threshold=0.02")
     stats.set_defaults(func=cmd_stats)
 
@@ -860,29 +874,40 @@ def _print_edit(out: dict[str, Any], report) -> None:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    """``metake stats``: compute (or find cached) C0 for the given layers."""
-    from metake.corpus import load_corpus
-    from metake.solvers.alphaedit import null_space
-    from metake.stats import get_second_moments
+    """``metake stats``: compute (or find cached, or import) C0 for the given layers."""
+    from metake import distributed
 
-    device = resolve_device(args.device)
+    device = distributed.init_from_environment(resolve_device(args.device))
+    try:
+        return _stats(args, device)
+    finally:
+        distributed.close()
+
+
+def _stats(args: argparse.Namespace, device: str) -> int:
+    from metake.corpus import load_corpus
+    from metake.distributed import rank_and_world
+    from metake.solvers.alphaedit import null_space
+    from metake.stats import cache_keys, export_moments, get_second_moments, import_moments
+
+    rank, world = rank_and_world()
     model, tokenizer = load_model(args.model, device=device, dtype=_dtype(args))
+    start = time.perf_counter()
+    if args.import_file:
+        moments = import_moments(args.import_file, model, model_id=args.model)
+        print(f"imported the statistics of layers {sorted(moments)} from {args.import_file} "
+              "into the cache")  # fmt: skip
+        return 0
     hp = memit_hparams(model.config, **_overrides(args))
     corpus = load_corpus(args.corpus)
-    start = time.perf_counter()
-    moments = get_second_moments(
-        model,
-        tokenizer,
-        list(hp.layers),
-        corpus,
-        model_id=args.model,
-        num_samples=hp.mom2_samples,
-        max_length=hp.mom2_max_length,
-        batch_size=args.batch_size,
-        accum_dtype=getattr(torch, hp.mom2_dtype),
-        autocast=hp.mom2_autocast,
-        use_cache=not args.no_stats_cache,
-    )
+    options = dict(model_id=args.model, num_samples=hp.mom2_samples,
+                   max_length=hp.mom2_max_length, accum_dtype=getattr(torch, hp.mom2_dtype),
+                   autocast=hp.mom2_autocast)  # fmt: skip
+    moments = get_second_moments(model, tokenizer, list(hp.layers), corpus,
+                                 batch_size=args.batch_size, use_cache=not args.no_stats_cache,
+                                 **options)  # fmt: skip
+    if rank != 0:
+        return 0
     kind = "relative" if hp.nullspace_relative else "absolute"
     for layer, m in sorted(moments.items()):
         ns = null_space(m.mom2, hp.nullspace_threshold, hp.nullspace_relative)
@@ -892,7 +917,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"AlphaEdit null space ({kind} threshold {hp.nullspace_threshold:g}): rank "
             f"{ns.rank}/{m.mom2.shape[0]}"
         )
-    print(f"corpus: {corpus.name}; {time.perf_counter() - start:.1f} s")
+    if args.export:
+        keys = cache_keys(model, list(hp.layers), corpus, **options)
+        path = export_moments(args.export, moments, keys, corpus.name)
+        print(f"exported to {path} (`metake stats --model ... --import {path}` on another machine)")
+    processes = f" in {world} processes" if world > 1 else ""
+    print(f"corpus: {corpus.name}; {time.perf_counter() - start:.1f} s{processes}")
     return 0
 
 

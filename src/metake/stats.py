@@ -41,10 +41,11 @@ from tqdm.auto import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from metake.corpus import TextCorpus
+from metake.distributed import rank_and_world, sum_across_processes, union_across_processes
 from metake.errors import CorpusError
 from metake.files import write_file_atomically
 from metake.finite import require_finite
-from metake.models.adapters import get_adapter
+from metake.models.adapters import ArchAdapter, get_adapter
 from metake.precision import AUTOCAST_DTYPES, planner_precision
 from metake.tokens import padding_id, right_pad
 from metake.trace import capture
@@ -91,8 +92,9 @@ def compute_second_moments(
     batch_dtype = AUTOCAST_DTYPES[autocast] if autocast is not None else None
     pad_id = padding_id(tokenizer)
 
+    rank, world = rank_and_world()
     total = min(num_samples, corpus.num_texts) if corpus.num_texts else num_samples
-    if corpus.num_texts and corpus.num_texts < num_samples:
+    if corpus.num_texts and corpus.num_texts < num_samples and rank == 0:
         log.warning(
             "corpus %r has only %d texts; using all of them instead of num_samples=%d",
             corpus.name,
@@ -100,17 +102,18 @@ def compute_second_moments(
             num_samples,
         )
 
-    sums: dict[int, torch.Tensor] = {}
+    sums = {layer: _zeros_for(model, adapter, layer, accum_dtype, acc_device) for layer in layers}
     num_tokens = 0
     num_texts = 0
     was_training = model.training
     model.eval()
-    bar = tqdm(
-        total=total, desc=f"key statistics ({corpus.name})", unit="text", disable=not progress
-    )
+    bar = tqdm(total=len(range(rank, total, world)), desc=f"key statistics ({corpus.name})",
+               unit="text", disable=not progress or rank != 0)  # fmt: skip
     try:
         with torch.no_grad(), planner_precision(model, autocast):
             texts = itertools.islice(corpus.iter_texts(), num_samples)
+            if world > 1:  # every world-th text, from the rank-th: the shards cover them all
+                texts = itertools.islice(texts, rank, None, world)
             for consumed, rows in _token_batches(tokenizer, texts, batch_size, max_length):
                 num_texts += consumed
                 bar.update(consumed)
@@ -134,17 +137,22 @@ def compute_second_moments(
         bar.close()
         model.train(was_training)
 
+    if world > 1:  # the shards' sums and counts, added up on every process (exact in float64)
+        counts = torch.tensor([num_tokens, num_texts], dtype=torch.float64, device=acc_device)
+        sum_across_processes([counts, *(sums[layer] for layer in layers)])
+        num_tokens, num_texts = int(counts[0]), int(counts[1])
     if num_tokens == 0:
         raise CorpusError(
             f"corpus {corpus.name!r} produced no tokens in its first {num_texts} texts; "
             "cannot compute key statistics"
         )
     log.info(
-        "key statistics for layers %s: %d texts, %d tokens (corpus %r)",
+        "key statistics for layers %s: %d texts, %d tokens (corpus %r, %d process(es))",
         layers,
         num_texts,
         num_tokens,
         corpus.name,
+        world,
     )
     return {
         layer: SecondMoment(
@@ -153,6 +161,14 @@ def compute_second_moments(
         )
         for layer in layers
     }
+
+
+def _zeros_for(
+    model: nn.Module, adapter: ArchAdapter, layer: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """An all-zero running sum ``[d_in, d_in]`` for ``layer``'s keys."""
+    d_in = adapter.weight(model, layer).shape[1]
+    return torch.zeros(d_in, d_in, dtype=dtype, device=device)
 
 
 def _accumulate(
@@ -408,32 +424,68 @@ def get_second_moments(
         )
 
     cache = cache if cache is not None else StatsCache()
-    model_fp = model_fingerprint(model)
-    keys = {
-        layer: StatsCache.key(
-            model_id=model_id,
-            model_fp=model_fp,
-            layer=layer,
-            corpus_fp=corpus.fingerprint,
-            num_samples=num_samples,
-            max_length=max_length,
-            accum_dtype=accum_dtype,
-            autocast=autocast,
-        )
-        for layer in layers
-    }
+    keys = cache_keys(model, layers, corpus, model_id=model_id, num_samples=num_samples,
+                      max_length=max_length, accum_dtype=accum_dtype,
+                      autocast=autocast)  # fmt: skip
+    options = dict(num_samples=num_samples, max_length=max_length, batch_size=batch_size,
+                   accum_dtype=accum_dtype, autocast=autocast, progress=progress)  # fmt: skip
     result = _load_cached(cache, keys, layers)
     missing = [layer for layer in layers if layer not in result]
+    if rank_and_world()[1] > 1:
+        return _distributed_moments(model, tokenizer, layers, corpus, cache, keys, result,
+                                    **options)  # fmt: skip
     if missing:
         with cache.lock(keys[missing[0]]):  # a second process waits here, then reads the cache
             result.update(_load_cached(cache, keys, missing))
             missing = [layer for layer in layers if layer not in result]
             if missing:
                 result.update(_compute_and_cache(model, tokenizer, missing, corpus, cache, keys,
-                                                 num_samples=num_samples, max_length=max_length,
-                                                 batch_size=batch_size, accum_dtype=accum_dtype,
-                                                 autocast=autocast, progress=progress))  # fmt: skip
+                                                 **options))  # fmt: skip
     return {layer: result[layer] for layer in layers}
+
+
+def cache_keys(
+    model: nn.Module,
+    layers: Sequence[int],
+    corpus: TextCorpus,
+    *,
+    model_id: str,
+    num_samples: int,
+    max_length: int,
+    accum_dtype: torch.dtype,
+    autocast: str | None,
+) -> dict[int, dict[str, str]]:
+    """``{layer: cache key}`` of these statistics (:meth:`StatsCache.key`)."""
+    model_fp = model_fingerprint(model)
+    return {
+        layer: StatsCache.key(model_id=model_id, model_fp=model_fp, layer=layer,
+                              corpus_fp=corpus.fingerprint, num_samples=num_samples,
+                              max_length=max_length, accum_dtype=accum_dtype, autocast=autocast)
+        for layer in layers
+    }  # fmt: skip
+
+
+def _distributed_moments(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    layers: Sequence[int],
+    corpus: TextCorpus,
+    cache: StatsCache,
+    keys: dict[int, dict[str, str]],
+    found: dict[int, SecondMoment],
+    **options: Any,
+) -> dict[int, SecondMoment]:
+    """:func:`get_second_moments` in a process group: the layers that any process lacks are
+    computed by all of them (each on its shard), and only rank 0 writes the cache."""
+    lacking = torch.tensor([layer not in found for layer in layers], device=_input_device(model))
+    lacking = union_across_processes(lacking)
+    missing = [layer for layer, flag in zip(layers, lacking.tolist(), strict=True) if flag]
+    if missing:
+        rank = rank_and_world()[0]
+        computed = _compute_and_cache(model, tokenizer, missing, corpus, cache, keys,
+                                      save=rank == 0, **options)  # fmt: skip
+        found = {**found, **computed}
+    return {layer: found[layer] for layer in layers}
 
 
 def _file_stem(key: dict[str, str]) -> str:
@@ -468,15 +520,16 @@ def _compute_and_cache(
     corpus: TextCorpus,
     cache: StatsCache,
     keys: dict[int, dict[str, str]],
+    save: bool = True,
     **options: Any,
 ) -> dict[int, SecondMoment]:
-    """Compute ``missing`` layers in one corpus pass, check them, then cache each."""
+    """Compute ``missing`` layers in one corpus pass, check them, then (``save``) cache each."""
     computed = compute_second_moments(model, tokenizer, missing, corpus, **options)
     extra = {"corpus_name": corpus.name}
     for layer in missing:  # all checked before any is cached
         require_finite(computed[layer].mom2, "the key statistics (C0)", layer=layer,
                        consequence="nothing was cached")  # fmt: skip
-    for layer in missing:
+    for layer in missing if save else ():
         try:
             path = cache.save(keys[layer], computed[layer], extra=extra)
         except OSError as e:
@@ -485,3 +538,67 @@ def _compute_and_cache(
             log.info("layer %d: key statistics computed (%d tokens), saved to %s", layer,
                      computed[layer].num_tokens, path)  # fmt: skip
     return {layer: computed[layer] for layer in missing}
+
+
+# ----- export / import -----------------------------------------------------------------------
+_EXPORT_FORMAT = "metake-stats-export-v1"
+_SHARED_KEY_FIELDS = ("model_fingerprint", "corpus_fingerprint", "num_samples", "max_length",
+                      "accum_dtype", "forward_autocast")  # fmt: skip
+"""Cache-key fields that hold on any machine (an import sets format, model id and layer)."""
+
+
+def export_moments(
+    path: str | os.PathLike[str],
+    moments: dict[int, SecondMoment],
+    keys: dict[int, dict[str, str]],
+    corpus_name: str,
+) -> Path:
+    """Write ``moments`` (``{layer: [d_in, d_in]}``) and their token counts as one safetensors
+    file another machine can :func:`import_moments`; returns its path."""
+    layers = sorted(moments)
+    first = keys[layers[0]]
+    meta = {k: v for k, v in first.items() if k in _SHARED_KEY_FIELDS}
+    counts = {str(layer): moments[layer].num_tokens for layer in layers}
+    meta.update(format=_EXPORT_FORMAT, corpus_name=corpus_name, layers=json.dumps(layers),
+                exported_model_id=first["model_id"], num_tokens=json.dumps(counts))  # fmt: skip
+    tensors = {f"layer.{layer}": moments[layer].mom2.detach().to("cpu", torch.float64).contiguous()
+               for layer in layers}  # fmt: skip
+    return write_file_atomically(
+        Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=meta)
+    )
+
+
+def import_moments(
+    path: str | os.PathLike[str], model: nn.Module, model_id: str, cache: StatsCache | None = None
+) -> dict[int, SecondMoment]:
+    """Put the statistics of an :func:`export_moments` file into ``cache`` under this machine's
+    ``model_id``, after checking that they were computed on the same weights as ``model``."""
+    cache = cache if cache is not None else StatsCache()
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    except Exception as e:  # missing, truncated or not safetensors
+        raise CorpusError(f"cannot read the statistics export {str(path)!r}: {e}") from e
+    if meta.get("format") != _EXPORT_FORMAT:
+        raise CorpusError(f"{str(path)!r} is not a `metake stats --export` file")
+    here = model_fingerprint(model)
+    if meta.get("model_fingerprint") != here:
+        raise CorpusError(
+            f"the statistics in {str(path)!r} were computed on other weights than this model's "
+            f"(fingerprint {meta.get('model_fingerprint', '?')[:16]}, here {here[:16]}); "
+            "load the same model (and dtype) the exporting machine used"
+        )
+    counts = json.loads(meta["num_tokens"])
+    imported = {}
+    for layer in json.loads(meta["layers"]):
+        mom2 = tensors[f"layer.{layer}"].to(torch.float64)
+        require_finite(mom2, "the imported key statistics (C0)", layer=layer,
+                       consequence="nothing was imported")  # fmt: skip
+        imported[int(layer)] = SecondMoment(mom2=mom2, num_tokens=int(counts[str(layer)]))
+    shared = {k: meta[k] for k in _SHARED_KEY_FIELDS if k in meta}
+    for layer, moment in imported.items():
+        key = {"format": _FORMAT, "model_id": str(model_id), "layer": str(layer), **shared}
+        cache.save(key, moment, extra={"corpus_name": meta.get("corpus_name", ""),
+                                       "imported_from": str(path)})  # fmt: skip
+    return imported
