@@ -224,3 +224,50 @@ def test_curve_points_score_a_bounded_fixed_sample(tmp_path):
     part = result["runs"]["0"]["methods"]["memit"]
     assert [(p["edits"], p["scored"]) for p in part["curve"]] == [(2, 2), (4, 3), (6, 3)]
     assert len(part["per_record"]) == 6
+
+
+def test_parts_run_by_separate_processes_merge_into_the_same_report(tmp_path):
+    """Each (seed, method) part run on its own (--only), in any order, gives the report of one
+    whole run; a part another process holds is skipped, not run twice."""
+    from filelock import FileLock
+
+    from metake.evaluation.bench import PartFilter
+
+    model = tiny_model("llama")
+    config = _config(tmp_path, methods=["memit", "alphaedit"], seeds=[0, 1])
+    whole = _run(config, tmp_path / "whole", model, tmp_path)
+
+    shared = tmp_path / "shared"
+    pending = _run(config, shared, model, tmp_path, only=PartFilter.parse("method=alphaedit"))
+    assert pending == {"pending": ["seed=0,method=memit", "seed=1,method=memit"]}
+    assert not (shared / "results.json").exists()
+    held = FileLock(str(shared / "parts" / "seed1" / "memit.lock"))
+    held.acquire()  # another process is running seed 1's memit
+    try:
+        pending = _run(config, shared, model, tmp_path)  # takes what nobody holds
+    finally:
+        held.release()
+    assert pending == {"pending": ["seed=1,method=memit"]}
+    merged = _run(config, shared, model, tmp_path, only=PartFilter.parse("part=2"))  # the last
+    for seed in ("0", "1"):
+        for method in config.methods:
+            a, b = whole["runs"][seed]["methods"][method], merged["runs"][seed]["methods"][method]
+            assert a["per_record"] == b["per_record"], (seed, method)
+            assert a["curve"] == b["curve"], (seed, method)
+    assert merged["aggregate"]["memit"]["efficacy"] == whole["aggregate"]["memit"]["efficacy"]
+    assert (shared / "results.md").is_file()
+
+
+def test_part_filter_errors():
+    from metake.evaluation.bench import PartFilter
+
+    parts = [(0, "memit"), (0, "alphaedit"), (1, "memit"), (1, "alphaedit")]
+    assert PartFilter.parse("seed=1, method=memit").selects(2, 1, "memit")
+    assert not PartFilter.parse("part=3").selects(2, 1, "memit")
+    for bad, message in [("seed=x", "whole number"), ("colour=red", "seed=S"), ("", "at least"),
+                         ("method", "seed=S")]:  # fmt: skip
+        with pytest.raises(MetakeError, match=message):
+            PartFilter.parse(bad)
+    for bad, message in [("seed=2", "seeds"), ("method=rome", "methods"), ("part=4", "0..3")]:
+        with pytest.raises(MetakeError, match=message):
+            PartFilter.parse(bad).check(parts)

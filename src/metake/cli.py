@@ -594,6 +594,15 @@ def _add_bench_parser(sub) -> None:
         help="continue the run in DIR with its saved configuration",
     )
     bench.add_argument(
+        "--only",
+        metavar="SPEC",
+        default=None,
+        help="run only these (seed, method) parts: seed=S, method=M and/or part=K (the K-th "
+        "part from 0, seeds outer; e.g. a Slurm array index). Processes or machines sharing the "
+        "--out folder each take parts nobody else holds; the one that finishes the last part "
+        "writes the report (docs/distributed.md)",
+    )
+    bench.add_argument(
         "--progress",
         metavar="DIR",
         default=None,
@@ -652,7 +661,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """``metake bench``: run or resume a benchmark and print its table."""
     from datetime import datetime
 
-    from metake.evaluation.bench import BenchConfig, BenchRun
+    from metake.evaluation.bench import BenchConfig, BenchRun, PartFilter
     from metake.evaluation.report import markdown_table
 
     if args.progress:
@@ -703,9 +712,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         out = args.out or f"bench-runs/{config.model.replace('/', '_')}-{config.dataset}-{stamp}"
+    only = PartFilter.parse(args.only) if args.only else None
     model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
     start = time.perf_counter()
-    results = BenchRun(config, out, model, tokenizer).run()
+    results = BenchRun(config, out, model, tokenizer, only=only).run()
+    if "pending" in results:
+        print(f"{out}: the parts of this process are finished; still pending elsewhere: "
+              f"{'; '.join(results['pending'])}. The process that finishes the last one writes "
+              f"the report (or run `metake bench --resume {out}` then).")  # fmt: skip
+        return 0
     agg = {"pre_edit": results["pre_edit"], "methods": results["aggregate"]}
     print(markdown_table(agg, config.dataset))
     print(f"{out}: results.json, results.md, plots; {time.perf_counter() - start:.0f} s")

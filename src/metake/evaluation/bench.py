@@ -14,12 +14,20 @@ Run folder::
     parts/seed<S>/<method>.json one finished method (per-record metrics, curve, timings)
     parts/seed<S>/<method>.state.safetensors  checkpoint after the last finished batch (while
                                 running; no pickle: :mod:`metake.checkpoint`)
+    parts/seed<S>/<method>.lock held by the process running that part (several processes, or
+                                machines sharing the folder, each take parts nobody holds)
     results.json, results.md, *.png  written by :mod:`metake.evaluation.report` at the end
 
 After every batch the session's state (edited weights, AlphaEdit's key cache, context prefixes)
 and the metrics so far are saved; ``resume`` continues from the last saved batch and ends with the
 same numbers as an uninterrupted run (every edit call reseeds, and the weights are stored, not
 re-added).
+
+Each (seed, method) part is independent of the others, so parts can run in separate processes
+or on separate machines that share the folder: ``only`` (``--only seed=1,method=alphaedit`` or
+``--only part=3``) restricts a process to some parts, and a part another process holds is
+skipped. Whichever process finds every part finished writes the report; ``--resume DIR`` on a
+folder whose parts are all finished only writes it (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock, Timeout
 from torch import nn
 from tqdm import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -133,6 +142,53 @@ def method_spec(spec: str, default_solver: str) -> tuple[str, str | None]:
     return method, None
 
 
+@dataclass(frozen=True)
+class PartFilter:
+    """Which (seed, method) parts of a run a process takes: ``seed=S``, ``method=M`` and/or
+    ``part=K`` (the K-th part, from 0, seeds outer and methods inner, as
+    :meth:`BenchRun.parts` lists them); every given condition must hold."""
+
+    seed: int | None = None
+    method: str | None = None
+    index: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> PartFilter:
+        """``"seed=1,method=alphaedit"`` or ``"part=3"`` -> a filter."""
+        found: dict[str, Any] = {}
+        for item in (part.strip() for part in text.split(",") if part.strip()):
+            key, sep, value = item.partition("=")
+            key, value = key.strip(), value.strip()
+            if not sep or key not in ("seed", "method", "part") or not value:
+                raise MetakeError(f"--only takes seed=S, method=M and/or part=K (comma-separated), "
+                                  f"got {item!r}")  # fmt: skip
+            if key in ("seed", "part"):
+                if not value.isdigit():
+                    raise MetakeError(f"--only {key}= takes a whole number, got {value!r}")
+                value = int(value)
+            found["index" if key == "part" else key] = value
+        if not found:
+            raise MetakeError("--only needs at least one of seed=S, method=M, part=K")
+        return cls(**found)
+
+    def check(self, parts: Sequence[tuple[int, str]]) -> None:
+        """A clear error when the filter names a seed, method or part the run does not have."""
+        if self.seed is not None and all(seed != self.seed for seed, _ in parts):
+            raise MetakeError(f"--only seed={self.seed}: the run has seeds "
+                              f"{sorted({seed for seed, _ in parts})}")  # fmt: skip
+        if self.method is not None and all(spec != self.method for _, spec in parts):
+            raise MetakeError(f"--only method={self.method}: the run has methods "
+                              f"{list(dict.fromkeys(spec for _, spec in parts))}")  # fmt: skip
+        if self.index is not None and self.index >= len(parts):
+            raise MetakeError(f"--only part={self.index}: the run has parts 0..{len(parts) - 1}")
+
+    def selects(self, index: int, seed: int, spec: str) -> bool:
+        """Whether part number ``index`` (``seed``, ``spec``) is this process's."""
+        return ((self.seed is None or seed == self.seed)
+                and (self.method is None or spec == self.method)
+                and (self.index is None or index == self.index))  # fmt: skip
+
+
 def package_versions() -> dict[str, str]:
     """Versions that can change the numbers."""
     import transformers
@@ -170,8 +226,11 @@ class BenchRun:
         stop_after_batches: int | None = None,
         corpus: TextCorpus | None = None,
         stats_cache: StatsCache | None = None,
+        only: PartFilter | None = None,
     ) -> None:
         self.config = config
+        self.only = only if only is not None else PartFilter()
+        self.only.check(self.parts())
         self.corpus = corpus if corpus is not None else load_corpus(config.corpus)
         self.stats_cache = stats_cache
         self.out = Path(out)
@@ -240,28 +299,60 @@ class BenchRun:
                 len(self.dataset.records),
                 len(self.dataset.skipped),
             )
-            seeds = {}
-            for seed in self.config.seeds:
-                seeds[seed] = self._run_seed(seed)
-                if seeds[seed] is None:
-                    return {}
+            for index, (seed, spec) in enumerate(self.parts()):
+                if not self.only.selects(index, seed, spec) or self._finished(seed, spec):
+                    continue
+                if self._take_part(seed, spec) is None:
+                    return {}  # interrupted on purpose (tests)
+            pending = [f"seed={seed},method={spec}" for seed, spec in self.parts()
+                       if not self._finished(seed, spec)]  # fmt: skip
+            if pending:
+                log.info("%d of %d parts finished; the report is written when all are (pending: "
+                         "%s)", len(self.parts()) - len(pending), len(self.parts()),
+                         "; ".join(pending))  # fmt: skip
+                return {"pending": pending}
+            seeds = {seed: self._collect_seed(seed) for seed in self.config.seeds}
             return write_report(self.out, self.config, self.dataset, seeds, package_versions())
         finally:
             root.removeHandler(handler)
             root.setLevel(previous_level)
             handler.close()
 
-    def _run_seed(self, seed: int) -> dict[str, Any] | None:
-        records = select_records(self.dataset.records, self.config.edits, seed,
-                                 self.config.records, self.config.exclude)  # fmt: skip
-        out = {"records": [r.index for r in records], "pre_edit": self._pre_edit(seed, records)}
-        out["methods"] = {}
-        for spec in self.config.methods:
-            result = self._run_method(seed, spec, records)
-            if result is None:  # interrupted on purpose (tests)
-                return None
-            out["methods"][spec] = result
-        return out
+    def parts(self) -> list[tuple[int, str]]:
+        """Every (seed, method) part of the run, seeds outer, in the configuration's order."""
+        return [(seed, spec) for seed in self.config.seeds for spec in self.config.methods]
+
+    def _finished(self, seed: int, spec: str) -> bool:
+        return (self.out / "parts" / f"seed{seed}" / f"{spec}.json").is_file()
+
+    def _records(self, seed: int) -> list[EvalRecord]:
+        return select_records(self.dataset.records, self.config.edits, seed,
+                              self.config.records, self.config.exclude)  # fmt: skip
+
+    def _take_part(self, seed: int, spec: str) -> dict[str, Any] | str | None:
+        """Run one part unless another process holds it (``"elsewhere"``); ``None`` when
+        interrupted on purpose (tests)."""
+        records = self._records(seed)
+        with FileLock(str(self._part(seed, "pre_edit.lock"))):  # one process scores, others wait
+            self._pre_edit(seed, records)
+        lock = FileLock(str(self._part(seed, f"{spec}.lock")))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("seed %d %s: another process is running it; skipped here", seed, spec)
+            return "elsewhere"
+        try:
+            return self._run_method(seed, spec, records)
+        finally:
+            lock.release()
+
+    def _collect_seed(self, seed: int) -> dict[str, Any]:
+        """One seed's records, unedited scores and finished methods, read from its parts."""
+        records = self._records(seed)
+        methods = {spec: json.loads(self._part(seed, f"{spec}.json").read_text(encoding="utf-8"))
+                   for spec in self.config.methods}  # fmt: skip
+        return {"records": [r.index for r in records], "pre_edit": self._pre_edit(seed, records),
+                "methods": methods}  # fmt: skip
 
     def _model_scores(self, records: Sequence[EvalRecord]) -> dict[str, Any]:
         """Per-record metrics and model-level figures of the model as it is now."""
