@@ -80,3 +80,29 @@ def test_bench_runs_and_resumes_on_cuda(tmp_path, monkeypatch):
         a = full["runs"]["0"]["methods"][method]["per_record"]
         assert a == resumed["runs"]["0"]["methods"][method]["per_record"], method
     assert next(model.parameters()).is_cuda
+
+
+SPLIT = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu",
+         "model.layers.2": 0, "model.layers.3": "cpu", "model.norm": "cpu",
+         "model.rotary_emb": "cpu", "lm_head": 0}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit", "rome", "metake", "metake_exact"])
+def test_model_split_over_cuda_and_cpu_edits_like_one_device(method, tmp_path):
+    """Edit layers on different devices (layer 0 on cuda:0, layer 1 on the CPU), the LM head
+    back on the GPU: keys, values, statistics, deltas each on their layer's device."""
+    from test_device_map import _edited
+
+    from metake.models.load import load_model
+    from metake.stats import StatsCache
+
+    folder = tmp_path / "llama4"
+    tiny_model("llama", seed=3, num_layers=4).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    plain, _ = load_model(str(folder), device="cuda")
+    spread, _ = load_model(str(folder), device_map=SPLIT)
+    got = _edited(spread, method, StatsCache(tmp_path / "b"))
+    want = _edited(plain, method, StatsCache(tmp_path / "a"))
+    assert got[0].device.type == "cuda" and got[1].device.type == "cpu"
+    for layer in (0, 1):
+        torch.testing.assert_close(got[layer].cpu(), want[layer].cpu(), rtol=1e-3, atol=1e-4)

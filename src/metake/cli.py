@@ -166,6 +166,26 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default=None, help="float32 (default), bfloat16, float16 or auto"
     )
+    parser.add_argument(
+        "--device-map", default=None, metavar="MAP",
+        help="spread the model over devices with accelerate instead of --device: auto, balanced, "
+        "sequential, a JSON object {module: device} or a JSON file; the edit layers must not be "
+        "offloaded to disk (docs/distributed.md)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-memory", default=None, metavar="LIMITS",
+        help="with --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=60GiB",
+    )  # fmt: skip
+    parser.add_argument(
+        "--offload-folder", default=None, metavar="DIR",
+        help="with --device-map: where layers that fit nowhere are offloaded",
+    )  # fmt: skip
+
+
+def _placement(args: argparse.Namespace) -> dict[str, Any]:
+    """``load_model``'s device-map options from ``--device-map/--max-memory/--offload-folder``."""
+    return {"device_map": args.device_map, "max_memory": args.max_memory,
+            "offload_folder": args.offload_folder}  # fmt: skip
 
 
 def _add_stats_args(parser: argparse.ArgumentParser) -> None:
@@ -429,7 +449,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         device=resolve_device(args.device),
         command=_command_line(args),
     )
-    model, tokenizer = load_model(config.model, device=config.device, dtype=_dtype(args))
+    model, tokenizer = load_model(config.model, device=config.device, dtype=_dtype(args),
+                                  **_placement(args))  # fmt: skip
     report = run_tune(config, args.out, model, tokenizer)
     for method, row in report["chosen"].items():
         flag = "" if not row["violations"] else "  (breaks: " + "; ".join(row["violations"]) + ")"
@@ -502,7 +523,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     check_solver(args.solver)  # before loading anything heavy
     trap_options = TrapOptions(args.trap_min_beta, args.trap_budget_quantile)
     device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model, device=device, dtype=_dtype(args))
+    model, tokenizer = load_model(args.model, device=device, dtype=_dtype(args), **_placement(args))
     dataset = load_dataset(args.dataset, args.data, tokenizer=tokenizer)
     records = sample_records(dataset.records, args.edits, args.seed)
     editor = Editor(model, tokenizer, "metake", solver=args.solver, preset=args.preset,
@@ -710,6 +731,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             corpus=args.corpus,
             device=resolve_device(args.device),
             dtype=_dtype(args),
+            device_map=args.device_map,
+            max_memory=args.max_memory,
             records=args.records,
             exclude=args.exclude,
             command=_command_line(args),
@@ -717,7 +740,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         out = args.out or f"bench-runs/{config.model.replace('/', '_')}-{config.dataset}-{stamp}"
     only = PartFilter.parse(args.only) if args.only else None
-    model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
+    model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype,
+                                  device_map=config.device_map, max_memory=config.max_memory,
+                                  offload_folder=args.offload_folder)  # fmt: skip
     start = time.perf_counter()
     results = BenchRun(config, out, model, tokenizer, only=only).run()
     if "pending" in results:
@@ -791,7 +816,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         model, tokenizer = editor.model, editor.tokenizer
     else:
         resolve_method(args.method or "memit", args.solver)
-        model, tokenizer = load_model(args.model, device=device, dtype=_dtype(args))
+        model, tokenizer = load_model(args.model, device=device, dtype=_dtype(args),
+                                      **_placement(args))  # fmt: skip
         editor = Editor(
             model,
             tokenizer,
@@ -910,7 +936,7 @@ def _stats(args: argparse.Namespace, device: str) -> int:
     from metake.stats import cache_keys, export_moments, get_second_moments, import_moments
 
     rank, world = rank_and_world()
-    model, tokenizer = load_model(args.model, device=device, dtype=_dtype(args))
+    model, tokenizer = load_model(args.model, device=device, dtype=_dtype(args), **_placement(args))
     start = time.perf_counter()
     if args.import_file:
         moments = import_moments(args.import_file, model, model_id=args.model)

@@ -35,7 +35,7 @@ from metake.methods import (
     PLANNER_METHODS,
     resolve_method,
 )
-from metake.models.adapters import get_adapter
+from metake.models.adapters import get_adapter, require_in_memory
 from metake.planners.hypergradient import Channel, ProxyChannel, SpreadChannel
 from metake.planners.metake import LOCALITY_PROMPTS, RefinedPlan, lookahead_targets
 from metake.planners.standard import (
@@ -129,6 +129,8 @@ class Editor:
     results equal up to float rounding, so a GPU with memory to spare may raise it for speed.
     Hyper-parameters come from the model's preset (or the fallback), then ``hparams`` (a full
     :class:`MemitHparams`) or keyword ``overrides`` such as ``layers=[4, 5]``, ``v_lr=0.5``.
+    The model may be spread over devices by accelerate (``load_model(..., device_map=...)``);
+    layers other than the edit layers may even be offloaded to disk.
     Statistics (C0 per edit layer) are computed once over ``corpus`` (default: the built-in
     Wikipedia intros) and cached on disk. The session asks its solver object (``stage2``, built
     by :func:`~metake.solvers.registry.build_solver`) for gates, updates and state, never a name.
@@ -178,6 +180,7 @@ class Editor:
             hparams = hparams.with_overrides(layers=layers)
         for layer in hparams.layers:
             self.adapter.mlp_out(model, layer)  # raises for a layer out of range
+        require_in_memory(model, hparams.layers)  # a device map must not offload edit layers
         self.hparams = hparams
         self.model_id = model_id or getattr(model.config, "name_or_path", "") or "model"
         self._corpus_spec = corpus

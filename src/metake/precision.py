@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from metake.models.adapters import input_device
+
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16}
 """The values ``planner_autocast`` accepts (``None``: the model's own precision)."""
 
@@ -29,7 +31,7 @@ def planner_precision(model: nn.Module, autocast: str | None) -> Iterator[None]:
 
     ``None`` changes nothing. Nested use is harmless (the inner one finds autocast on).
     """
-    device_type = next(model.parameters()).device.type
+    device_type = input_device(model).type
     if autocast is None or torch.is_autocast_enabled(device_type):
         yield
         return

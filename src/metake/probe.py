@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from metake.models.adapters import input_device
 from metake.planners.standard import mean_per_row
 from metake.requests import EditRequest
 from metake.tokens import encode_request, left_pad, pad_batch, padding_id
@@ -18,7 +19,7 @@ def greedy_completion(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, text: str, max_new_tokens: int = 8
 ) -> str:
     """The greedy continuation of ``text`` (``max_new_tokens`` tokens, special tokens dropped)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = tokenizer(text, return_tensors="pt").to(device)
     out = model.generate(
         **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
@@ -36,7 +37,7 @@ def greedy_continuations(
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (prompt ``i`` for ``max_new_tokens[i]`` tokens), in
     left-padded batches; each equals :func:`greedy_completion` of its prompt alone."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = padding_id(tokenizer)
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     out: list[str] = [""] * len(prompts)
@@ -80,7 +81,7 @@ def target_probability(
     if target:
         request = EditRequest(request.prompt, request.subject, target)
     enc = encode_request(tokenizer, request)
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = torch.tensor([enc.input_ids], device=device)
     logits = model(input_ids=ids).logits[0, enc.target_positions].float()
     logp = torch.log_softmax(logits, dim=-1)
@@ -95,7 +96,7 @@ def _answer_logits(
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Teacher-forced logits at each answer token, batched: yields ``(n, logits [T, V],
     answer ids [T], request row [T])`` per chunk of ``n`` requests."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     for start in range(0, len(requests), batch_size):
         chunk = [encode_request(tokenizer, r) for r in requests[start : start + batch_size]]
         batch = pad_batch(chunk, tokenizer.pad_token_id or 0).to(device)
@@ -154,7 +155,7 @@ def next_token_log_probs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token log-probabilities ``[B, S, V]`` of ``texts`` and their mask ``[B, S]``."""
     enc = tokenizer(texts, truncation=True, max_length=max_length, padding=True,
-                    return_tensors="pt").to(next(model.parameters()).device)  # fmt: skip
+                    return_tensors="pt").to(input_device(model))  # fmt: skip
     logits = model(**enc).logits.float()
     return torch.log_softmax(logits, -1), enc["attention_mask"].bool()
 

@@ -45,7 +45,7 @@ from metake.distributed import rank_and_world, sum_across_processes, union_acros
 from metake.errors import CorpusError
 from metake.files import write_file_atomically
 from metake.finite import require_finite
-from metake.models.adapters import ArchAdapter, get_adapter
+from metake.models.adapters import ArchAdapter, get_adapter, input_device
 from metake.precision import AUTOCAST_DTYPES, planner_precision
 from metake.tokens import padding_id, right_pad
 from metake.trace import capture
@@ -87,7 +87,7 @@ def compute_second_moments(
     adapter = get_adapter(model)
     names = {layer: adapter.mlp_out_name(layer) for layer in layers}
     stop_after = names[max(layers)]
-    device = _input_device(model)
+    device = input_device(model)
     acc_device = _accum_device(device, accum_dtype)
     batch_dtype = AUTOCAST_DTYPES[autocast] if autocast is not None else None
     pad_id = padding_id(tokenizer)
@@ -219,13 +219,6 @@ def _check_args(
     for layer in out:
         adapter.mlp_out(model, layer)  # raises ValueError when out of range
     return out
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        return emb.weight.device
-    return next(model.parameters()).device
 
 
 def _accum_device(device: torch.device, accum_dtype: torch.dtype) -> torch.device:
@@ -477,7 +470,7 @@ def _distributed_moments(
 ) -> dict[int, SecondMoment]:
     """:func:`get_second_moments` in a process group: the layers that any process lacks are
     computed by all of them (each on its shard), and only rank 0 writes the cache."""
-    lacking = torch.tensor([layer not in found for layer in layers], device=_input_device(model))
+    lacking = torch.tensor([layer not in found for layer in layers], device=input_device(model))
     lacking = union_across_processes(lacking)
     missing = [layer for layer, flag in zip(layers, lacking.tolist(), strict=True) if flag]
     if missing:

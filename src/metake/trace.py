@@ -101,7 +101,7 @@ def add_at_positions(
     def hook(_module, _args, output):
         hidden = main_tensor(output)
         index = (rows.to(hidden.device), positions.to(hidden.device))
-        patched = hidden.index_put(index, vectors.to(hidden.dtype), accumulate=True)
+        patched = hidden.index_put(index, vectors.to(hidden.device, hidden.dtype), accumulate=True)
         return _replace_main_tensor(output, patched)
 
     handle = module.register_forward_hook(hook, prepend=True)

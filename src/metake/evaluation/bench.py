@@ -103,6 +103,8 @@ class BenchConfig:
     corpus: str | None = None  # statistics (and held-out drift texts); None: built-in Wikipedia
     device: str = "cpu"
     dtype: str = "float32"  # the model's weights (changes results)
+    device_map: str | None = None  # accelerate's placement over devices (--device-map)
+    max_memory: str | None = None  # per device, with device_map
     records: str | None = None  # "A:B[,C:D]": edit these file positions in order, no sampling
     exclude: str | None = None  # "A:B[,C:D]": never sample these (e.g. a tuning split)
     command: str = ""

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from metake.models.adapters import input_device
 from metake.tokens import EncodedPrompt, pad_batch, padding_id, special_prefix, target_token_ids
 
 
@@ -120,7 +121,7 @@ def score_pairs(
     batch_size: int = 32,
 ) -> list[AnswerScore]:
     """Teacher-forced scores of ``(prompt, answer)`` pairs, batched (one forward per batch)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = padding_id(tokenizer)
     encoded = [encode_pair(tokenizer, p, a) for p, a in pairs]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
@@ -155,7 +156,7 @@ def text_perplexity(
 ) -> float:
     """Perplexity of ``texts`` (each truncated to ``max_length`` tokens, and to the model's
     context size), pooled over tokens."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     limit = context_size(model)
     max_length = min(max_length, limit) if limit else max_length
     prefix = special_prefix(tokenizer)

@@ -263,3 +263,32 @@ def get_adapter(model: nn.Module) -> ArchAdapter:
             "Add an ArchAdapter entry in metake/models/adapters.py for a new family."
         )
     return ADAPTERS[model_type]
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device a forward's inputs go to: that of the input embedding (the first layer of a
+    model spread over devices by accelerate; accelerate's hooks move activations onwards)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embedding, "weight", None)
+    if weight is not None and not weight.is_meta:
+        return weight.device
+    hook = getattr(embedding, "_hf_hook", None)  # offloaded by accelerate: runs on this device
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device)
+    return next(p.device for p in model.parameters() if not p.is_meta)
+
+
+def require_in_memory(model: nn.Module, layers: list[int] | tuple[int, ...]) -> None:
+    """A clear error when an edit layer's weight is offloaded (accelerate leaves ``meta``
+    parameters for weights kept on disk or in a CPU offload): edits change it in place."""
+    adapter = get_adapter(model)
+    offloaded = [layer for layer in layers if adapter.weight(model, layer).is_meta]
+    if offloaded:
+        names = ", ".join(adapter.layer_name(layer) for layer in offloaded)
+        raise UnsupportedModelError(
+            f"the weights of edit layer(s) {offloaded} are offloaded by the device map (their "
+            f"parameters are on the meta device); edits change them in place, so {names} must "
+            "sit on a device: give them one in --device-map, or raise --max-memory so that "
+            "they fit (other layers may stay offloaded)"
+        )

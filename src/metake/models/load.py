@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -200,23 +201,88 @@ def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     return table[dtype]
 
 
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+"""accelerate's placement strategies; anything else must be a module -> device mapping."""
+
+
+def parse_device_map(text: str | dict | None) -> str | dict[str, str | int] | None:
+    """``--device-map``: a strategy (``auto``, ``balanced``, ...), a JSON object ``{module:
+    device}`` or the path of a JSON file holding one; ``None`` stays ``None``."""
+    if text is None or isinstance(text, dict):
+        return text
+    text = text.strip()
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    source = text
+    if not text.startswith("{"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise ValueError(f"--device-map must be one of {', '.join(DEVICE_MAP_STRATEGIES)}, a "
+                             f"JSON object or a JSON file; {text!r} is none of them")  # fmt: skip
+        source = path.read_text(encoding="utf-8")
+    try:
+        mapping = json.loads(source)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--device-map {text!r}: malformed JSON ({e.msg}, line {e.lineno})") from e
+    if not isinstance(mapping, dict) or not mapping:
+        raise ValueError(f"--device-map {text!r}: expected a JSON object {{module: device}}")
+    for module, device in mapping.items():
+        if not isinstance(device, (str, int)) or isinstance(device, bool):
+            raise ValueError(f"--device-map: module {module!r} has device {device!r}; use a "
+                             "GPU number, 'cpu', 'cuda:N', 'mps' or 'disk'")  # fmt: skip
+    return mapping
+
+
+def parse_max_memory(text: str | dict | None) -> dict[str | int, str] | None:
+    """``--max-memory "0=20GiB,1=20GiB,cpu=60GiB"`` -> ``{0: "20GiB", 1: "20GiB", "cpu": ...}``."""
+    if text is None or isinstance(text, dict):
+        return text
+    limits: dict[str | int, str] = {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        device, sep, amount = item.partition("=")
+        device, amount = device.strip(), amount.strip()
+        if not sep or not device or not amount:
+            raise ValueError(f"--max-memory takes DEVICE=AMOUNT pairs such as 0=20GiB,cpu=60GiB; "
+                             f"got {item!r}")  # fmt: skip
+        limits[int(device) if device.isdigit() else device] = amount
+    if not limits:
+        raise ValueError("--max-memory is empty; give DEVICE=AMOUNT pairs such as 0=20GiB")
+    return limits
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
+    *,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)``: built-in name, local HF folder, ``.gguf`` file or hub id.
 
     The model is in eval mode with ``requires_grad`` off for every parameter; the tokenizer has a
-    pad token (the EOS token where it had none).
+    pad token (the EOS token where it had none). With ``device_map`` (see
+    :func:`parse_device_map`; ``max_memory`` per device, :func:`parse_max_memory`) accelerate
+    spreads the layers over devices instead of moving the model to ``device``; layers it cannot
+    place go to ``offload_folder`` on disk (the edit layers must not: the edits change them).
     """
+    placement: dict = {}
+    if device_map is not None:
+        placement["device_map"] = parse_device_map(device_map)
+        if max_memory is not None:
+            placement["max_memory"] = parse_max_memory(max_memory)
+        if offload_folder is not None:
+            placement["offload_folder"] = str(offload_folder)
+    elif max_memory is not None or offload_folder is not None:
+        raise ValueError("--max-memory and --offload-folder apply with --device-map only")
     source = resolve_model_source(name_or_path)
     # read at call time (huggingface_hub reads it once at import): no network tries when set
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=offline)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=_parse_dtype(dtype), local_files_only=offline
+            source, dtype=_parse_dtype(dtype), local_files_only=offline, **placement
         )
     except OSError as exc:
         if isinstance(source, str):
@@ -227,7 +293,8 @@ def load_model(
                 f"HF_HUB_OFFLINE=1 to fail at once). Original error: {str(exc).splitlines()[0]}"
             ) from exc
         raise ModelNotAvailableError(f"could not load model from {source}: {exc}") from exc
-    model.to(device)
+    if not placement:
+        model.to(device)
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:

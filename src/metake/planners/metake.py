@@ -42,7 +42,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from metake.finite import require_finite
 from metake.hparams import MemitHparams
-from metake.models.adapters import ArchAdapter, get_adapter
+from metake.models.adapters import ArchAdapter, get_adapter, input_device
 from metake.planners.hypergradient import (
     Channel,
     ProxyChannel,
@@ -223,7 +223,7 @@ class MetaObjective:
         self.model = model
         self.hparams = hparams
         self.adapter = get_adapter(model)
-        device = next(model.parameters()).device
+        device = input_device(model)
         planner, locality = _joint_batch(tokenizer, requests, contexts, hparams.kl_prompt,
                                          locality_prompts)  # fmt: skip
         batch = planner.batch.to(device)
@@ -359,7 +359,7 @@ def lookahead_targets(
     channel's lowest changed layer from the cached residual stream below it. Its forwards and
     backwards run under ``hparams.planner_autocast`` (:mod:`metake.precision`).
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     work_dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
     current = plan.v_init.to(device=device, dtype=work_dtype)  # Z, [n, d]
     if isinstance(gate, torch.Tensor):

@@ -31,7 +31,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from metake.finite import require_finite
 from metake.hparams import MemitHparams
-from metake.models.adapters import ArchAdapter, get_adapter
+from metake.models.adapters import ArchAdapter, get_adapter, input_device
 from metake.planners.prefix import PrefixCachedBatch
 from metake.precision import planner_precision
 from metake.requests import EditRequest
@@ -60,7 +60,7 @@ def context_templates(
     generation starts from a document-start token (see :func:`metake.tokens.document_start`).
     Each prefix ends with ". " and is prepended to the filled prompt.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     start = document_start(tokenizer)
     prefixes = [""]
     for word in CONTEXT_SEEDS[:count]:
@@ -275,7 +275,7 @@ def compute_targets(
     """
     adapter = get_adapter(model)
     layer = hparams.layers[-1]
-    device = next(model.parameters()).device
+    device = input_device(model)
     pb = build_planner_batch(tokenizer, requests, contexts, hparams.kl_prompt)
     full = pb.batch.to(device)
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from metake.models.adapters import get_adapter
+from metake.models.adapters import get_adapter, input_device
 from metake.requests import EditRequest
 from metake.solvers.base import Solver
 from metake.tokens import EncodedPrompt, PromptBatch, encode_request, pad_batch, padding_id
@@ -126,7 +126,7 @@ def subject_activations(
     :func:`lower_layers` for the same requests and contexts) skips the layers below its layer.
     """
     adapter = get_adapter(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     batch = _activation_batch(tokenizer, requests, contexts, device)
     encoded_rows = batch.input_ids.shape[0]
     key_names = {layer: adapter.mlp_out_name(layer) for layer in key_layers}
@@ -190,7 +190,7 @@ def lower_layers(
     if layer == 0:
         return None
     adapter = get_adapter(model)
-    batch = _activation_batch(tokenizer, requests, contexts, next(model.parameters()).device)
+    batch = _activation_batch(tokenizer, requests, contexts, input_device(model))
     return cache_lower_layers(
         model,
         adapter.layers_below(model, layer),
