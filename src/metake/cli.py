@@ -951,6 +951,7 @@ def _stats(args: argparse.Namespace, device: str) -> int:
     moments = get_second_moments(model, tokenizer, list(hp.layers), corpus,
                                  batch_size=args.batch_size, use_cache=not args.no_stats_cache,
                                  **options)  # fmt: skip
+    seconds_statistics = time.perf_counter() - start
     if rank != 0:
         return 0
     kind = "relative" if hp.nullspace_relative else "absolute"
@@ -967,7 +968,10 @@ def _stats(args: argparse.Namespace, device: str) -> int:
         path = export_moments(args.export, moments, keys, corpus.name)
         print(f"exported to {path} (`metake stats --model ... --import {path}` on another machine)")
     processes = f" in {world} processes" if world > 1 else ""
-    print(f"corpus: {corpus.name}; {time.perf_counter() - start:.1f} s{processes}")
+    print(
+        f"corpus: {corpus.name}; statistics {seconds_statistics:.1f} s (computed or read from "
+        f"the cache), {time.perf_counter() - start:.1f} s in all{processes}"
+    )
     return 0
 
 

@@ -1,0 +1,86 @@
+"""Key-statistics throughput (tokens/s) of one process and of N processes under torchrun.
+
+    python benchmarks/stats_throughput.py --model smollm2-135m --layers 5,6,7,8,9 --samples 400 \
+        --processes 1,2 --cores 2 --out benchmarks/results/stats_throughput_smollm2
+
+Each setting runs ``metake stats --no-stats-cache`` on the first ``--samples`` Wikipedia intros
+as its own command: one process with ``--cores`` threads, or ``torchrun --standalone
+--nproc-per-node N`` with ``--cores / N`` threads per process (the same cores in all settings).
+The wall-clock time covers the whole command (start-up, model load, the pass, the
+eigen-decompositions of the summary); the throughput is the tokens over the statistics
+seconds that ``metake stats`` prints (the pass alone). Writes ``OUT.json`` and ``OUT.md``;
+run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import command_line, write_json, write_table
+
+
+def run_setting(args: argparse.Namespace, processes: int) -> dict:
+    """Run ``metake stats`` with ``processes`` processes; its tokens, seconds and output."""
+    threads = max(1, args.cores // processes)
+    stats = ["stats", "--model", args.model, "--layers", args.layers, "--samples",
+             str(args.samples), "--device", "cpu", "--no-stats-cache"]  # fmt: skip
+    if processes == 1:
+        command = [sys.executable, "-m", "metake", *stats]
+    else:
+        command = ["torchrun", "--standalone", "--nproc-per-node", str(processes), "-m", "metake",
+                   *stats]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    tokens = int(re.search(r"over (\d+) tokens", done.stdout).group(1))
+    seconds = float(re.search(r"statistics ([\d.]+) s", done.stdout).group(1))
+    return {"processes": processes, "threads_per_process": threads, "tokens": tokens,
+            "seconds": seconds, "wall_seconds": wall, "tokens_per_second": tokens / seconds,
+            "command": " ".join(command)}  # fmt: skip
+
+
+def main() -> int:
+    """Run every setting and write the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--layers", default="5,6,7,8,9")
+    parser.add_argument("--samples", type=int, default=400)
+    parser.add_argument("--processes", default="1,2", help="comma-separated process counts")
+    parser.add_argument("--cores", type=int, default=2, help="threads in all, per setting")
+    parser.add_argument("--out", required=True, help="output stem (OUT.json, OUT.md)")
+    args = parser.parse_args()
+    rows = [run_setting(args, int(n)) for n in args.processes.split(",")]
+    result = {"command": command_line(), "model": args.model, "layers": args.layers,
+              "samples": args.samples, "cores": args.cores, "rows": rows}  # fmt: skip
+    out = Path(args.out)
+    write_json(out, result)
+    lines = [
+        f"# Key-statistics throughput: {args.model}",
+        "",
+        f"`{result['command']}`",
+        "",
+        f"Layers {args.layers}, the first {args.samples} Wikipedia intros, {args.cores} cores in "
+        "all; `seconds`: the statistics pass as `metake stats` prints it, `wall`: the whole "
+        "command.",
+        "",
+        "| processes | threads each | tokens | seconds | tokens/s | wall s |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {r['processes']} | {r['threads_per_process']} | {r['tokens']} | "
+              f"{r['seconds']:.1f} | {r['tokens_per_second']:.0f} | {r['wall_seconds']:.1f} |"
+              for r in rows]  # fmt: skip
+    write_table(out, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
