@@ -245,8 +245,10 @@ def test_parts_run_by_separate_processes_merge_into_the_same_report(tmp_path):
     held.acquire()  # another process is running seed 1's memit
     try:
         pending = _run(config, shared, model, tmp_path)  # takes what nobody holds
+        assert "pending: memit (running)" in progress_table(shared)
     finally:
         held.release()
+    assert "pending: memit (not started)" in progress_table(shared)
     assert pending == {"pending": ["seed=1,method=memit"]}
     merged = _run(config, shared, model, tmp_path, only=PartFilter.parse("part=2"))  # the last
     for seed in ("0", "1"):

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from metake.evaluation.datasets import EvalDataset
 from metake.evaluation.evaluate import (
     GENERATION_METRICS,
@@ -229,11 +231,27 @@ def progress_table(out: Path) -> str:
             else:
                 states = [folder / f"{method}.state.{ext}" for ext in ("safetensors", "pt")]
                 started = any(state.is_file() for state in states)
-                pending.append(f"{method} ({'checkpointed' if started else 'not started'})")
+                status = "checkpointed" if started else "not started"
+                if _held(folder / f"{method}.lock"):
+                    status = "running" + (", checkpointed" if started else "")
+                pending.append(f"{method} ({status})")
         table = markdown_table(rows, kind)
         todo = f"\npending: {', '.join(pending)}" if pending else ""
         sections.append(f"seed {seed}:\n{table}{todo}")
     return "\n\n".join(sections)
+
+
+def _held(lock_path: Path) -> bool:
+    """Whether a process holds a part's lock (``metake bench`` running it) right now."""
+    if not lock_path.is_file():
+        return False
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
 
 
 def _load_figures(path: Path, names: Sequence[str]) -> dict[str, dict[str, float]]:
