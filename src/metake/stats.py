@@ -21,6 +21,7 @@ the sampling noise of the corpus itself, is measured by ``benchmarks/stats_speed
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -127,7 +128,7 @@ def compute_second_moments(
                     model(input_ids=input_ids, attention_mask=mask, use_cache=False)
                 keep = mask.bool()
                 num_tokens += int(keep.sum())
-                with torch.autocast(device.type, enabled=False):  # the sums at full precision
+                with _full_precision(device, autocast):  # the sums outside autocast
                     for layer, name in names.items():
                         k = trace.inputs[name]  # [batch, seq, d_in]
                         k = k[keep.to(k.device)].to(acc_device)  # [n, d_in]
@@ -161,6 +162,13 @@ def compute_second_moments(
         )
         for layer in layers
     }
+
+
+def _full_precision(device: torch.device, autocast: str | None):
+    """Autocast switched off for the enclosed code, where the statistics' forward had it on."""
+    if autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def _zeros_for(
