@@ -702,8 +702,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         asked = {
             "--dtype": args.dtype,
             "--device": None if args.device == "auto" else resolve_device(args.device),
+            "--device-map": args.device_map,
+            "--max-memory": args.max_memory,
         }
-        kept = {"--dtype": config.dtype, "--device": config.device}
+        kept = {"--dtype": config.dtype, "--device": config.device,
+                "--device-map": config.device_map, "--max-memory": config.max_memory}  # fmt: skip
         for option, value in asked.items():
             if value is not None and value != kept[option]:
                 raise MetakeError(
