@@ -83,6 +83,7 @@ def main() -> int:
     parser.add_argument("--timing-texts", type=int, default=200, help="texts of a timed pass")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per mode (best)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timing-only", action="store_true", help="skip the C0 comparison")
     parser.add_argument("--out", required=True, help="output stem (OUT.json, OUT.md)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -98,6 +99,18 @@ def main() -> int:
         timing[label] = min(runs)
         print(f"{label}: {timing[label]:.1f} s for {args.timing_texts} texts", flush=True)
 
+    if args.timing_only:
+        result = {"command": command_line(), "model": args.model, "layers": layers,
+                  "threads": args.threads, "timing_texts": args.timing_texts, "seconds": timing,
+                  "speedup": timing["float32"] / timing["bfloat16"]}  # fmt: skip
+        write_json(Path(args.out), result)
+        write_table(Path(args.out), [
+            f"# Key statistics, float32 vs bfloat16 forward: {args.model} (timing only)", "",
+            f"`{result['command']}`", "",
+            f"One uncached pass over {args.timing_texts} Wikipedia intros for layers {layers} on "
+            f"{args.threads} thread(s), best of {args.repeats}: float32 {timing['float32']:.1f} "
+            f"s, bfloat16 {timing['bfloat16']:.1f} s (**{result['speedup']:.2f}×**)."])  # fmt: skip
+        return 0
     full, _ = moments(model, tokenizer, layers, texts, None)
     half_precision, _ = moments(model, tokenizer, layers, texts, "bfloat16")
     half = len(texts) // 2
