@@ -119,7 +119,8 @@ def _add_to_output(
 
     def hook(_module, args, output):
         hidden = main_tensor(output)
-        return _replace_main_tensor(output, hidden + change(args[0]).to(hidden.dtype))
+        x = args[0].to(hidden.device)  # accelerate's hooks may have moved it for the forward only
+        return _replace_main_tensor(output, hidden + change(x).to(hidden.dtype))
 
     handle = module.register_forward_hook(hook, prepend=True)
     try:
@@ -134,10 +135,13 @@ def add_low_rank(
     """Make a linear module act as ``W + (down @ up)^T``: output ``+= (input @ down) @ up``.
 
     ``down`` is ``[d_in, r]`` and ``up`` is ``[r, d_out]``; the module's weight is not touched
-    (the change is computed from its input at every position), and gradients flow into both
-    factors. This is how a weight update ``Delta = up^T down^T`` is tried out functionally.
+    (the change is computed from its input at every position, on the input's device: a model
+    spread over devices), and gradients flow into both factors. This is how a weight update
+    ``Delta = up^T down^T`` is tried out functionally.
     """
-    return _add_to_output(module, lambda x: (x.to(down.dtype) @ down) @ up)
+    return _add_to_output(
+        module, lambda x: (x.to(down.dtype) @ down.to(x.device)) @ up.to(x.device)
+    )
 
 
 def add_delta(module: nn.Module, delta: torch.Tensor) -> AbstractContextManager[None]:
@@ -146,7 +150,7 @@ def add_delta(module: nn.Module, delta: torch.Tensor) -> AbstractContextManager[
     The output gains ``input @ delta^T`` at every position; gradients flow into ``delta``. The
     dense counterpart of :func:`add_low_rank`, for updates that are not kept in factored form.
     """
-    return _add_to_output(module, lambda x: x.to(delta.dtype) @ delta.T)
+    return _add_to_output(module, lambda x: x.to(delta.dtype) @ delta.T.to(x.device))
 
 
 @contextmanager

@@ -443,7 +443,8 @@ class _Stage1Terms:
         row_nll = -mean_per_row(logp, group.batch.target_rows, len(group.rows))  # [R_g]
         rewrite = group.rows < self.planner.num_rewrite_rows
         zeros = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-        part_nll = zeros.index_add(0, owner[rewrite], row_nll[rewrite].to(delta.dtype) / contexts)
+        row_nll = row_nll.to(device=delta.device, dtype=delta.dtype)  # the LM head's device
+        part_nll = zeros.index_add(0, owner[rewrite], row_nll[rewrite] / contexts)
         kl_local = (~rewrite).nonzero().squeeze(1)
         if len(kl_local) == 0:
             return part_nll, zeros
@@ -456,4 +457,4 @@ class _Stage1Terms:
             self.kl_init[kl_owner] = kl_logp.detach()
         init = self.kl_init[kl_owner]
         kl_rows = (kl_logp.exp() * (kl_logp - init)).sum(-1)  # KL(edited || original), [R_kl]
-        return part_nll, zeros.index_add(0, kl_owner, kl_rows.to(delta.dtype))
+        return part_nll, zeros.index_add(0, kl_owner, kl_rows.to(delta.device, delta.dtype))
