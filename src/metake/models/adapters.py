@@ -144,8 +144,9 @@ class ArchAdapter:
             param.copy_(v.to(device=param.device, dtype=param.dtype))
 
     def logits(self, model: nn.Module, normed_hidden: torch.Tensor) -> torch.Tensor:
-        """Logits ``[..., vocab]`` from final-normed hidden states ``[..., d]``."""
-        logits = self.unembed(model)(normed_hidden)
+        """Logits ``[..., vocab]`` from final-normed hidden states ``[..., d]``, on the hidden
+        states' device (an LM head that a device map put elsewhere computes them there)."""
+        logits = self.unembed(model)(normed_hidden).to(normed_hidden.device)
         cap = getattr(model.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -288,6 +288,7 @@ class MetaObjective:
             for number, group in enumerate(self.groups):
                 row_nll, edited = _group_outputs(self.model, self.adapter, group, self.where,
                                                  number)  # [R_g], [P_g, V]  # fmt: skip
+                row_nll = row_nll.to(nll.device)  # from the LM head's device
                 rewrite = group.rows < self.rewrite_rows
                 owner = self.request_of_row[group.rows[rewrite]]
                 part_nll = torch.zeros_like(nll).index_add(
@@ -298,6 +299,7 @@ class MetaObjective:
                 kl_pos = (original.exp() * (original - edited)).sum(-1)  # [P_g]
                 prompts = locality.prompt_of_position[entries]
                 part_kl = (kl_pos / positions_of_prompt[prompts]).sum() / locality.num_prompts
+                part_kl = part_kl.to(kl.device)
                 share = hp.metake_edit_weight * part_nll.sum() / n
                 share = share + hp.metake_locality_weight * part_kl.to(share.dtype)
                 if backward and share.requires_grad:

@@ -183,11 +183,12 @@ class RowGroup:
     skip: LowerLayers | None = None  # see enter_at_layer
 
     def forward(self) -> torch.Tensor:
-        """``run()``, with the layers below the entry layer replayed from their cached output."""
+        """``run()``, with the layers below the entry layer replayed from their cached output;
+        on the rows' device (the last layers of a model spread over devices may be elsewhere)."""
         if self.skip is None:
-            return self.run()
+            return self.run().to(self.rows.device)
         with self.skip.replay():
-            return self.run()
+            return self.run().to(self.rows.device)
 
 
 @torch.no_grad()
