@@ -98,3 +98,18 @@ def test_hub_dataset_is_streamed_with_its_column(monkeypatch):
     plain = load_corpus("hf:someone/wiki#body")
     assert asked[-1] == ("someone/wiki", None, "train", True)
     assert plain.fingerprint != corpus.fingerprint
+
+
+def test_drift_texts_need_a_corpus_with_an_end(monkeypatch):
+    """The bench's held-out drift texts are the corpus's last ones: a stream has no known end."""
+    from metake.errors import MetakeError
+    from metake.evaluation.bench import held_out_texts
+
+    assert held_out_texts(TextCorpus.from_texts(TEXTS), 2) == TEXTS[-2:]
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda *a, **k: datasets.IterableDataset.from_generator(
+                            lambda: iter([{"text": t} for t in TEXTS])))  # fmt: skip
+    stream = load_corpus("hf:someone/wiki")
+    with pytest.raises(MetakeError, match="drift-texts 0"):
+        held_out_texts(stream, 2)
+    assert held_out_texts(stream, 0) == []

@@ -32,6 +32,7 @@ folder whose parts are all finished only writes it (docs/distributed.md).
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import platform
@@ -208,7 +209,11 @@ def held_out_texts(corpus: TextCorpus, count: int) -> list[str]:
     """The last ``count`` texts of ``corpus`` (statistics read its first texts)."""
     if count <= 0:
         return []
-    return list(corpus.iter_texts())[-count:]
+    if corpus.num_texts == 0:  # a stream of unknown length (hf:NAME): it has no known end
+        raise MetakeError(f"the perplexity drift reads the last texts of the corpus, and "
+                          f"{corpus.name!r} is a stream of unknown length; pass --drift-texts 0 "
+                          "or a local copy of the dataset (save_to_disk)")  # fmt: skip
+    return list(collections.deque(corpus.iter_texts(), maxlen=count))
 
 
 def _write_json(path: Path, data: Any) -> None:
