@@ -3,9 +3,11 @@
     python benchmarks/stats_throughput.py --model smollm2-135m --layers 5,6,7,8,9 --samples 400 \
         --processes 1,2 --cores 2 --out benchmarks/results/stats_throughput_smollm2
 
-Each setting runs ``metake stats --no-stats-cache`` on the first ``--samples`` Wikipedia intros
-as its own command: one process with ``--cores`` threads, or ``torchrun --standalone
---nproc-per-node N`` with ``--cores / N`` threads per process (the same cores in all settings).
+Each setting runs ``metake stats --no-stats-cache --export`` on the first ``--samples``
+Wikipedia intros as its own command: one process with ``--cores`` threads, or ``torchrun
+--standalone --nproc-per-node N`` with ``--cores / N`` threads per process (the same cores in all
+settings); the exports are compared with the first setting's (the same C0, whatever the number
+of processes).
 The wall-clock time covers the whole command (start-up, model load, the pass, the
 eigen-decompositions of the summary); the throughput is the tokens over the statistics
 seconds that ``metake stats`` prints (the pass alone). Writes ``OUT.json`` and ``OUT.md``;
@@ -23,13 +25,16 @@ import time
 from pathlib import Path
 
 from common import command_line, write_json, write_table
+from safetensors import safe_open
 
 
-def run_setting(args: argparse.Namespace, processes: int) -> dict:
-    """Run ``metake stats`` with ``processes`` processes; its tokens, seconds and output."""
+def run_setting(args: argparse.Namespace, processes: int, export: Path) -> dict:
+    """Run ``metake stats`` with ``processes`` processes (writing ``--export export``); its
+    tokens, seconds and command."""
     threads = max(1, args.cores // processes)
     stats = ["stats", "--model", args.model, "--layers", args.layers, "--samples",
-             str(args.samples), "--device", "cpu", "--no-stats-cache"]  # fmt: skip
+             str(args.samples), "--device", "cpu", "--no-stats-cache",
+             "--export", str(export)]  # fmt: skip
     if processes == 1:
         command = [sys.executable, "-m", "metake", *stats]
     else:
@@ -48,6 +53,16 @@ def run_setting(args: argparse.Namespace, processes: int) -> dict:
             "command": " ".join(command)}  # fmt: skip
 
 
+def max_relative_difference(a: Path, b: Path) -> float:
+    """The largest ``max |A - B| / max |B|`` over the layers of two ``--export`` files."""
+    worst = 0.0
+    with safe_open(str(a), framework="pt") as fa, safe_open(str(b), framework="pt") as fb:
+        for name in fb.keys():  # noqa: SIM118
+            x, y = fa.get_tensor(name), fb.get_tensor(name)
+            worst = max(worst, float((x - y).abs().max() / y.abs().max()))
+    return worst
+
+
 def main() -> int:
     """Run every setting and write the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -58,10 +73,18 @@ def main() -> int:
     parser.add_argument("--cores", type=int, default=2, help="threads in all, per setting")
     parser.add_argument("--out", required=True, help="output stem (OUT.json, OUT.md)")
     args = parser.parse_args()
-    rows = [run_setting(args, int(n)) for n in args.processes.split(",")]
+    out = Path(args.out)
+    exports = {int(n): out.parent / f"{out.name}.{n}proc.safetensors"
+               for n in args.processes.split(",")}  # fmt: skip
+    rows = [run_setting(args, n, path) for n, path in exports.items()]
+    first = next(iter(exports))
+    for row in rows:  # the same statistics, however many processes computed them
+        row["max_relative_difference"] = max_relative_difference(exports[row["processes"]],
+                                                                 exports[first])  # fmt: skip
+    for path in exports.values():
+        path.unlink()
     result = {"command": command_line(), "model": args.model, "layers": args.layers,
               "samples": args.samples, "cores": args.cores, "rows": rows}  # fmt: skip
-    out = Path(args.out)
     write_json(out, result)
     lines = [
         f"# Key-statistics throughput: {args.model}",
@@ -72,12 +95,15 @@ def main() -> int:
         "all; `seconds`: the statistics pass as `metake stats` prints it, `wall`: the whole "
         "command.",
         "",
-        "| processes | threads each | tokens | seconds | tokens/s | wall s |",
-        "|---:|---:|---:|---:|---:|---:|",
+        f"The last column compares each setting's `--export` with that of {first} process(es): "
+        "the largest |difference| over the largest |entry|, layer by layer.",
+        "",
+        "| processes | threads each | tokens | seconds | tokens/s | wall s | C₀ difference |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [f"| {r['processes']} | {r['threads_per_process']} | {r['tokens']} | "
-              f"{r['seconds']:.1f} | {r['tokens_per_second']:.0f} | {r['wall_seconds']:.1f} |"
-              for r in rows]  # fmt: skip
+              f"{r['seconds']:.1f} | {r['tokens_per_second']:.0f} | {r['wall_seconds']:.1f} | "
+              f"{r['max_relative_difference']:.1e} |" for r in rows]  # fmt: skip
     write_table(out, lines)
     return 0
 

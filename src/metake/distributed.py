@@ -2,9 +2,9 @@
 how the shares are summed.
 
 Launch any ``metake stats`` command under ``torchrun --nproc-per-node N`` (or ``accelerate
-launch``): each process reads every N-th text, accumulates ``sum k k^T`` and its token count,
-and the sums are all-reduced before the mean (docs/distributed.md). A plain single process
-needs none of this: every helper here is a no-op without a process group.
+launch``): each process runs every N-th batch of the texts, accumulates ``sum k k^T`` and its
+token count, and the sums are all-reduced before the mean (docs/distributed.md). A plain
+single process needs none of this: every helper here is a no-op without a process group.
 """
 
 from __future__ import annotations

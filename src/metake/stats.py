@@ -108,16 +108,19 @@ def compute_second_moments(
     num_texts = 0
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(range(rank, total, world)), desc=f"key statistics ({corpus.name})",
-               unit="text", disable=not progress or rank != 0)  # fmt: skip
+    bar = tqdm(total=total, desc=f"key statistics ({corpus.name})", unit="text",
+               disable=not progress or rank != 0)  # fmt: skip
     try:
         with torch.no_grad(), planner_precision(model, autocast):
             texts = itertools.islice(corpus.iter_texts(), num_samples)
-            if world > 1:  # every world-th text, from the rank-th: the shards cover them all
-                texts = itertools.islice(texts, rank, None, world)
-            for consumed, rows in _token_batches(tokenizer, texts, batch_size, max_length):
-                num_texts += consumed
+            batches = _token_batches(tokenizer, texts, batch_size, max_length)
+            for number, (consumed, rows) in enumerate(batches):
                 bar.update(consumed)
+                # in a process group, every world-th batch from the rank-th: the same batches
+                # as one process forms, so each key is computed exactly as there
+                if number % world != rank:
+                    continue
+                num_texts += consumed
                 if not rows:
                     continue
                 input_ids, mask = right_pad(rows, pad_id)  # real tokens at 0..n-1 in every row
@@ -138,7 +141,7 @@ def compute_second_moments(
         bar.close()
         model.train(was_training)
 
-    if world > 1:  # the shards' sums and counts, added up on every process (exact in float64)
+    if world > 1:  # every process's sums and counts, added up on every process (exact in float64)
         counts = torch.tensor([num_tokens, num_texts], dtype=torch.float64, device=acc_device)
         sum_across_processes([counts, *(sums[layer] for layer in layers)])
         num_tokens, num_texts = int(counts[0]), int(counts[1])
@@ -477,7 +480,7 @@ def _distributed_moments(
     **options: Any,
 ) -> dict[int, SecondMoment]:
     """:func:`get_second_moments` in a process group: the layers that any process lacks are
-    computed by all of them (each on its shard), and only rank 0 writes the cache."""
+    computed by all of them (each on its share of the batches), and only rank 0 writes the cache."""
     lacking = torch.tensor([layer not in found for layer in layers], device=input_device(model))
     lacking = union_across_processes(lacking)
     missing = [layer for layer, flag in zip(layers, lacking.tolist(), strict=True) if flag]
