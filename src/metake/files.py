@@ -10,6 +10,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 
 def write_file_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, flush it to disk and rename it
@@ -66,3 +68,13 @@ def write_folder_atomically(path: str | Path, write: Callable[[Path], None]) -> 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def try_lock(path: str | Path) -> FileLock | None:
+    """The inter-process lock at ``path``, acquired, or ``None`` when another process holds it."""
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
+    return lock

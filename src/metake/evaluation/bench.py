@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock, Timeout
+from filelock import FileLock
 from torch import nn
 from tqdm import tqdm
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -72,7 +72,7 @@ from metake.evaluation.evaluate import (
     metric_names,
 )
 from metake.evaluation.metrics import text_perplexity
-from metake.files import write_file_atomically
+from metake.files import try_lock, write_file_atomically
 from metake.methods import PLANNER_METHODS, resolve_method
 from metake.stats import StatsCache
 
@@ -342,10 +342,8 @@ class BenchRun:
         records = self._records(seed)
         with FileLock(str(self._part(seed, "pre_edit.lock"))):  # one process scores, others wait
             self._pre_edit(seed, records)
-        lock = FileLock(str(self._part(seed, f"{spec}.lock")))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
+        lock = try_lock(self._part(seed, f"{spec}.lock"))
+        if lock is None:
             log.info("seed %d %s: another process is running it; skipped here", seed, spec)
             return "elsewhere"
         try:

@@ -13,8 +13,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
 from metake.evaluation.datasets import EvalDataset
 from metake.evaluation.evaluate import (
     GENERATION_METRICS,
@@ -22,6 +20,7 @@ from metake.evaluation.evaluate import (
     mean_metrics,
     metric_names,
 )
+from metake.files import try_lock
 
 LABELS = {
     "efficacy": "Eff.", "generalization": "Gen.", "specificity": "Spe.",
@@ -245,10 +244,8 @@ def _held(lock_path: Path) -> bool:
     """Whether a process holds a part's lock (``metake bench`` running it) right now."""
     if not lock_path.is_file():
         return False
-    lock = FileLock(str(lock_path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
+    lock = try_lock(lock_path)
+    if lock is None:
         return True
     lock.release()
     return False
