@@ -161,14 +161,16 @@ def _wikipedia_corpus() -> TextCorpus:
 
 
 def _is_corpus_file(p: Path, root: Path) -> bool:
-    rel_parts = p.relative_to(root).parts
-    if any(part.startswith(".") for part in rel_parts):  # hidden files and folders (.git, ...)
-        return False
-    return p.is_file() and p.suffix.lower() in SUFFIXES
+    return _visible(p, root) and p.is_file() and p.suffix.lower() in SUFFIXES
 
 
-def _file_corpus(name: str, files: list[Path], rel_names: list[str]) -> TextCorpus:
-    h = hashlib.sha256(_FINGERPRINT_VERSION + b"files\0")
+def _visible(p: Path, root: Path) -> bool:
+    """Not hidden, nor inside a hidden folder (.git, ...), below ``root``."""
+    return not any(part.startswith(".") for part in p.relative_to(root).parts)
+
+
+def _hash_files(h, files: Iterable[Path], rel_names: Iterable[str]) -> str:
+    """``h`` updated with each file's relative name, size and bytes; its hex digest."""
     for path, rel in zip(files, rel_names, strict=True):
         h.update(rel.encode("utf-8") + b"\0")
         try:
@@ -178,17 +180,28 @@ def _file_corpus(name: str, files: list[Path], rel_names: list[str]) -> TextCorp
                     h.update(chunk)
         except OSError as e:
             raise CorpusError(f"cannot read corpus file {str(path)!r}: {e}") from e
+    return h.hexdigest()
+
+
+def _counted(corpus: TextCorpus, empty: str) -> TextCorpus:
+    """``corpus`` with its number of texts, read (and so validated) once; ``empty``: the error
+    when there is none."""
+    count = sum(1 for _ in corpus.iter_texts())
+    if count == 0:
+        raise CorpusError(empty)
+    object.__setattr__(corpus, "num_texts", count)
+    return corpus
+
+
+def _file_corpus(name: str, files: list[Path], rel_names: list[str]) -> TextCorpus:
+    fingerprint = _hash_files(hashlib.sha256(_FINGERPRINT_VERSION + b"files\0"), files, rel_names)
     corpus = TextCorpus(
         name=name,
-        fingerprint=h.hexdigest(),
+        fingerprint=fingerprint,
         num_texts=0,
         files=tuple(p.resolve() for p in files),
     )
-    count = sum(1 for _ in corpus.iter_texts())  # validates every file up front
-    if count == 0:
-        raise CorpusError(f"corpus {name!r} contains no non-empty texts")
-    object.__setattr__(corpus, "num_texts", count)
-    return corpus
+    return _counted(corpus, f"corpus {name!r} contains no non-empty texts")
 
 
 # ----- Hugging Face datasets -----------------------------------------------------------------
@@ -225,18 +238,12 @@ def _parquet_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*.parquet") if _visible(p, path))
 
 
-def _visible(p: Path, root: Path) -> bool:
-    return not any(part.startswith(".") for part in p.relative_to(root).parts)
-
-
 def _dataset_corpus(spec: str, path: Path, column: str) -> TextCorpus:
     """A local dataset: a ``save_to_disk`` folder or parquet file(s), read in row order."""
     if not path.exists():
         raise CorpusError(f"corpus path {str(path)!r} does not exist")
     datasets = _datasets()
-    if path.is_dir() and (
-        (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
-    ):
+    if _is_saved_dataset(path):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if "train" not in loaded:
@@ -252,22 +259,14 @@ def _dataset_corpus(spec: str, path: Path, column: str) -> TextCorpus:
     _check_column(loaded.column_names, column, spec)
     root = path if path.is_dir() else path.parent
     h = hashlib.sha256(_FINGERPRINT_VERSION + b"dataset\0" + column.encode("utf-8") + b"\0")
-    for file in files:
-        h.update(file.relative_to(root).as_posix().encode("utf-8") + b"\0")
-        with open(file, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
+    fingerprint = _hash_files(h, files, [p.relative_to(root).as_posix() for p in files])
 
     def read() -> Iterator[str]:
         for batch in loaded.select_columns([column]).iter(batch_size=1000):
             yield from _checked_texts(batch[column], spec, column)
 
-    corpus = TextCorpus(name=spec, fingerprint=h.hexdigest(), num_texts=0, reader=read)
-    count = sum(1 for _ in corpus.iter_texts())  # validates every row up front
-    if count == 0:
-        raise CorpusError(f"corpus {spec!r} contains no non-empty texts in column {column!r}")
-    object.__setattr__(corpus, "num_texts", count)
-    return corpus
+    corpus = TextCorpus(name=spec, fingerprint=fingerprint, num_texts=0, reader=read)
+    return _counted(corpus, f"corpus {spec!r} contains no non-empty texts in column {column!r}")
 
 
 def _hub_corpus(spec: str, location: str, column: str) -> TextCorpus:
