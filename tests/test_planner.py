@@ -150,3 +150,34 @@ def test_prompt_batch_select_trims_and_renumbers():
     for local, row in enumerate(rows.tolist()):
         mine = batch.target_ids[batch.target_rows == row]
         assert torch.equal(sub.target_ids[sub.target_rows == local], mine)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2"])
+def test_replayed_layers_release_their_prefix_cache_and_the_hidden_states_stay(model_type):
+    """After entering at layer L the prefix keys/values of layers below L take no memory, and
+    the suffix's hidden states are those of the untouched cache."""
+    from metake.models.adapters import get_adapter
+    from metake.planners.standard import enter_at_layer, row_groups
+
+    model, tok = tiny_model(model_type), tiny_tokenizer()
+    full = build_planner_batch(tok, REQUESTS, CONTEXTS, "{} is a").batch
+    groups = row_groups(model, full, tok.pad_token_id, True, max_groups=2)
+    assert all(g.prefix is not None for g in groups)
+    with torch.no_grad():
+        before = [g.forward() for g in groups]
+    held = [g.prefix.cached_bytes() for g in groups]
+    layers = model.config.num_hidden_layers
+    enter_at_layer(model, get_adapter(model), groups, 1)
+    with torch.no_grad():
+        after = [g.forward() for g in groups]
+    for group, old, new, bytes_before in zip(groups, before, after, held, strict=True):
+        torch.testing.assert_close(new, old, rtol=1e-6, atol=1e-6)
+        kept = group.prefix.cached_bytes()
+        assert kept < bytes_before
+        assert kept == pytest.approx(bytes_before * (layers - 1) / layers, rel=0.05)
+
+
+def test_rows_of_equal_length_are_ordered_by_the_second_length():
+    groups = length_groups([3, 3, 3, 5], max_groups=1, second=[9, 1, 5, 0])
+    assert groups == [[1, 2, 0, 3]]
+    assert length_groups([3, 3, 3, 5], max_groups=1) == [[0, 1, 2, 3]]

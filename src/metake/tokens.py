@@ -189,13 +189,18 @@ class PromptBatch:
         )
 
 
-def length_groups(lengths: Sequence[int], max_groups: int = 4) -> list[list[int]]:
+def length_groups(
+    lengths: Sequence[int], max_groups: int = 4, second: Sequence[int] | None = None
+) -> list[list[int]]:
     """Split row indices into at most ``max_groups`` groups of similar ``lengths``.
 
     Rows are sorted by length and cut where the padded area (rows x longest length, summed over
     groups) is smallest (exact dynamic programme), so batched forwards waste little on padding.
+    Rows of equal length are ordered by ``second`` (e.g. a second padded part's length), so
+    that consecutive slices of a group are alike in both.
     """
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    tie = second if second is not None else [0] * len(lengths)
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], tie[i], i))
     sizes = [lengths[i] for i in order]
     n, groups = len(sizes), max(1, min(max_groups, len(sizes)))
     inf = float("inf")

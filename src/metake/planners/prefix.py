@@ -76,6 +76,33 @@ class PrefixCachedBatch:
         )
         return out.cache if hasattr(out, "cache") else out.past_key_values
 
+    def release_layers_below(self, layer: int) -> None:
+        """Free the cached keys and values of decoder layers ``0 .. layer - 1``.
+
+        For runners whose lower layers are replayed from their cached output (they never attend
+        again): each is replaced by a zero-stride view of its shape, which takes no memory and
+        still answers the cache's length queries (read at layer 0).
+        """
+        for cached in self._cache_layers()[:layer]:
+            for name in ("keys", "values"):
+                tensor = getattr(cached, name, None)
+                if isinstance(tensor, torch.Tensor) and tensor.numel():
+                    setattr(cached, name, tensor.new_zeros(()).expand(tensor.shape))
+
+    def cached_bytes(self) -> int:
+        """Bytes held by the prefix's key/value cache (zero-stride views count nothing)."""
+        total = 0
+        for cached in self._cache_layers():
+            for name in ("keys", "values"):
+                tensor = getattr(cached, name, None)
+                if isinstance(tensor, torch.Tensor):
+                    total += tensor.untyped_storage().nbytes()
+        return total
+
+    def _cache_layers(self) -> list:
+        """The per-layer entries (with ``keys``/``values``) of the prefix cache; none without."""
+        return list(getattr(self._cache, "layers", [])) if self._cache is not None else []
+
     def hidden(self) -> torch.Tensor:
         """Final-normed hidden states ``[B, S_suffix, d]`` of the suffix (hooks apply as usual)."""
         if self._cache is None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -181,6 +181,7 @@ class RowGroup:
     batch: PromptBatch
     run: Callable[[], torch.Tensor]
     skip: LowerLayers | None = None  # see enter_at_layer
+    prefix: PrefixCachedBatch | None = None  # the runner's prefix cache, if it has one
 
     def forward(self) -> torch.Tensor:
         """``run()``, with the layers below the entry layer replayed from their cached output;
@@ -206,6 +207,8 @@ def enter_at_layer(
     lower = adapter.layers_below(model, layer)
     for group in groups:
         group.skip = cache_lower_layers(model, lower, name, group.run)
+        if group.prefix is not None:  # replayed layers never read their prefix keys again
+            group.prefix.release_layers_below(layer)
 
 
 MAX_GROUP_ROWS = 32
@@ -230,12 +233,13 @@ def row_groups(
     """
     use_prefix = prefix_cache and PrefixCachedBatch.supports(model, full)
     lengths = full.attention_mask.sum(1)
-    if use_prefix:
-        lengths = lengths - full.subject_last
+    second = None
+    if use_prefix:  # the suffix runs at every step; the prefix once, but its cache stays
+        lengths, second = lengths - full.subject_last, full.subject_last.tolist()
     groups = []
     pieces = [
         members[start : start + max_rows]
-        for members in length_groups(lengths.tolist(), max_groups)
+        for members in length_groups(lengths.tolist(), max_groups, second)
         for start in range(0, len(members), max_rows)
     ]
     for members in pieces:
@@ -243,7 +247,7 @@ def row_groups(
         sub = full.select(rows)
         if use_prefix:
             split = PrefixCachedBatch(model, sub, pad_id)
-            groups.append(RowGroup(rows, split.suffix, split.hidden))
+            groups.append(RowGroup(rows, split.suffix, split.hidden, prefix=split))
         else:
             groups.append(RowGroup(rows, sub, partial(base_hidden, model, sub)))
     return groups
@@ -285,7 +289,7 @@ def compute_targets(
         part = full if rows is None else full.select(rows)
         made = row_groups(model, part, tokenizer.pad_token_id, prefix_cache, max_groups, max_rows)
         if rows is not None:
-            made = [RowGroup(rows[g.rows], g.batch, g.run) for g in made]
+            made = [replace(g, rows=rows[g.rows]) for g in made]
         if skip_lower:
             enter_at_layer(model, adapter, made, layer)
         return made
