@@ -193,3 +193,30 @@ def test_activations_read_at_the_subject_equal_a_forward_of_the_whole_prompt(mod
                                    rtol=1e-5, atol=1e-6)  # fmt: skip
         torch.testing.assert_close(acts.values[i], seen.outputs[names[1]][0, at],
                                    rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma3_text"])
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_activations_in_row_pieces_equal_one_forward_of_every_row(model_type, rows, monkeypatch):
+    """Without a graph the prompts run in length-sorted pieces, each trimmed to its own length
+    and replayed from its slice of the lower layers' cache; keys, values and projections come
+    back in request order, equal to the single forward that the exact replay uses."""
+    import metake.solvers.memit as memit
+
+    model, tok = tiny_model(model_type), tiny_tokenizer()
+    contexts = ["", "Some words here. ", "X. "]
+    lower = lower_layers(model, tok, REQUESTS, contexts, 1)
+    whole = subject_activations(model, tok, REQUESTS, contexts, [1, 2], 2, lower=lower,
+                                track_grad=True)  # fmt: skip
+    monkeypatch.setattr(memit, "ACTIVATION_ROWS", rows)
+    for cache in (lower, None):
+        pieces = subject_activations(model, tok, REQUESTS, contexts, [1, 2], 2, lower=cache)
+        for layer in (1, 2):
+            torch.testing.assert_close(pieces.keys[layer], whole.keys[layer].detach(),
+                                       rtol=1e-4, atol=1e-5)  # fmt: skip
+            torch.testing.assert_close(pieces.bare_keys[layer], whole.bare_keys[layer].detach(),
+                                       rtol=1e-4, atol=1e-5)  # fmt: skip
+            torch.testing.assert_close(
+                pieces.projections[layer], whole.projections[layer].detach(), rtol=1e-4, atol=1e-5
+            )
+        torch.testing.assert_close(pieces.values, whole.values.detach(), rtol=1e-4, atol=1e-5)

@@ -195,6 +195,11 @@ class LowerLayers:
         """The first layer that still runs."""
         return len(self.modules)
 
+    def select(self, rows: torch.Tensor, width: int) -> LowerLayers:
+        """The cache of batch rows ``rows`` (``[R]``), cut to the first ``width`` positions (for
+        a forward of those rows alone, as :meth:`PromptBatch.select` trims them)."""
+        return LowerLayers(self.modules, self.hidden[rows, :width], self.as_tuple)
+
     def replay(self) -> AbstractContextManager[None]:
         """Within this context the cached layers return their output at once."""
         return skip_layers_below(self.modules, self.hidden, self.as_tuple)

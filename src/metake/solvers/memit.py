@@ -128,7 +128,6 @@ def subject_activations(
     adapter = get_adapter(model)
     device = input_device(model)
     batch = _activation_batch(tokenizer, requests, contexts, device)
-    encoded_rows = batch.input_ids.shape[0]
     key_names = {layer: adapter.mlp_out_name(layer) for layer in key_layers}
     value_name = adapter.layer_name(value_layer)
     top = max(key_layers)
@@ -137,26 +136,52 @@ def subject_activations(
         raise ValueError(
             f"keys of layer {min(key_layers)} lie below the cached layer {lower.layer}"
         )
-    with (
-        torch.set_grad_enabled(track_grad),
-        capture(model, [*key_names.values(), value_name], stop_after=stop,
-                detach=not track_grad) as tr,
-        lower.replay() if lower else nullcontext(),
-    ):  # fmt: skip
-        model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    rows = torch.arange(encoded_rows, device=device)
+    # Without a graph the rows run in pieces of similar length (memory, padding); with one,
+    # in a single forward (the exact hypergradient's replay captures the whole batch).
+    pieces = [None] if track_grad else _row_pieces(batch.attention_mask.sum(1), ACTIVATION_ROWS)
+    parts: dict[tuple[str, str], list[torch.Tensor]] = {}
+    for piece in pieces:
+        sub = batch if piece is None else batch.select(piece)
+        low = lower
+        if lower is not None and piece is not None:
+            low = lower.select(piece, sub.input_ids.shape[1])
+        with (
+            torch.set_grad_enabled(track_grad),
+            capture(model, [*key_names.values(), value_name], stop_after=stop,
+                    detach=not track_grad) as tr,
+            low.replay() if low else nullcontext(),
+        ):  # fmt: skip
+            model.base_model(input_ids=sub.input_ids, attention_mask=sub.attention_mask)
+        rows = torch.arange(sub.input_ids.shape[0], device=device)
+        for kind, acts in (("in", tr.inputs), ("out", tr.outputs)):
+            for name, tensor in acts.items():
+                parts.setdefault((kind, name), []).append(tensor[rows, sub.subject_last])
+    order = None if pieces == [None] else torch.cat(pieces)
     n, c = len(requests), len(contexts)
 
-    def at_subject(acts: torch.Tensor) -> torch.Tensor:  # [n, c, d], float32 or float64
+    def at_subject(kind: str, name: str) -> torch.Tensor:  # [n, c, d], float32 or float64
+        acts = torch.cat(parts[(kind, name)])
+        if order is not None:  # back to request-major row order
+            acts = acts.new_empty(acts.shape).index_copy_(0, order, acts)
         dtype = torch.promote_types(acts.dtype, torch.float32)
-        return acts[rows, batch.subject_last].view(n, c, -1).to(dtype)
+        return acts.view(n, c, -1).to(dtype)
 
-    inputs = {layer: at_subject(tr.inputs[name]) for layer, name in key_names.items()}
+    inputs = {layer: at_subject("in", name) for layer, name in key_names.items()}
     keys = {layer: context_type_mean(acts, key_average) for layer, acts in inputs.items()}
     bare_keys = {layer: acts[:, 0] for layer, acts in inputs.items()}
-    projections = {layer: at_subject(tr.outputs[name])[:, 0] for layer, name in key_names.items()}
-    values = at_subject(tr.outputs[value_name])[:, 0]
+    projections = {layer: at_subject("out", name)[:, 0] for layer, name in key_names.items()}
+    values = at_subject("out", value_name)[:, 0]
     return SubjectActivations(keys, values, projections, bare_keys)
+
+
+ACTIVATION_ROWS = 128
+"""Rows one graph-free forward of :func:`subject_activations` runs at most (memory)."""
+
+
+def _row_pieces(lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Row indices ``[R]`` of ``lengths`` (``[rows]``) sorted by length, in pieces of ``size``."""
+    order = torch.sort(lengths, stable=True).indices
+    return list(order.split(size))
 
 
 def _activation_batch(
