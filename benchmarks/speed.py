@@ -265,11 +265,18 @@ def main() -> int:
     result = {"command": command_line(), "model": args.model, "threads": args.threads,
               "records": [args.start, args.start + args.edits], "baseline": args.baseline,
               "matmul_peak_gflops": peak, "overrides": dict(args.overrides),
-              "runs": runs}  # fmt: skip
+              "environment": allocator_environment(), "runs": runs}  # fmt: skip
     out = Path(args.out)
     write_json(out, result)
     write_table(out, table(result))
     return 0
+
+
+def allocator_environment() -> dict[str, str]:
+    """The environment variables that change threads or glibc's allocator (the children inherit
+    them): they move the memory figures, so a report names them."""
+    return {k: v for k, v in sorted(os.environ.items())
+            if k.startswith("MALLOC_") or k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}  # fmt: skip
 
 
 def table(result: dict[str, Any]) -> list[str]:
@@ -282,7 +289,8 @@ def table(result: dict[str, Any]) -> list[str]:
         "",
         f"{result['threads']} threads; float32 matmul peak {result['matmul_peak_gflops']:.0f} "
         f"GFLOP/s; baseline: {result['baseline'] or '(none)'}; settings changed: "
-        f"{result['overrides'] or 'none'}. Seconds per edit.",
+        f"{result['overrides'] or 'none'}; environment: "
+        f"{result.get('environment') or 'none set'}. Seconds per edit.",
         "",
         "Memory: the process's resident set (model and statistics included: *loaded*), its "
         "peak during Stage I and after it (look-ahead, Stage II), GiB.",
