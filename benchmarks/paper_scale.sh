@@ -12,8 +12,10 @@
 #   0, never from records 0:2000 (the known-facts probes `metake tune` used for the presets).
 # zsre: records 0:900 of ../shared/data/zsre/zsre_1k.json in file order (9 batches): the other
 #   100 (900:1000) are the dev split the presets were tuned on, so they are left out.
+# Both watch the known facts of CounterFact records 0:2000 (never edited here): the share the
+# unedited model answers that is still answered, after every batch and at the end.
 # Environment: METHODS (default memit,alphaedit,alphaedit_blue,metake,metake_exact), DEVICE
-# (auto), SEED (0). Each method is a resumable part: re-running with an existing OUT continues
+# (auto), SEED (0), PROBE (the CounterFact file of those facts; "none": no probe). Each method is a resumable part: re-running with an existing OUT continues
 # it (finished methods are kept; an interrupted one restarts from its last checkpointed batch).
 # `metake bench --progress OUT` prints what has finished. Writes OUT/results.md (the table, with
 # the command), results.json, the metrics-versus-edits plots and bench.log.
@@ -25,8 +27,12 @@ methods=${METHODS:-memit,alphaedit,alphaedit_blue,metake,metake_exact}
 if [[ -f "$out/config.json" ]]; then
   exec metake bench --resume "$out"
 fi
+probe=${PROBE:-../shared/data/counterfact/counterfact_10k.json}
 common=(--model "$model" --device "${DEVICE:-auto}" --batch-size 100 --methods "$methods"
         --seeds "${SEED:-0}" --out "$out")
+if [[ "$probe" != none ]]; then
+  common+=(--probe-data "$probe" --probe-records 0:2000)
+fi
 case "$dataset" in
   counterfact)
     exec metake bench "${common[@]}" --dataset counterfact \

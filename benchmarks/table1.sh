@@ -7,7 +7,10 @@
 #   bash benchmarks/table1.sh gemma3-270m 0 benchmarks/results/table1_zsre_gemma3
 #
 # Environment: DATA (zsRE file, default ../shared/data/zsre/zsre_1k.json), EDITS (100),
-# BATCH (25), DEVICE (auto), EXCLUDE (records never sampled, default 900:1000: the dev split the
+# BATCH (25), DEVICE (auto), METHODS (default table1,metake_exact: the seven rows and MetaKE with
+# the exact hypergradient), PROBE (CounterFact file whose records 0:2000 give the known facts
+# watched for damage, default ../shared/data/counterfact/counterfact_10k.json; "none": no probe),
+# EXCLUDE (records never sampled, default 900:1000: the dev split the
 # built-in presets were tuned on by `metake tune`). Re-running with an existing OUT resumes it (finished parts are
 # kept, an interrupted method restarts from its last checkpointed batch). Writes OUT/results.md
 # (the table, with the command above it), results.json, plots and bench.log.
@@ -19,6 +22,11 @@ data=${DATA:-../shared/data/zsre/zsre_1k.json}
 if [[ -f "$out/config.json" ]]; then
   exec metake bench --resume "$out"
 fi
+probe=${PROBE:-../shared/data/counterfact/counterfact_10k.json}
+probe_args=()
+if [[ "$probe" != none ]]; then
+  probe_args=(--probe-data "$probe" --probe-records 0:2000)
+fi
 exec metake bench --model "$model" --device "${DEVICE:-auto}" --dataset zsre --data "$data" \
-  --edits "${EDITS:-100}" --batch-size "${BATCH:-25}" --methods table1 --seeds "$seeds" \
-  --exclude "${EXCLUDE:-900:1000}" --out "$out"
+  --edits "${EDITS:-100}" --batch-size "${BATCH:-25}" --methods "${METHODS:-table1,metake_exact}" \
+  --seeds "$seeds" --exclude "${EXCLUDE:-900:1000}" "${probe_args[@]}" --out "$out"

@@ -273,3 +273,57 @@ def test_part_filter_errors():
     for bad, message in [("seed=2", "seeds"), ("method=rome", "methods"), ("part=4", "0..3")]:
         with pytest.raises(MetakeError, match=message):
             PartFilter.parse(bad).check(parts)
+
+
+def _counterfact_file(tmp_path):
+    records = [
+        {"case_id": i, "prompt": "{} was born in", "subject": name, "target_new": "Oslo",
+         "ground_truth": city, "rephrase_prompt": f"{name} is from"}
+        for i, (name, city) in enumerate(zip(NAMES, CITIES, strict=True))
+    ]  # fmt: skip
+    path = tmp_path / "tiny_cf.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def test_known_facts_probe_is_scored_before_and_after_the_edits(tmp_path, monkeypatch):
+    """The probe's facts are fixed on the unedited model (``probe.json``); the share still
+    answered is reported for the unedited model, after the last batch and on the curve."""
+    import metake.evaluation.bench as bench
+    from metake.probe import token_accuracy
+
+    facts_file = _counterfact_file(tmp_path)
+    monkeypatch.setattr(  # a random model knows no fact: take every record's as known
+        bench, "known_facts", lambda model, tok, records, limit, margin: [
+            r.request.__class__(r.request.prompt, r.request.subject, r.request.target_true)
+            for r in records][:limit],
+    )  # fmt: skip
+    model = tiny_model("llama")
+    config = _config(tmp_path, methods=["memit"], seeds=[0], probe_data=str(facts_file),
+                     probe_records="1:5", probe_facts=3)  # fmt: skip
+    result = _run(config, tmp_path / "run", model, tmp_path)
+    facts = json.loads((tmp_path / "run" / "probe.json").read_text(encoding="utf-8"))
+    assert [f["subject"] for f in facts] == NAMES[1:4]
+    from metake.requests import EditRequest
+
+    unedited = token_accuracy(tiny_model("llama"), tiny_tokenizer(),
+                              [EditRequest(**f) for f in facts])  # fmt: skip
+    expected = 100 * sum(a == 1.0 for a in unedited) / len(unedited)
+    assert result["runs"]["0"]["pre_edit"]["known_facts_kept"] == pytest.approx(expected)
+    part = result["runs"]["0"]["methods"]["memit"]
+    assert 0 <= part["known_facts_kept"] <= 100
+    assert all("known_facts_kept" in point for point in part["curve"])
+    assert "Known facts kept" in (tmp_path / "run" / "results.md").read_text(encoding="utf-8")
+
+
+def test_probe_facts_must_never_be_edited(tmp_path):
+    facts_file = _counterfact_file(tmp_path)
+    with pytest.raises(MetakeError, match="no such file"):
+        _config(tmp_path, probe_data=str(tmp_path / "missing.json"))
+    zsre = _config(tmp_path).data
+    with pytest.raises(MetakeError, match="inside --exclude"):
+        _config(tmp_path, probe_data=zsre, probe_records="0:2")
+    with pytest.raises(MetakeError, match="overlaps --records"):
+        _config(tmp_path, probe_data=zsre, probe_records="0:2", records="1:5")
+    _config(tmp_path, probe_data=zsre, probe_records="0:2", exclude="0:3")  # fine
+    _config(tmp_path, probe_data=str(facts_file), probe_records="0:6")  # another file: fine

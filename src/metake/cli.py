@@ -659,6 +659,27 @@ def _add_bench_parser(sub) -> None:
         help="records whose prompts are continued for the fluency score",
     )
     bench.add_argument(
+        "--probe-data",
+        metavar="FILE",
+        default=None,
+        help="a CounterFact file: report the share of facts the unedited model knows that are "
+        "still answered after the edits ('known facts kept', also on the curve); zsRE's "
+        "Spe. questions miss this damage. Off by default",
+    )
+    bench.add_argument(
+        "--probe-records",
+        metavar="A:B",
+        default="0:2000",
+        help="records of --probe-data the known facts come from (default 0:2000); from the "
+        "edited file they must lie inside --exclude",
+    )
+    bench.add_argument(
+        "--probe-facts",
+        type=int,
+        default=200,
+        help="at most this many known facts (default 200)",
+    )
+    bench.add_argument(
         "--drift-texts",
         type=int,
         default=32,
@@ -738,6 +759,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             max_memory=args.max_memory,
             records=args.records,
             exclude=args.exclude,
+            probe_data=args.probe_data,
+            probe_records=args.probe_records,
+            probe_facts=args.probe_facts,
             command=_command_line(args),
         )
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")

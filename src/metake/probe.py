@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -12,6 +13,9 @@ from metake.models.adapters import input_device
 from metake.planners.standard import mean_per_row
 from metake.requests import EditRequest
 from metake.tokens import encode_request, left_pad, pad_batch, padding_id
+
+if TYPE_CHECKING:
+    from metake.evaluation.datasets import EvalRecord
 
 
 @torch.no_grad()
@@ -163,3 +167,22 @@ def next_token_log_probs(
 def mean_kl(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean KL(reference || other) over the masked positions of ``[B, S, V]`` log-probs."""
     return float((reference.exp() * (reference - other)).sum(-1)[mask].mean())
+
+
+def known_facts(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[EvalRecord],
+    limit: int,
+    margin: float = 0.0,
+) -> list[EditRequest]:
+    """Up to ``limit`` records' true facts the model answers exactly (teacher-forced argmax),
+    each answer token by at least ``margin`` nats over the runner-up (fragile facts flip under
+    any edit and would measure noise, not damage)."""
+    facts = [
+        EditRequest(r.request.prompt, r.request.subject, r.request.target_true)
+        for r in records
+        if r.request.target_true
+    ]
+    margins = answer_margins(model, tokenizer, facts)
+    return [f for f, m in zip(facts, margins, strict=True) if m > 0 and m >= margin][:limit]

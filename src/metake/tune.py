@@ -63,7 +63,7 @@ from metake.files import write_file_atomically
 from metake.hparams import MemitHparams, find_preset, memit_hparams
 from metake.methods import PLANNER_METHODS, parse_solver
 from metake.planners.standard import compute_targets, context_templates
-from metake.probe import answer_margins, token_accuracy
+from metake.probe import known_facts, token_accuracy
 from metake.requests import EditRequest
 from metake.stats import StatsCache
 
@@ -209,25 +209,6 @@ def violations(row: dict[str, Any], base: dict[str, float], min_gain: float = 10
     if row["probe_kept"] < 0.95:
         out.append(f"known facts kept {100 * row['probe_kept']:.0f}% < 95%")
     return out
-
-
-def known_facts(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    records: Sequence[EvalRecord],
-    limit: int,
-    margin: float = 0.0,
-) -> list[EditRequest]:
-    """Up to ``limit`` records' true facts the model answers exactly (teacher-forced argmax),
-    each answer token by at least ``margin`` nats over the runner-up (fragile facts flip under
-    any edit and would measure noise, not damage)."""
-    facts = [
-        EditRequest(r.request.prompt, r.request.subject, r.request.target_true)
-        for r in records
-        if r.request.target_true
-    ]
-    margins = answer_margins(model, tokenizer, facts)
-    return [f for f, m in zip(facts, margins, strict=True) if m > 0 and m >= margin][:limit]
 
 
 class Tuner:

@@ -61,6 +61,7 @@ from metake.editor import Editor
 from metake.errors import MetakeError
 from metake.evaluation.datasets import (
     EvalRecord,
+    in_ranges,
     load_dataset,
     parse_ranges,
     select_records,
@@ -74,6 +75,8 @@ from metake.evaluation.evaluate import (
 from metake.evaluation.metrics import text_perplexity
 from metake.files import try_lock, write_file_atomically
 from metake.methods import PLANNER_METHODS, resolve_method
+from metake.probe import known_facts, token_accuracy
+from metake.requests import EditRequest
 from metake.stats import StatsCache
 
 log = logging.getLogger(__name__)
@@ -108,6 +111,10 @@ class BenchConfig:
     max_memory: str | None = None  # per device, with device_map
     records: str | None = None  # "A:B[,C:D]": edit these file positions in order, no sampling
     exclude: str | None = None  # "A:B[,C:D]": never sample these (e.g. a tuning split)
+    probe_data: str | None = None  # CounterFact file of known facts to watch (None: no probe)
+    probe_records: str = "0:2000"  # its records the probe facts come from (never edited)
+    probe_facts: int = 200  # at most this many facts the unedited model knows
+    probe_margin: float = 1.0  # nats each answer token must lead by to count as known
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -124,6 +131,27 @@ class BenchConfig:
                 parse_ranges(option)
         if len(set(self.methods)) != len(self.methods):
             raise MetakeError(f"a method is listed twice: {', '.join(self.methods)}")
+        if self.probe_data is not None:
+            self._check_probe()
+
+    def _check_probe(self) -> None:
+        """The probe's facts must be records this run never edits."""
+        if self.probe_facts < 1:
+            raise MetakeError("--probe-facts must be at least 1")
+        probe = parse_ranges(self.probe_records, "--probe-records")
+        if not Path(self.probe_data).is_file():
+            raise MetakeError(f"--probe-data: no such file: {self.probe_data}")
+        if Path(self.data).resolve() != Path(self.probe_data).resolve():
+            return
+        if self.records is not None:
+            edited = parse_ranges(self.records)
+            if any(in_ranges(i, probe) for r in edited for i in r):
+                raise MetakeError("--probe-records overlaps --records in the same file")
+        elif self.exclude is None or not all(
+            in_ranges(i, parse_ranges(self.exclude)) for r in probe for i in r
+        ):
+            raise MetakeError("--probe-records must lie inside --exclude when the probe comes "
+                              "from the edited file (its facts must never be edited)")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
@@ -246,6 +274,7 @@ class BenchRun:
         self.stop_after_batches = stop_after_batches  # tests: simulate an interruption
         self.dataset = load_dataset(config.dataset, config.data, config.zsre_target, tokenizer)
         self._drift_texts: list[str] | None = None
+        self._probe: list[EditRequest] | None = None
 
     # ----- folder --------------------------------------------------------------------------
     @classmethod
@@ -286,6 +315,38 @@ class BenchRun:
             self._drift_texts = held_out_texts(self.corpus, self.config.drift_texts)
         return self._drift_texts
 
+    @property
+    def probe(self) -> list[EditRequest]:
+        """Facts the unedited model knows (``probe.json`` in the run folder; empty: no probe).
+
+        Computed once, on the unedited model, before the first edit of the run."""
+        if self._probe is not None or self.config.probe_data is None:
+            return self._probe or []
+        path = self.out / "probe.json"
+        if path.is_file():
+            self._probe = [EditRequest(**f) for f in json.loads(path.read_text("utf-8"))]
+            return self._probe
+        source = load_dataset("counterfact", self.config.probe_data, tokenizer=self.tokenizer)
+        ranges = parse_ranges(self.config.probe_records, "--probe-records")
+        candidates = [r for r in source.records if in_ranges(r.index, ranges)]
+        self._probe = known_facts(self.model, self.tokenizer, candidates,
+                                  self.config.probe_facts, self.config.probe_margin)  # fmt: skip
+        if not self._probe:
+            raise MetakeError(f"the model knows none of the facts in --probe-records "
+                              f"{self.config.probe_records}; give a larger range")  # fmt: skip
+        log.info("probe: %d facts the unedited model knows", len(self._probe))
+        text = json.dumps([asdict(f) for f in self._probe], indent=1)
+        write_file_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        return self._probe
+
+    def known_facts_kept(self) -> float | None:
+        """Share of :attr:`probe` facts the model as it is still answers (teacher-forced, every
+        answer token the argmax), in [0, 1]; ``None`` without a probe."""
+        if not self.probe:
+            return None
+        kept = token_accuracy(self.model, self.tokenizer, self.probe)
+        return sum(k == 1.0 for k in kept) / len(kept)
+
     # ----- running ---------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Run every missing (seed, method), then write and return the results."""
@@ -306,6 +367,7 @@ class BenchRun:
                 len(self.dataset.records),
                 len(self.dataset.skipped),
             )
+            self.probe  # noqa: B018  (on the unedited model, before any edit)
             for index, (seed, spec) in enumerate(self.parts()):
                 if not self.only.selects(index, seed, spec) or self._finished(seed, spec):
                     continue
@@ -366,6 +428,9 @@ class BenchRun:
         scores: dict[str, Any] = {"per_record": per_record}
         if self.drift_texts:
             scores["perplexity"] = text_perplexity(self.model, self.tokenizer, self.drift_texts)
+        kept = self.known_facts_kept()
+        if kept is not None:
+            scores["known_facts_kept"] = 100 * kept
         if self.config.fluency_records > 0:
             fluency = generation_fluency(
                 self.model, self.tokenizer, records[: self.config.fluency_records]
@@ -453,6 +518,9 @@ class BenchRun:
                         point["perplexity"] = text_perplexity(
                             self.model, self.tokenizer, self.drift_texts
                         )
+                    kept = self.known_facts_kept()
+                    if kept is not None:
+                        point["known_facts_kept"] = 100 * kept
                     curve.append(point)
                 state = {"editor": editor.state_dict(), "batches": batches, "curve": curve}
                 save_checkpoint(state_path, state)

@@ -30,6 +30,7 @@ LABELS = {
     "neighborhood_score": "Neighborhood Score", "efficacy_magnitude": "Eff. magnitude",
     "paraphrase_magnitude": "Para. magnitude", "neighborhood_magnitude": "Neigh. magnitude",
     "fluency": "Fluency", "perplexity": "Perplexity", "seconds_per_edit": "s / edit",
+    "known_facts_kept": "Known facts kept",
 }  # fmt: skip
 
 
@@ -43,7 +44,7 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
 def _seed_figures(scores: Mapping[str, Any], names: Sequence[str]) -> dict[str, float]:
     """One seed's figures: metric means (percent), perplexity, fluency, seconds per edit."""
     figures = mean_metrics(scores["per_record"], names)
-    for key in ("perplexity", "fluency", "seconds_per_edit"):
+    for key in ("known_facts_kept", "perplexity", "fluency", "seconds_per_edit"):
         if scores.get(key) is not None:
             figures[key] = scores[key]
     return figures
@@ -79,7 +80,8 @@ def markdown_table(agg: Mapping[str, Any], kind: str) -> str:
     columns = [*MAIN_METRICS[kind], "fluency", "perplexity", "seconds_per_edit"]
     extra = [] if kind == "counterfact" else ["efficacy_exact"]
     rows_have = [agg["pre_edit"], *agg["methods"].values()]
-    extra += [n for n in GENERATION_METRICS[kind] if any(n in figures for figures in rows_have)]
+    optional = [*GENERATION_METRICS[kind], "known_facts_kept"]
+    extra += [n for n in optional if any(n in figures for figures in rows_have)]
     columns[3:3] = extra
     head = "| Method | " + " | ".join(LABELS[c] for c in columns) + " |"
     lines = [head, "|---|" + "---:|" * len(columns)]
@@ -137,7 +139,7 @@ def _markdown(results: Mapping[str, Any], agg: Mapping[str, Any], config) -> str
         f"{target}, edited in batches of {config.batch_size}; every edited record scored after "
         "the last batch. Metrics in percent, mean ± sample std over seeds; fluency is the "
         "n-gram entropy of greedy continuations, perplexity is on held-out Wikipedia intros "
-        "(drift of general ability); s / edit is Stage I + II time.",
+        "(drift of general ability); s / edit is Stage I + II time." + _probe_sentence(config),
         "",
         markdown_table(agg, kind),
         "",
@@ -147,6 +149,16 @@ def _markdown(results: Mapping[str, Any], agg: Mapping[str, Any], config) -> str
         "",
     ]
     return "\n".join(lines)
+
+
+def _probe_sentence(config) -> str:
+    """What the known-facts column measures, when the run had a probe."""
+    if getattr(config, "probe_data", None) is None:
+        return ""
+    return (f" Known facts kept: of up to {config.probe_facts} CounterFact facts (records "
+            f"{config.probe_records} of `{config.probe_data}`, never edited) that the unedited "
+            f"model answers, every answer token the argmax by at least {config.probe_margin} "
+            "nats, the share still answered (teacher-forced).")  # fmt: skip
 
 
 def write_plots(
@@ -165,7 +177,7 @@ def write_plots(
     runs = list(seeds.values())
     points = [p for run in runs for m in methods for p in run["methods"][m]["curve"]]
     if all(run["methods"][m]["curve"] for run in runs for m in methods):
-        wanted = [*names, "perplexity"]
+        wanted = [*names, "known_facts_kept", "perplexity"]
         plotted = [n for n in wanted if all(n in p for p in points)]  # older parts lack some
         fig, axes = plt.subplots(1, len(plotted), figsize=(4.2 * len(plotted), 3.4), squeeze=False)
         for ax, name in zip(axes[0], plotted, strict=True):
