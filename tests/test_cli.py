@@ -75,6 +75,13 @@ def test_bad_input_is_one_clear_line(args, message, capsys):
     assert "metake: error:" in err and message in err and "Traceback" not in err
 
 
+def test_group_rows_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["edit", "--prompt", "{} x", "--subject", "A", "--target", "B", "--group-rows", "0"])
+    assert exit_info.value.code == 2
+    assert "--group-rows: expected a positive whole number, got '0'" in capsys.readouterr().err
+
+
 def test_malformed_requests_file(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"prompt": "{} is", "subject": "A", "target_new": "B"},')
@@ -132,7 +139,7 @@ def test_bench_command_runs_and_resumes(model_dir, tmp_path, capsys):
     args = ["bench", "--model", str(folder), "--corpus", str(corpus), "--device", "cpu",
             "--dataset", "requests", "--data", str(data), "--methods", "memit,metake+memit",
             "--edits", "2", "--batch-size", "1", "--seeds", "0", "--drift-texts", "2",
-            "--fluency-records", "1", "--out", str(out), "--layers", "0,1",
+            "--fluency-records", "1", "--out", str(out), "--layers", "0,1", "--group-rows", "3",
             "--set", "v_steps=2", "--set", "context_count=1", "--set", "metake_steps=1",
             "--set", "mom2_samples=8", "--set", "mom2_update_weight=10"]  # fmt: skip
     assert main(args) == 0
@@ -141,6 +148,7 @@ def test_bench_command_runs_and_resumes(model_dir, tmp_path, capsys):
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert results["dataset"]["skipped_records"] == 1
     assert results["config"]["command"].startswith("metake bench")
+    assert results["config"]["group_rows"] == 3
     assert main(["bench", "--resume", str(out)]) == 0  # everything done: just the report again
     assert "| memit |" in capsys.readouterr().out
     assert results["config"]["dtype"] == "float32"  # recorded: it changes results

@@ -50,6 +50,28 @@ def _int_list(text: str) -> list[int]:
         ) from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def _add_group_rows(parser: argparse.ArgumentParser) -> None:
+    """``--group-rows``: the planners' memory bound (Editor's ``group_rows``)."""
+    from metake.planners.standard import MAX_GROUP_ROWS
+
+    parser.add_argument(
+        "--group-rows", type=_positive_int, default=MAX_GROUP_ROWS, metavar="N",
+        help=f"prompt rows per forward/backward of Stage I and the look-ahead (default "
+        f"{MAX_GROUP_ROWS}); 16 lowers the peak memory of a batch of 100 by 0.2-0.7 GiB at about "
+        "the same speed (docs/scaling.md); results equal up to float rounding",
+    )  # fmt: skip
+
+
 def parse_key_value(text: str) -> tuple[str, Any]:
     """``"NAME=VALUE"`` → ``(NAME, VALUE)``, VALUE read as JSON when it parses, else a string."""
     if "=" not in text:
@@ -264,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preset(edit)
     _add_set(edit, "override a hyper-parameter, e.g. --set v_lr=0.2 (repeatable)")
     _add_stats_args(edit)
+    _add_group_rows(edit)
     edit.add_argument("--max-new-tokens", type=int, default=8, help="tokens per completion")
     edit.add_argument("--seed", type=int, default=0, help="torch seed set before editing")
     edit.add_argument("--json", action="store_true", help="print one JSON object instead")
@@ -658,6 +681,7 @@ def _add_bench_parser(sub) -> None:
         default=10,
         help="records whose prompts are continued for the fluency score",
     )
+    _add_group_rows(bench)
     bench.add_argument(
         "--probe-data",
         metavar="FILE",
@@ -762,6 +786,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             probe_data=args.probe_data,
             probe_records=args.probe_records,
             probe_facts=args.probe_facts,
+            group_rows=args.group_rows,
             command=_command_line(args),
         )
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -856,8 +881,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
             use_stats_cache=not args.no_stats_cache,
             seed=args.seed,
             progress=not args.json,
+            group_rows=args.group_rows,
             **_overrides(args),
         )
+    editor.group_rows = args.group_rows  # a resumed session too: memory, not results
     editor.prepare(requests)
     before = _observe(model, tokenizer, requests, args.check, args.max_new_tokens)
     start = time.perf_counter()

@@ -75,6 +75,7 @@ from metake.evaluation.evaluate import (
 from metake.evaluation.metrics import text_perplexity
 from metake.files import try_lock, write_file_atomically
 from metake.methods import PLANNER_METHODS, resolve_method
+from metake.planners.standard import MAX_GROUP_ROWS
 from metake.probe import known_facts, token_accuracy
 from metake.requests import EditRequest
 from metake.stats import StatsCache
@@ -115,6 +116,7 @@ class BenchConfig:
     probe_records: str = "0:2000"  # its records the probe facts come from (never edited)
     probe_facts: int = 200  # at most this many facts the unedited model knows
     probe_margin: float = 1.0  # nats each answer token must lead by to count as known
+    group_rows: int = MAX_GROUP_ROWS  # planners' prompt rows per forward/backward (memory)
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -124,6 +126,8 @@ class BenchConfig:
             raise MetakeError("--edits and --batch-size must be at least 1")
         if self.curve_records < 1:
             raise MetakeError("--curve-records must be at least 1")
+        if self.group_rows < 1:
+            raise MetakeError("--group-rows must be at least 1")
         if not self.seeds:
             raise MetakeError("give at least one seed")
         for option in (self.records, self.exclude):
@@ -461,6 +465,7 @@ class BenchRun:
             stats_cache=self.stats_cache,
             seed=seed,
             progress=False,
+            group_rows=self.config.group_rows,
             **self.config.overrides,
         )
         editor.load_statistics()
