@@ -1,7 +1,7 @@
 """Where one batch's time goes, by operator: the profile behind issue 17's speed goals.
 
 Runs one batch of zsRE requests (records START..START+EDITS) through one method under
-``torch.profiler`` with FLOP counting, and writes:
+``torch.profiler``, counts its FLOPs, and writes:
 
 - the share of the edit's CPU time per operator (self time, top ``--top``);
 - the matrix products' achieved GFLOP/s beside this CPU's measured float32 matmul peak (a
@@ -16,7 +16,9 @@ only less arithmetic (fewer rows, steps or layers) or cheaper arithmetic (bfloat
         --out benchmarks/results/profile_alphaedit_smollm2
 
 Writes ``OUT.json`` and ``OUT.md``. Timings are only comparable between runs made alone on
-the machine; the report says which environment variables were set.
+the machine; the report says which environment variables were set. The edit runs twice: once
+under the profiler (times, no shapes: recording shapes for FLOPs made a batch of 25 grow past
+8 GB here) and once under ``FlopCounterMode`` (FLOPs per operator).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 def profile_batch(args: Any) -> dict[str, Any]:
     """One edit of the batch under the profiler; operator rows and the stage seconds."""
     from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
 
     from metake import Editor, load_model
     from metake.evaluation.datasets import load_dataset
@@ -50,16 +53,22 @@ def profile_batch(args: Any) -> dict[str, Any]:
                     progress=False, **dict(args.overrides))  # fmt: skip
     editor.load_statistics()
     editor.contexts  # noqa: B018  (context prefixes: once per session, not per batch)
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+    requests = [r.request for r in records]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:  # no shapes: memory stays small
         start = time.perf_counter()
-        report = editor.edit([r.request for r in records]).report
+        report = editor.edit(requests).report
         wall = time.perf_counter() - start
     editor.restore()
+    with FlopCounterMode(display=False) as counter:  # the same edit again, counting FLOPs
+        editor.edit(requests)
+    editor.restore()
+    flops = {".".join(str(op).split(".")[:2]).replace(".", "::"): n  # aten.mm -> aten::mm
+             for op, n in counter.get_flop_counts()["Global"].items()}  # fmt: skip
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) / 1e6
     operators = sorted(
         ({"name": e.key, "self_seconds": e.self_cpu_time_total / 1e6, "calls": e.count,
-          "flops": int(e.flops or 0)} for e in events),
+          "flops": int(flops.get(e.key, 0))} for e in events),
         key=lambda row: -row["self_seconds"],
     )  # fmt: skip
     products = [op for op in operators if op["name"] in PRODUCTS]
