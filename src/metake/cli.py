@@ -881,10 +881,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
             use_stats_cache=not args.no_stats_cache,
             seed=args.seed,
             progress=not args.json,
-            group_rows=args.group_rows,
             **_overrides(args),
         )
-    editor.group_rows = args.group_rows  # a resumed session too: memory, not results
+    editor.group_rows = args.group_rows  # also for a resumed session: memory, not results
     editor.prepare(requests)
     before = _observe(model, tokenizer, requests, args.check, args.max_new_tokens)
     start = time.perf_counter()
