@@ -12,13 +12,14 @@ If the products take most of the time at a large share of the peak, the edit is 
 only less arithmetic (fewer rows, steps or layers) or cheaper arithmetic (bfloat16 products,
 ``planner_autocast``) makes it faster. ::
 
-    python benchmarks/profile_edit.py --method alphaedit --edits 100 --threads 2 \\
-        --out benchmarks/results/profile_alphaedit_smollm2
+    python benchmarks/profile_edit.py --method alphaedit --edits 25 --set v_steps=5 \\
+        --threads 1 --out benchmarks/results/profile_alphaedit_smollm2
 
 Writes ``OUT.json`` and ``OUT.md``. Timings are only comparable between runs made alone on
 the machine; the report says which environment variables were set. The edit runs twice: once
-under the profiler (times, no shapes: recording shapes for FLOPs made a batch of 25 grow past
-8 GB here) and once under ``FlopCounterMode`` (FLOPs per operator).
+under the profiler (times) and once under ``FlopCounterMode`` (FLOPs per operator). The
+profiler keeps every operator event in memory: a batch of 25 with all 25 Stage I steps grew
+past 8 GB here, so profile a few steps (``--set v_steps=5``): each step is alike.
 """
 
 from __future__ import annotations
