@@ -289,12 +289,12 @@ def _counterfact_file(tmp_path):
 def test_known_facts_probe_is_scored_before_and_after_the_edits(tmp_path, monkeypatch):
     """The probe's facts are fixed on the unedited model (``probe.json``); the share still
     answered is reported for the unedited model, after the last batch and on the curve."""
-    import metake.evaluation.bench as bench
+    import metake.probe as probe
     from metake.probe import token_accuracy
 
     facts_file = _counterfact_file(tmp_path)
     monkeypatch.setattr(  # a random model knows no fact: take every record's as known
-        bench, "known_facts", lambda model, tok, records, limit, margin: [
+        probe, "known_facts", lambda model, tok, records, limit, margin: [
             r.request.__class__(r.request.prompt, r.request.subject, r.request.target_true)
             for r in records][:limit],
     )  # fmt: skip

@@ -9,6 +9,7 @@ from test_bench import _zsre_file
 from test_editor import TEXTS
 from tiny_models import tiny_model, tiny_tokenizer
 
+import metake.probe as probe
 import metake.tune as tune
 from metake.corpus import TextCorpus
 from metake.editor import Editor
@@ -81,7 +82,7 @@ def cheap_grids(monkeypatch):
         },
     )
     monkeypatch.setattr(
-        tune,
+        probe,
         "known_facts",
         lambda model, tok, records, limit, margin: [
             r.request.__class__(r.request.prompt, r.request.subject, r.request.target_true)

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from metake.evaluation.datasets import EvalRecord, in_ranges, load_dataset, parse_ranges
 from metake.models.adapters import input_device
 from metake.planners.standard import mean_per_row
 from metake.requests import EditRequest
 from metake.tokens import encode_request, left_pad, pad_batch, padding_id
-
-if TYPE_CHECKING:
-    from metake.evaluation.datasets import EvalRecord
 
 
 @torch.no_grad()
@@ -186,3 +184,28 @@ def known_facts(
     ]
     margins = answer_margins(model, tokenizer, facts)
     return [f for f, m in zip(facts, margins, strict=True) if m > 0 and m >= margin][:limit]
+
+
+def known_facts_of_file(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    path: str | Path,
+    records: str,
+    limit: int,
+    margin: float = 0.0,
+) -> list[EditRequest]:
+    """:func:`known_facts` among the records at file positions ``records`` (``"A:B[,C:D]"``)
+    of the CounterFact file ``path``."""
+    source = load_dataset("counterfact", path, tokenizer=tokenizer)
+    ranges = parse_ranges(records, "--probe-records")
+    candidates = [r for r in source.records if in_ranges(r.index, ranges)]
+    return known_facts(model, tokenizer, candidates, limit, margin)
+
+
+def share_known(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, facts: Sequence[EditRequest]
+) -> float:
+    """Share in [0, 1] of ``facts`` the model answers exactly (teacher-forced, every answer
+    token the argmax); 0 for no facts."""
+    kept = token_accuracy(model, tokenizer, list(facts)) if facts else []
+    return sum(k == 1.0 for k in kept) / max(len(kept), 1)

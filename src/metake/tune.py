@@ -63,7 +63,7 @@ from metake.files import write_file_atomically
 from metake.hparams import MemitHparams, find_preset, memit_hparams
 from metake.methods import PLANNER_METHODS, parse_solver
 from metake.planners.standard import compute_targets, context_templates
-from metake.probe import known_facts, token_accuracy
+from metake.probe import known_facts_of_file, share_known
 from metake.requests import EditRequest
 from metake.stats import StatsCache
 
@@ -283,8 +283,7 @@ class Tuner:
         means = mean_metrics(per_record, metric_names("zsre"))
         out = {name: float(means[name]) for name in ("efficacy", "generalization", "specificity")}
         out["perplexity"] = text_perplexity(self.model, self.tokenizer, self.drift)
-        kept = token_accuracy(self.model, self.tokenizer, list(probe)) if probe else []
-        out["probe_kept"] = sum(k == 1.0 for k in kept) / max(len(kept), 1)
+        out["probe_kept"] = share_known(self.model, self.tokenizer, probe)
         return out
 
     def baseline(self) -> Baseline:
@@ -293,13 +292,11 @@ class Tuner:
         if path.is_file():
             data = json.loads(path.read_text(encoding="utf-8"))
             return Baseline(data["scores"], [EditRequest(**f) for f in data["probe"]])
-        probe_set = load_dataset("counterfact", self.config.probe_data, tokenizer=self.tokenizer)
-        ranges = parse_ranges(self.config.probe_records, "--probe-records")
-        candidates = [r for r in probe_set.records if in_ranges(r.index, ranges)]
-        probe = known_facts(
+        probe = known_facts_of_file(
             self.model,
             self.tokenizer,
-            candidates,
+            self.config.probe_data,
+            self.config.probe_records,
             self.config.max_probe_facts,
             self.config.known_margin,
         )

@@ -76,7 +76,7 @@ from metake.evaluation.metrics import text_perplexity
 from metake.files import try_lock, write_file_atomically
 from metake.methods import PLANNER_METHODS, resolve_method
 from metake.planners.standard import MAX_GROUP_ROWS
-from metake.probe import known_facts, token_accuracy
+from metake.probe import known_facts_of_file, share_known
 from metake.requests import EditRequest
 from metake.stats import StatsCache
 
@@ -330,11 +330,9 @@ class BenchRun:
         if path.is_file():
             self._probe = [EditRequest(**f) for f in json.loads(path.read_text("utf-8"))]
             return self._probe
-        source = load_dataset("counterfact", self.config.probe_data, tokenizer=self.tokenizer)
-        ranges = parse_ranges(self.config.probe_records, "--probe-records")
-        candidates = [r for r in source.records if in_ranges(r.index, ranges)]
-        self._probe = known_facts(self.model, self.tokenizer, candidates,
-                                  self.config.probe_facts, self.config.probe_margin)  # fmt: skip
+        self._probe = known_facts_of_file(self.model, self.tokenizer, self.config.probe_data,
+                                          self.config.probe_records, self.config.probe_facts,
+                                          self.config.probe_margin)  # fmt: skip
         if not self._probe:
             raise MetakeError(f"the model knows none of the facts in --probe-records "
                               f"{self.config.probe_records}; give a larger range")  # fmt: skip
@@ -346,10 +344,7 @@ class BenchRun:
     def known_facts_kept(self) -> float | None:
         """Share of :attr:`probe` facts the model as it is still answers (teacher-forced, every
         answer token the argmax), in [0, 1]; ``None`` without a probe."""
-        if not self.probe:
-            return None
-        kept = token_accuracy(self.model, self.tokenizer, self.probe)
-        return sum(k == 1.0 for k in kept) / len(kept)
+        return share_known(self.model, self.tokenizer, self.probe) if self.probe else None
 
     # ----- running ---------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

@@ -156,7 +156,7 @@ def subject_activations(
         for kind, acts in (("in", tr.inputs), ("out", tr.outputs)):
             for name, tensor in acts.items():
                 parts.setdefault((kind, name), []).append(tensor[rows, sub.subject_last])
-    order = None if pieces == [None] else torch.cat(pieces)
+    order = None if track_grad else torch.cat(pieces)
     n, c = len(requests), len(contexts)
 
     def at_subject(kind: str, name: str) -> torch.Tensor:  # [n, c, d], float32 or float64
