@@ -67,8 +67,8 @@ def _add_group_rows(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--group-rows", type=_positive_int, default=MAX_GROUP_ROWS, metavar="N",
         help=f"prompt rows per forward/backward of Stage I and the look-ahead (default "
-        f"{MAX_GROUP_ROWS}); 16 lowers the peak memory of a batch of 100 by 0.2-0.7 GiB at about "
-        "the same speed (docs/scaling.md); results equal up to float rounding",
+        f"{MAX_GROUP_ROWS}); 16 lowered Stage I's peak memory at a batch of 100 by 0.2-0.4 GiB "
+        "(docs/scaling.md); results equal up to float rounding",
     )  # fmt: skip
 
 
