@@ -293,16 +293,16 @@ def test_known_facts_probe_is_scored_before_and_after_the_edits(tmp_path, monkey
     from metake.probe import token_accuracy
 
     facts_file = _counterfact_file(tmp_path)
-    monkeypatch.setattr(  # a random model knows no fact: take every record's as known
-        probe, "known_facts", lambda model, tok, records, limit, margin: [
-            r.request.__class__(r.request.prompt, r.request.subject, r.request.target_true)
-            for r in records][:limit],
-    )  # fmt: skip
+    monkeypatch.setattr(  # a random model knows no fact: every fact counted as known
+        probe, "answer_margins", lambda model, tok, facts, batch_size=16: [10.0] * len(facts)
+    )
     model = tiny_model("llama")
     config = _config(tmp_path, methods=["memit"], seeds=[0], probe_data=str(facts_file),
                      probe_records="1:5", probe_facts=3)  # fmt: skip
     result = _run(config, tmp_path / "run", model, tmp_path)
-    facts = json.loads((tmp_path / "run" / "probe.json").read_text(encoding="utf-8"))
+    stored = json.loads((tmp_path / "run" / "probe.json").read_text(encoding="utf-8"))
+    assert stored["spec"] == {"data": str(facts_file), "records": "1:5", "limit": 3, "margin": 1.0}
+    facts = stored["facts"]
     assert [f["subject"] for f in facts] == NAMES[1:4]
     from metake.requests import EditRequest
 
@@ -327,3 +327,26 @@ def test_probe_facts_must_never_be_edited(tmp_path):
         _config(tmp_path, probe_data=zsre, probe_records="0:2", records="1:5")
     _config(tmp_path, probe_data=zsre, probe_records="0:2", exclude="0:3")  # fine
     _config(tmp_path, probe_data=str(facts_file), probe_records="0:6")  # another file: fine
+
+
+def test_resume_refuses_parts_edited_with_another_preset(tmp_path, monkeypatch):
+    """A preset adopted between a run's parts must not end up in one table with the old one:
+    finished parts and checkpoints record their hyper-parameters, and a resume compares them."""
+    import metake.editor as editor_module
+
+    model = tiny_model("llama")
+    config = _config(tmp_path, methods=["memit"], seeds=[0])
+    done, halfway = tmp_path / "done", tmp_path / "halfway"
+    _run(config, done, model, tmp_path)
+    assert _run(config, halfway, model, tmp_path, stop_after_batches=1) == {}
+    real = editor_module.memit_hparams
+
+    def retuned(*args, **kwargs):  # as if the built-in preset now had another lambda
+        return real(*args, **kwargs).with_overrides(mom2_update_weight=20.0)
+
+    monkeypatch.setattr(editor_module, "memit_hparams", retuned)
+    with pytest.raises(MetakeError, match=r"seed 0 memit was edited with other hyper-parameters "
+                       r"\(mom2_update_weight 10.0 \(now 20.0\)\)"):  # fmt: skip
+        _run(BenchRun.read_config(done), done, model, tmp_path)
+    with pytest.raises(MetakeError, match="checkpoint was made with other hyper-parameters"):
+        _run(BenchRun.read_config(halfway), halfway, model, tmp_path)

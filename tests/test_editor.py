@@ -274,6 +274,13 @@ def test_state_dict_continues_a_session_exactly(tmp_path):
     _assert_same_state(model, original)
     with pytest.raises(MetakeError, match="checkpoint is for alphaedit"):
         _editor(model, tmp_path).load_state_dict(state)
+    changed = _editor(model, tmp_path, method="alphaedit", nullspace_threshold=0.4,
+                      nullspace_relative=True)  # fmt: skip
+    with pytest.raises(MetakeError, match=r"other hyper-parameters \(nullspace_threshold 0.5 "
+                       r"\(now 0.4\)\)"):  # fmt: skip
+        changed.load_state_dict(state)
+    assert not changed.history  # refused before anything changed
+    _assert_same_state(model, original)
 
 
 def test_solve_targets_is_the_edits_stage_two(tmp_path):

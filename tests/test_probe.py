@@ -6,11 +6,15 @@ import pytest
 import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
+from metake.errors import MetakeError
 from metake.probe import (
+    ProbeSpec,
     answer_margins,
+    checked_probe,
     generation_success,
     greedy_completion,
     greedy_continuations,
+    probe_to_json,
     token_accuracy,
 )
 from metake.requests import EditRequest
@@ -87,3 +91,32 @@ def test_generation_success_reads_the_greedy_text():
     first = words[0]
     pairs = [(prompt, first), (prompt, " " + first + " "), (prompt, first + "zzq"), (prompt, "zzq")]
     assert generation_success(model, tok, pairs, batch_size=2) == [True, True, False, False]
+
+
+def test_checked_probe_keeps_only_a_probe_built_by_the_same_spec(monkeypatch):
+    """A stored probe comes back only when built by the same spec and every fact still leads by
+    the margin on the model; otherwise a one-line error names the file and the difference."""
+    import metake.probe as probe
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    margins = {fact.subject: m for fact, m in zip(FACTS, (2.0, 1.5, 3.0), strict=True)}
+
+    def known_this_well(model, tok, facts, batch_size=16):
+        return [margins[f.subject] for f in facts]
+
+    monkeypatch.setattr(probe, "answer_margins", known_this_well)
+    spec = ProbeSpec("dir/cf.json", "0:10", 5, 1.0)
+    stored = probe_to_json(spec, FACTS)
+    assert checked_probe(model, tok, stored, spec, "probe.json") == FACTS
+    moved = ProbeSpec("elsewhere/cf.json", "0:10", 5, 1.0)  # the same file from another folder
+    assert checked_probe(model, tok, stored, moved, "probe.json") == FACTS
+    with pytest.raises(MetakeError, match=r"probe.json: .*other settings \(margin 1.0 \(now 0.5\)"):
+        checked_probe(model, tok, stored, ProbeSpec("dir/cf.json", "0:10", 5, 0.5), "probe.json")
+    with pytest.raises(MetakeError, match=r"other settings \(records '0:10' \(now '0:20'\)"):
+        checked_probe(model, tok, stored, ProbeSpec("dir/cf.json", "0:20", 5, 1.0), "probe.json")
+    stricter = ProbeSpec(
+        "dir/cf.json", "0:10", 5, 1.8
+    )  # a bare list (older versions) is re-checked
+    with pytest.raises(MetakeError, match=r"probe.json: 1 of its 3 known facts .* by 1.500"):
+        checked_probe(model, tok, stored["facts"], stricter, "probe.json")
+    assert checked_probe(model, tok, stored["facts"], spec, "probe.json") == FACTS

@@ -81,14 +81,12 @@ def cheap_grids(monkeypatch):
             "metake": {"metake_lr": [0.01, 0.1], "metake_reg_weight": [1e-3]},
         },
     )
-    monkeypatch.setattr(
-        probe,
-        "known_facts",
-        lambda model, tok, records, limit, margin: [
-            r.request.__class__(r.request.prompt, r.request.subject, r.request.target_true)
-            for r in records
-        ][:limit],
-    )
+    monkeypatch.setattr(probe, "answer_margins", _every_fact_known)
+
+
+def _every_fact_known(model, tok, facts, batch_size=16):
+    """Margins of a model that knows every fact well (building and re-checking a probe)."""
+    return [10.0] * len(facts)
 
 
 def _tune(tmp_path, model, config, out="run"):
@@ -190,6 +188,27 @@ def test_tune_resumes_without_recomputing(tmp_path, cheap_grids, monkeypatch):
     monkeypatch.setattr(tune, "compute_targets", no_edits)
     second = _tune(tmp_path, model, config)
     assert second["chosen"] == first["chosen"]
+
+
+def test_tune_refuses_a_stored_probe_built_another_way(tmp_path, cheap_grids, monkeypatch):
+    """A folder whose known facts were not built by this run's settings (a baseline written by
+    another margin or an older version) is refused on resume, not silently measured on."""
+    model = tiny_model("llama")
+    config = _config(tmp_path, methods=["memit"])
+    _tune(tmp_path, model, config)
+    path = tmp_path / "run" / "baseline.json"
+    data = json.loads(path.read_text())
+    assert data["probe_spec"]["margin"] == config.known_margin
+    data["probe_spec"]["margin"] = 0.0
+    path.write_text(json.dumps(data))
+    with pytest.raises(MetakeError, match="other settings.*margin 0.0"):
+        _tune(tmp_path, model, config)
+    del data["probe_spec"]  # as older versions wrote it: the facts themselves are re-checked
+    path.write_text(json.dumps(data))
+    weak = [0.2] * len(data["probe"])
+    monkeypatch.setattr(probe, "answer_margins", lambda model, tok, facts, batch_size=16: weak)
+    with pytest.raises(MetakeError, match="lead by less than 1 nats"):
+        _tune(tmp_path, model, config)
 
 
 def test_selection_rule_guards():

@@ -1051,6 +1051,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
             print(f"  {'':14s}   tuned by: {tuned['tuned'].get('command', '?')}")
             for method, guards in tuned["tuned"].get("guards_broken", {}).items():
                 print(f"  {'':14s}   {method} breaks: {'; '.join(guards)} (no setting met them)")
+            if "caveat" in tuned["tuned"]:
+                print(f"  {'':14s}   caveat: {tuned['tuned']['caveat']}")
     return 0
 
 

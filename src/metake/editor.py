@@ -584,6 +584,7 @@ class Editor:
             "method": self.method,
             "solver": self.solver,
             "layers": list(self.hparams.layers),
+            "hparams": self.hparams.to_dict(),
             "weights": {
                 layer: weight.detach().cpu().clone()
                 for layer, weight in (self._raw_weights or self._layer_weights()).items()
@@ -607,6 +608,12 @@ class Editor:
         if list(state["layers"]) != list(self.hparams.layers):
             raise MetakeError(f"checkpoint edits layers {state['layers']}, this session "
                               f"{list(self.hparams.layers)}")  # fmt: skip
+        differ = self.hparams.differences(state.get("hparams", {}))  # older checkpoints: none
+        if differ:
+            raise MetakeError(
+                f"checkpoint was made with other hyper-parameters ({'; '.join(differ)}): "
+                "a preset or override changed since"
+            )
         self.load_statistics()  # C0 must come from the unedited weights, read before loading
         for layer, weight in state["weights"].items():
             current = self.adapter.weight(self.model, int(layer))

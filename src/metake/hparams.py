@@ -99,6 +99,13 @@ class MemitHparams:
         d["layers"] = list(self.layers)
         return d
 
+    def differences(self, saved: Mapping[str, Any]) -> list[str]:
+        """``"name saved (now value)"`` for each field a saved :meth:`to_dict` (e.g. from a
+        checkpoint or a finished benchmark part) holds with another value than this one."""
+        now = self.to_dict()
+        return [f"{k} {saved[k]!r} (now {now[k]!r})" for k in now
+                if k in saved and _plain(saved[k]) != _plain(now[k])]  # fmt: skip
+
     def with_overrides(self, **overrides: Any) -> MemitHparams:
         """A copy with some fields replaced; unknown names raise ``ValueError``."""
         known = {f.name for f in fields(self)}
@@ -111,6 +118,11 @@ class MemitHparams:
         types = {f.name: str(f.type) for f in fields(self)}
         typed = {name: coerce_hparam(name, value, types[name]) for name, value in overrides.items()}
         return replace(self, **typed)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON stores it (tuples as lists), to compare a saved value with a live one."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 class HparamError(ValueError):

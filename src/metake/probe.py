@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from metake.errors import MetakeError
 from metake.evaluation.datasets import EvalRecord, in_ranges, load_dataset, parse_ranges
 from metake.models.adapters import input_device
 from metake.planners.standard import mean_per_row
@@ -186,6 +189,27 @@ def known_facts(
     return [f for f, m in zip(facts, margins, strict=True) if m > 0 and m >= margin][:limit]
 
 
+@dataclass(frozen=True)
+class ProbeSpec:
+    """How a known-facts probe is built: at most ``limit`` facts of the CounterFact file ``data``
+    at positions ``records`` whose every answer token leads the runner-up by ``margin`` nats."""
+
+    data: str
+    records: str
+    limit: int
+    margin: float
+
+    def differences(self, other: dict[str, Any]) -> list[str]:
+        """The fields of a stored spec (``asdict`` form) that differ from this one (the file by
+        name only: a run may be resumed from another working directory)."""
+        mine = asdict(self)
+        out = [f"{k} {other.get(k)!r} (now {mine[k]!r})" for k in ("records", "limit", "margin")
+               if other.get(k) != mine[k]]  # fmt: skip
+        if Path(str(other.get("data"))).name != Path(self.data).name:
+            out.append(f"data {other.get('data')!r} (now {self.data!r})")
+        return out
+
+
 def known_facts_of_file(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -200,6 +224,56 @@ def known_facts_of_file(
     ranges = parse_ranges(records, "--probe-records")
     candidates = [r for r in source.records if in_ranges(r.index, ranges)]
     return known_facts(model, tokenizer, candidates, limit, margin)
+
+
+def build_probe(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: ProbeSpec
+) -> list[EditRequest]:
+    """The known facts ``spec`` describes, on the model as it is (call it unedited)."""
+    return known_facts_of_file(model, tokenizer, spec.data, spec.records, spec.limit, spec.margin)
+
+
+def probe_to_json(spec: ProbeSpec, facts: Sequence[EditRequest]) -> dict[str, Any]:
+    """A stored probe: how it was built and its facts (read back by :func:`checked_probe`)."""
+    return {"spec": asdict(spec), "facts": [asdict(f) for f in facts]}
+
+
+MARGIN_TOLERANCE = 1e-3
+"""Nats a stored fact's margin may fall below the spec's on re-checking (batching rounding)."""
+
+
+def checked_probe(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    stored: dict[str, Any] | list[dict[str, Any]],
+    spec: ProbeSpec,
+    where: str,
+) -> list[EditRequest]:
+    """The facts of a stored probe (:func:`probe_to_json`, or a bare list of facts as older
+    versions wrote), refused with a :class:`MetakeError` naming ``where`` unless it was built
+    by ``spec`` and every fact still leads by ``spec.margin`` on the (unedited) model: measurements
+    made on another probe are not comparable with this run's."""
+    if isinstance(stored, dict):
+        differ = spec.differences(stored.get("spec") or {})
+        if differ:
+            raise MetakeError(f"{where}: its known facts were built with other settings "
+                              f"({'; '.join(differ)}); what was measured on them is not "
+                              "comparable: use another output folder")  # fmt: skip
+        stored = stored.get("facts", [])
+    facts = [EditRequest(**f) for f in stored]
+    margins = answer_margins(model, tokenizer, facts) if facts else []
+    weak = [(f, m) for f, m in zip(facts, margins, strict=True)
+            if m < spec.margin - MARGIN_TOLERANCE or m <= 0]  # fmt: skip
+    if weak:
+        fact, margin = min(weak, key=lambda fm: fm[1])
+        raise MetakeError(
+            f"{where}: {len(weak)} of its {len(facts)} known facts lead by less than "
+            f"{spec.margin:g} nats on this model (e.g. {fact.prompt.format(fact.subject)!r} -> "
+            f"{fact.target_new!r} by {margin:.3f}): they were built another way (another margin, "
+            "model or code), so what was measured on them is not comparable: use another "
+            "output folder"
+        )
+    return facts
 
 
 def share_known(

@@ -63,7 +63,7 @@ from metake.files import write_file_atomically
 from metake.hparams import MemitHparams, find_preset, memit_hparams
 from metake.methods import PLANNER_METHODS, parse_solver
 from metake.planners.standard import compute_targets, context_templates
-from metake.probe import known_facts_of_file, share_known
+from metake.probe import ProbeSpec, build_probe, checked_probe, probe_to_json, share_known
 from metake.requests import EditRequest
 from metake.stats import StatsCache
 
@@ -286,20 +286,23 @@ class Tuner:
         out["probe_kept"] = share_known(self.model, self.tokenizer, probe)
         return out
 
+    def probe_spec(self) -> ProbeSpec:
+        """How this run's known facts are built (stored beside them in ``baseline.json``)."""
+        c = self.config
+        return ProbeSpec(c.probe_data, c.probe_records, c.max_probe_facts, c.known_margin)
+
     def baseline(self) -> Baseline:
-        """Unedited dev scores and the known facts (cached in ``baseline.json``)."""
+        """Unedited dev scores and the known facts (cached in ``baseline.json``; a stored probe
+        built another way is refused, see :func:`~metake.probe.checked_probe`)."""
         path = self.out / "baseline.json"
+        spec = self.probe_spec()
         if path.is_file():
             data = json.loads(path.read_text(encoding="utf-8"))
-            return Baseline(data["scores"], [EditRequest(**f) for f in data["probe"]])
-        probe = known_facts_of_file(
-            self.model,
-            self.tokenizer,
-            self.config.probe_data,
-            self.config.probe_records,
-            self.config.max_probe_facts,
-            self.config.known_margin,
-        )
+            stored = {"spec": data["probe_spec"], "facts": data["probe"]} if "probe_spec" in data \
+                else data["probe"]  # fmt: skip
+            probe = checked_probe(self.model, self.tokenizer, stored, spec, str(path))
+            return Baseline(data["scores"], probe)
+        probe = build_probe(self.model, self.tokenizer, spec)
         if len(probe) < self.config.min_known_facts:
             raise MetakeError(
                 f"tune: the model knows only {len(probe)} facts of --probe-records "
@@ -307,19 +310,12 @@ class Tuner:
             )
         base = Baseline(self.score(self.dev, []), probe)
         base.scores["probe_kept"] = 1.0
-        path.write_text(
-            json.dumps(
-                {
-                    "scores": base.scores,
-                    "probe": [
-                        {"prompt": f.prompt, "subject": f.subject, "target_new": f.target_new}
-                        for f in probe
-                    ],
-                },
-                indent=1,
-            ),
-            encoding="utf-8",
+        stored = probe_to_json(spec, probe)
+        text = json.dumps(
+            {"scores": base.scores, "probe_spec": stored["spec"], "probe": stored["facts"]},
+            indent=1,
         )
+        write_file_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         return base
 
     def locate(self, probe: Sequence[EditRequest]) -> dict[str, Any]:

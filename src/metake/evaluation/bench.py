@@ -76,7 +76,7 @@ from metake.evaluation.metrics import text_perplexity
 from metake.files import try_lock, write_file_atomically
 from metake.methods import PLANNER_METHODS, resolve_method
 from metake.planners.standard import MAX_GROUP_ROWS
-from metake.probe import known_facts_of_file, share_known
+from metake.probe import ProbeSpec, build_probe, checked_probe, probe_to_json, share_known
 from metake.requests import EditRequest
 from metake.stats import StatsCache
 
@@ -327,17 +327,18 @@ class BenchRun:
         if self._probe is not None or self.config.probe_data is None:
             return self._probe or []
         path = self.out / "probe.json"
+        c = self.config
+        spec = ProbeSpec(c.probe_data, c.probe_records, c.probe_facts, c.probe_margin)
         if path.is_file():
-            self._probe = [EditRequest(**f) for f in json.loads(path.read_text("utf-8"))]
+            stored = json.loads(path.read_text("utf-8"))
+            self._probe = checked_probe(self.model, self.tokenizer, stored, spec, str(path))
             return self._probe
-        self._probe = known_facts_of_file(self.model, self.tokenizer, self.config.probe_data,
-                                          self.config.probe_records, self.config.probe_facts,
-                                          self.config.probe_margin)  # fmt: skip
+        self._probe = build_probe(self.model, self.tokenizer, spec)
         if not self._probe:
             raise MetakeError(f"the model knows none of the facts in --probe-records "
                               f"{self.config.probe_records}; give a larger range")  # fmt: skip
         log.info("probe: %d facts the unedited model knows", len(self._probe))
-        text = json.dumps([asdict(f) for f in self._probe], indent=1)
+        text = json.dumps(probe_to_json(spec, self._probe), indent=1)
         write_file_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         return self._probe
 
@@ -367,6 +368,7 @@ class BenchRun:
                 len(self.dataset.skipped),
             )
             self.probe  # noqa: B018  (on the unedited model, before any edit)
+            self._check_finished_settings()
             for index, (seed, spec) in enumerate(self.parts()):
                 if not self.only.selects(index, seed, spec) or self._finished(seed, spec):
                     continue
@@ -389,6 +391,22 @@ class BenchRun:
     def parts(self) -> list[tuple[int, str]]:
         """Every (seed, method) part of the run, seeds outer, in the configuration's order."""
         return [(seed, spec) for seed in self.config.seeds for spec in self.config.methods]
+
+    def _check_finished_settings(self) -> None:
+        """Refuse to continue a run whose finished parts were edited with other hyper-parameters
+        than this code and preset give (a preset adopted or changed since): one table must not
+        mix them."""
+        for seed, spec in self.parts():
+            if not self._finished(seed, spec):
+                continue
+            saved = json.loads(self._part(seed, f"{spec}.json").read_text(encoding="utf-8"))
+            differ = self._new_editor(spec, seed).hparams.differences(saved.get("hparams", {}))
+            if differ:
+                raise MetakeError(
+                    f"{self.out}: seed {seed} {spec} was edited with other hyper-parameters "
+                    f"({'; '.join(differ)}); the preset changed since it ran: finish this run "
+                    "with the code it started with, or start a new --out"
+                )
 
     def _finished(self, seed: int, spec: str) -> bool:
         return (self.out / "parts" / f"seed{seed}" / f"{spec}.json").is_file()
@@ -448,8 +466,15 @@ class BenchRun:
         return scores
 
     def _editor(self, spec: str, seed: int) -> Editor:
+        """The session that edits one part, with its statistics loaded."""
+        editor = self._new_editor(spec, seed)
+        editor.load_statistics()
+        return editor
+
+    def _new_editor(self, spec: str, seed: int) -> Editor:
+        """The session of one part, as configured (nothing computed yet)."""
         method, solver = method_spec(spec, self.config.solver)
-        editor = Editor(
+        return Editor(
             self.model,
             self.tokenizer,
             method,
@@ -463,8 +488,6 @@ class BenchRun:
             group_rows=self.config.group_rows,
             **self.config.overrides,
         )
-        editor.load_statistics()
-        return editor
 
     def _run_method(
         self, seed: int, spec: str, records: Sequence[EvalRecord]
