@@ -127,14 +127,27 @@ def test_tune_end_to_end_writes_a_preset_that_edit_accepts(tmp_path, cheap_grids
     assert all(r["seconds"] > 0 for r in targets)
     assert "## Cost" in (out / "report.md").read_text()
     assert len(report["trace"]["mean_ie"]) == 3
-    # memit tried every window, then both strengths, each at both batch sizes
+    # memit tried every window, then both strengths, at the smallest batch size; its two best
+    # (by the rule at that size) were scored at both sizes and the choice is one of them
     memit = report["searched"]["memit"]
     assert {tuple(c["settings"]["layers"]) for c in memit} == {tuple(w) for w in report["windows"]}
     assert {c["settings"]["mom2_update_weight"] for c in memit} >= {1.0, 100.0}
-    assert all(len(c["per_batch_size"]) == 2 for c in memit)
-    # the chosen one is the best under the rule among the searched (the rule written out here)
+    searched = [c for c in memit if not c["complete"]]
+    assert searched and all(list(c["per_batch_size"]) == [2] for c in searched)
+    final = [c for c in memit if c["complete"]]
+    assert len(final) == 2 and all(sorted(c["per_batch_size"]) == [2, 4] for c in final)
     base = report["baseline"]
+    ranked = sorted(searched, key=lambda c: selection_key(c, base), reverse=True)
+    top = []
+    for c in ranked:
+        if c["settings"] not in top:
+            top.append(c["settings"])
+    assert [c["settings"] for c in final] == top[:2]
+    assert report["chosen"]["memit"] in final
+    assert "searched at batch size 2 only" in (out / "report.md").read_text(encoding="utf-8")
+    # the chosen one is the best under the rule among the complete candidates (written out here)
     for method, rows in report["searched"].items():
+        rows = [r for r in rows if r["complete"]]
         passing = [
             r for r in rows
             if r["efficacy"] >= base["efficacy"] + 10.0
@@ -188,6 +201,13 @@ def test_tune_resumes_without_recomputing(tmp_path, cheap_grids, monkeypatch):
     monkeypatch.setattr(tune, "compute_targets", no_edits)
     second = _tune(tmp_path, model, config)
     assert second["chosen"] == first["chosen"]
+
+
+def test_no_finalists_scores_every_candidate_at_every_batch_size(tmp_path, cheap_grids):
+    model = tiny_model("llama")
+    report = _tune(tmp_path, model, _config(tmp_path, methods=["memit"], finalists=0))
+    memit = report["searched"]["memit"]
+    assert all(c["complete"] and sorted(c["per_batch_size"]) == [2, 4] for c in memit)
 
 
 def test_tune_refuses_a_stored_probe_built_another_way(tmp_path, cheap_grids, monkeypatch):

@@ -420,6 +420,14 @@ def _add_tune_parser(sub) -> None:
         f"(default {defaults.search_records})",
     )
     tune.add_argument(
+        "--finalists",
+        type=int,
+        default=defaults.finalists,
+        help="candidates are searched at the smallest batch size; this many best of each method "
+        "are then scored at every batch size and the choice is made among them (0: score every "
+        f"candidate at every size, about twice the cost; default {defaults.finalists})",
+    )
+    tune.add_argument(
         "--max-probe-facts",
         type=int,
         default=defaults.max_probe_facts,
@@ -463,6 +471,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         methods=expand_methods(args.methods),
         batch_sizes=args.batch_sizes,
         search_records=args.search_records,
+        finalists=args.finalists,
         max_probe_facts=args.max_probe_facts,
         min_efficacy_gain=args.min_efficacy_gain,
         window_size=args.window_size,

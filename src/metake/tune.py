@@ -121,6 +121,7 @@ class TuneConfig:
     methods: list[str] = field(default_factory=lambda: list(TUNABLE[:7]))
     batch_sizes: list[int] = field(default_factory=lambda: [25, 100])
     search_records: int = 25  # dev records for the methods tuned by real edits
+    finalists: int = 2  # searched at the smallest batch size; this many best at every size (0: all)
     window_size: int = 5
     max_probe_facts: int = 40
     trace_facts: int = 20
@@ -157,6 +158,8 @@ class TuneConfig:
                 raise MetakeError("tune: --probe-records overlaps --dev-records in the same file")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise MetakeError("tune: --batch-sizes must be positive numbers")
+        if self.finalists < 0:
+            raise MetakeError(f"tune: --finalists must be 0 (all) or more, got {self.finalists}")
         if self.window_size < 1 or self.search_records < 1:
             raise MetakeError("tune: --window-size and --search-records must be at least 1")
         if not 0 <= self.min_efficacy_gain <= 100:
@@ -251,7 +254,7 @@ class Tuner:
         mine = asdict(self.config)
         if path.is_file():
             saved = json.loads(path.read_text(encoding="utf-8"))
-            free = ("command", "methods", "min_efficacy_gain")  # rows hold no selection: kept
+            free = ("command", "methods", "min_efficacy_gain", "finalists")  # rows: no selection
             differ = sorted(k for k in mine if k not in free and saved.get(k) != mine[k])
             if differ:
                 raise MetakeError(
@@ -482,14 +485,18 @@ class Tuner:
         )
 
     def candidate(
-        self, method: str, hp: MemitHparams, probe: Sequence[EditRequest], base: dict[str, float]
+        self,
+        method: str,
+        hp: MemitHparams,
+        probe: Sequence[EditRequest],
+        base: dict[str, float],
+        batch_sizes: Sequence[int] | None = None,
     ) -> dict[str, Any]:
-        """A setting scored at every batch size (mean over them) with its rule verdict."""
+        """A setting scored at ``batch_sizes`` (default: every configured one; mean over them)
+        with its rule verdict; ``complete`` when scored at every configured batch size."""
+        sizes = list(batch_sizes or self.config.batch_sizes)
         rows = list(
-            {
-                r["id"]: r
-                for r in (self.evaluate(method, hp, b, probe) for b in self.config.batch_sizes)
-            }.values()
+            {r["id"]: r for r in (self.evaluate(method, hp, b, probe) for b in sizes)}.values()
         )
         mean = {
             k: sum(r[k] for r in rows) / len(rows)
@@ -500,15 +507,45 @@ class Tuner:
             "settings": _tuned_values(hp),
             **mean,
             "per_batch_size": {r["batch_size"]: r["id"] for r in rows},
+            "complete": sorted(sizes) == sorted(self.config.batch_sizes),
         }
         out["violations"] = violations(out, base, self.config.min_efficacy_gain)
         return out
+
+    def search_sizes(self) -> list[int]:
+        """The batch sizes a search candidate is scored at: the smallest when finalists are
+        re-scored at every size, else all."""
+        sizes = self.config.batch_sizes
+        return [min(sizes)] if self.config.finalists else list(sizes)
+
+    def finalists(
+        self, method: str, results: Sequence[dict[str, Any]], probe: Sequence[EditRequest],
+        base: dict[str, float],
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        """The ``config.finalists`` best distinct settings of a search under the rule, scored at
+        every batch size (candidates already complete are kept as they are)."""
+        if not self.config.finalists:
+            return []
+        gain = self.config.min_efficacy_gain
+        ranked = sorted(results, key=lambda c: selection_key(c, base, gain), reverse=True)
+        picked: list[dict[str, Any]] = []
+        for c in ranked:
+            if all(c["settings"] != f["settings"] for f in picked):
+                picked.append(c)
+            if len(picked) == self.config.finalists:
+                break
+        return [
+            c if c.get("complete", True) else
+            self.candidate(method, self.base_hparams.with_overrides(**c["settings"]), probe, base)
+            for c in picked
+        ]  # fmt: skip
 
     # ----- the search -------------------------------------------------------------------------
     def best(self, candidates: Sequence[dict[str, Any]], base: Baseline) -> dict[str, Any]:
         """The candidate the selection rule picks (see :func:`selection_key`)."""
         gain = self.config.min_efficacy_gain
-        return max(candidates, key=lambda c: selection_key(c, base.scores, gain))
+        complete = [c for c in candidates if c.get("complete", True)] or list(candidates)
+        return max(complete, key=lambda c: selection_key(c, base.scores, gain))
 
     def run(self) -> dict[str, Any]:
         """Run (or continue) the whole search and write the preset and the report."""
@@ -552,7 +589,7 @@ class Tuner:
         results = []
 
         def run(hp: MemitHparams) -> dict[str, Any]:
-            results.append(self.candidate(method, hp, base.probe, base.scores))
+            results.append(self.candidate(method, hp, base.probe, base.scores, self.search_sizes()))
             return results[-1]
 
         if parent in chosen:
@@ -583,7 +620,8 @@ class Tuner:
                 [*tried, *[c for c in results if c["settings"] == _tuned_values(hp)]], base
             )
             hp = hp.with_overrides(**{name: top["settings"][name]})
-        return results
+        final = self.finalists(method, results, base.probe, base.scores)
+        return [*results, *(c for c in final if c not in results)]
 
 
 def edit_windows(mean_ie: Sequence[float], size: int, num_layers: int) -> list[tuple[int, ...]]:

@@ -54,14 +54,21 @@ def write_outputs(
     return report
 
 
-def rule(min_gain: float) -> str:
+def rule(min_gain: float, finalists: int = 0) -> str:
     """The selection rule in words, as the report states it."""
-    return (
+    text = (
         f"the highest Eff. + Gen. (mean over the batch sizes) among the settings that edit (Eff. "
         f">= unedited + {min_gain:g} points) with Spe. >= unedited - 1 point, held-out perplexity "
         "drift <= 2% and >= 95% of the known facts still known; when none passes, a setting that "
         "edits first, then the fewest broken conditions, then the highest Eff. + Gen. (flagged)"
     )
+    if finalists:
+        text += (
+            f". The search scores candidates at the smallest batch size; the {finalists} best of "
+            "each method by the same rule are scored at every batch size, and the choice is made "
+            "among them"
+        )
+    return text
 
 
 def cost_table(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -109,7 +116,8 @@ def _markdown(report: dict[str, Any]) -> str:
         f"records {config['probe_records']} the unedited model answers. Total search time "
         f"{report['seconds'] / 60:.1f} min.",
         "",
-        f"**Selection rule (every method):** {rule(config['min_efficacy_gain'])}.",
+        "**Selection rule (every method):** "
+        f"{rule(config['min_efficacy_gain'], config.get('finalists', 0))}.",
         "",
         f"Unedited on the dev split: Eff. {base['efficacy']:.2f}, Gen. "
         f"{base['generalization']:.2f}, Spe. {base['specificity']:.2f}, perplexity "
@@ -177,6 +185,9 @@ def _row(method: str, row: dict[str, Any]) -> str:
     names = ("layers", "v_lr", "v_steps", *SHOWN.get(method, tuple(row["settings"])))
     settings = ", ".join(f"{k} {row['settings'][k]}" for k in names)
     verdict = "; ".join(row["violations"]) or "passes"
+    if not row.get("complete", True):
+        sizes = ", ".join(str(b) for b in row["per_batch_size"])
+        verdict += f" (searched at batch size {sizes} only)"
     return (
         f"| {method} | {settings} | {row['efficacy']:.2f} | {row['generalization']:.2f} | "
         f"{row['specificity']:.2f} | {row['perplexity']:.2f} | "
