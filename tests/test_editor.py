@@ -361,3 +361,36 @@ def test_loading_a_folder_without_a_session_is_a_clear_error(tmp_path):
     model.save_pretrained(tmp_path / "plain")
     with pytest.raises(MetakeError, match="holds no saved metake session"):
         Editor.load(tmp_path / "plain")
+
+
+def test_a_given_stage1_plan_replaces_the_edits_first_stage_one(tmp_path, monkeypatch):
+    """``edit(requests, stage1=plan)`` with the plan the edit would compute gives its deltas
+    without running Stage I (MetaKE's look-ahead and the solve still run); a plan for other
+    requests or another layer, or one given to ROME, is refused."""
+    import metake.editor as editor_module
+    from metake.planners.standard import compute_targets
+
+    model = tiny_model("llama")
+    settings = dict(method="metake", metake_steps=2, nullspace_threshold=0.5,
+                    nullspace_relative=True)  # fmt: skip
+    first = _editor(model, tmp_path, **settings)
+    parsed = first.prepare(REQUESTS)
+    plan = compute_targets(model, first.tokenizer, parsed, first.hparams, first.contexts,
+                           max_rows=first.group_rows)  # fmt: skip
+    expected = first.edit(REQUESTS).deltas
+    first.restore()
+
+    def no_stage1(*args, **kwargs):
+        raise AssertionError("Stage I ran although a plan was given")
+
+    monkeypatch.setattr(editor_module, "compute_targets", no_stage1)
+    second = _editor(model, tmp_path, **settings)
+    got = second.edit(REQUESTS, stage1=plan).deltas
+    assert got.keys() == expected.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6)
+    second.restore()
+    with pytest.raises(MetakeError, match="plan is for 2 requests at layer 1; this edit plans 1"):
+        second.edit(REQUESTS[:1], stage1=plan)
+    with pytest.raises(MetakeError, match="takes no stage1 plan"):
+        _editor(model, tmp_path, method="rome").edit(REQUESTS, stage1=plan)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from safetensors.torch import load_file
 from test_bench import _zsre_file
 from test_editor import TEXTS
 from tiny_models import tiny_model, tiny_tokenizer
@@ -201,6 +202,22 @@ def test_tune_resumes_without_recomputing(tmp_path, cheap_grids, monkeypatch):
     monkeypatch.setattr(tune, "compute_targets", no_edits)
     second = _tune(tmp_path, model, config)
     assert second["chosen"] == first["chosen"]
+
+
+def test_real_edit_candidates_share_one_cached_stage_one(tmp_path, cheap_grids, monkeypatch):
+    """MetaKE's candidates (one batch of the search records) take Stage I's plan from the
+    tuner's cache instead of each computing it again: the editor's own Stage I never runs."""
+    import metake.editor as editor_module
+
+    def no_stage1(*args, **kwargs):
+        raise AssertionError("a candidate ran Stage I again")
+
+    monkeypatch.setattr(editor_module, "compute_targets", no_stage1)
+    model = tiny_model("llama")
+    report = _tune(tmp_path, model, _config(tmp_path, methods=["alphaedit", "metake"]))
+    assert len(report["searched"]["metake"]) >= 2
+    stored = load_file(str(next((tmp_path / "run" / "targets").glob("*.safetensors"))))
+    assert stored["v_init"].shape == stored["targets"].shape  # starting values kept too
 
 
 def test_no_finalists_scores_every_candidate_at_every_batch_size(tmp_path, cheap_grids):

@@ -197,6 +197,7 @@ class Editor:
         self.stage2: ComposedSolver = build_solver(self.solver, hparams, self.second_moment)
         self._raw_weights: dict[int, torch.Tensor] | None = None  # PRUNE: set while finalised
         self.history: list[EditRequest] = []
+        self._stage1_given: TargetPlan | None = None  # edit(stage1=...): used by the first _plan
 
     # ----- lazily computed, once per session -----------------------------------------------
     @property
@@ -265,8 +266,20 @@ class Editor:
                            prompt_template=self.hparams.kl_prompt)  # fmt: skip
         return parsed
 
-    def edit(self, requests: Iterable[Mapping[str, Any] | EditRequest]) -> EditResult:
-        """Edit all ``requests`` as one batch; the batch applies completely or not at all."""
+    def edit(
+        self,
+        requests: Iterable[Mapping[str, Any] | EditRequest],
+        stage1: TargetPlan | None = None,
+    ) -> EditResult:
+        """Edit all ``requests`` as one batch; the batch applies completely or not at all.
+
+        ``stage1``: Stage I's plan for exactly these requests, computed before on the model as
+        it is now (e.g. cached by ``metake tune``); the edit's first Stage I is skipped and this
+        one used (MEMIT, AlphaEdit, MetaKE: at the last edit layer; BLUE: at its first layer,
+        the later one runs on the model the batch changed). Not for ROME (a plan per request).
+        """
+        if stage1 is not None and self.stage2.edit_path == "one_by_one":
+            raise MetakeError(f"{self.solver} plans one request at a time: it takes no stage1 plan")
         parsed = self.prepare(requests)
         hp = self.hparams
         torch.manual_seed(self.seed)
@@ -279,7 +292,11 @@ class Editor:
             "per_layer_targets": self._edit_blue,
             "spread": self._edit_spread,
         }[self.stage2.edit_path]
-        plans, refined, deltas, timing = self._atomic(parsed, contexts, run)
+        self._stage1_given = stage1
+        try:
+            plans, refined, deltas, timing = self._atomic(parsed, contexts, run)
+        finally:
+            self._stage1_given = None
         end = time.perf_counter()
         stage1_seconds, lookahead_seconds = timing
         report = EditReport(
@@ -404,8 +421,16 @@ class Editor:
         """
         start = time.perf_counter()
         hp = self.hparams if layer is None else self.hparams.with_overrides(layers=[layer])
-        plan = compute_targets(self.model, self.tokenizer, requests, hp, contexts,
-                               max_rows=self.group_rows)  # fmt: skip
+        given, self._stage1_given = self._stage1_given, None  # only the edit's first Stage I
+        if given is None:
+            plan = compute_targets(self.model, self.tokenizer, requests, hp, contexts,
+                                   max_rows=self.group_rows)  # fmt: skip
+        elif given.layer != hp.layers[-1] or given.v_target.shape[0] != len(requests):
+            raise MetakeError(f"the stage1 plan is for {given.v_target.shape[0]} requests at "
+                              f"layer {given.layer}; this edit plans {len(requests)} at layer "
+                              f"{hp.layers[-1]} first")  # fmt: skip
+        else:
+            plan = given
         if self.method not in PLANNER_METHODS:
             return plan, None, (time.perf_counter() - start, 0.0)
         middle = time.perf_counter()

@@ -62,7 +62,7 @@ from metake.evaluation.metrics import text_perplexity
 from metake.files import write_file_atomically
 from metake.hparams import MemitHparams, find_preset, memit_hparams
 from metake.methods import PLANNER_METHODS, parse_solver
-from metake.planners.standard import compute_targets, context_templates
+from metake.planners.standard import TargetPlan, compute_targets, context_templates
 from metake.probe import ProbeSpec, build_probe, checked_probe, probe_to_json, share_known
 from metake.requests import EditRequest
 from metake.stats import StatsCache
@@ -246,6 +246,7 @@ class Tuner:
         self.contexts: list[str] | None = None
         self._targets: dict[tuple, torch.Tensor] = {}
         self._reached: dict[tuple, list[float]] = {}  # Stage I's P(target) per record
+        self._v_init: dict[tuple, torch.Tensor] = {}  # Stage I's starting values [n, d]
 
     # ----- folder ---------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -370,19 +371,24 @@ class Tuner:
         if key not in self._targets and path.is_file():  # an earlier (interrupted) run's
             saved = load_file(str(path))
             self._targets[key], self._reached[key] = saved["targets"], saved["reached"].tolist()
+            if "v_init" in saved:  # written since Stage I plans are reused (stage1_plan)
+                self._v_init[key] = saved["v_init"]
         if key not in self._targets:
             start = time.perf_counter()
             size = min(self.config.batch_sizes)  # per-request targets: chunks only bound memory
-            parts, probs = [], []
+            parts, starts, probs = [], [], []
             for start in range(0, len(records), size):
                 chunk = [r.request for r in records[start : start + size]]
                 plan = compute_targets(self.model, self.tokenizer, chunk, hp, self._contexts())
                 parts.append(plan.v_target)
+                starts.append(plan.v_init)
                 probs += [math.exp(-nll) for nll in plan.final_nll]
             self._targets[key] = torch.cat(parts)
+            self._v_init[key] = torch.cat(starts)
             self._reached[key] = probs
             tensors = {
                 "targets": self._targets[key].contiguous(),
+                "v_init": self._v_init[key].contiguous(),
                 "reached": torch.tensor(probs, dtype=torch.float64),
             }
             write_file_atomically(path, lambda tmp: save_file(tensors, str(tmp)))
@@ -397,6 +403,27 @@ class Tuner:
                     }
                 )
         return self._targets[key]
+
+    def stage1_plan(self, hp: MemitHparams, records: Sequence[EvalRecord]) -> TargetPlan:
+        """Stage I's plan at ``hp.layers[-1]`` for ``records`` as one batch on the unedited
+        model, from the cache: what an edit of exactly these records computes first (handed to
+        :meth:`Editor.edit` as ``stage1``, so that candidates differing only in their solver or
+        look-ahead settings share one Stage I)."""
+        targets = self.stage1_targets(hp, records)
+        key = self._target_key(hp, records)
+        if key not in self._v_init:  # a cache written before starting values were stored
+            chunk = [r.request for r in records]
+            once = hp.with_overrides(v_steps=1)  # one forward: the starting values only
+            self._v_init[key] = compute_targets(
+                self.model, self.tokenizer, chunk, once, self._contexts()
+            ).v_init
+        return TargetPlan(
+            layer=hp.layers[-1],
+            v_init=self._v_init[key],
+            v_target=targets,
+            steps_run=0,
+            final_nll=[-math.log(max(p, 1e-300)) for p in self._reached[key]],
+        )
 
     def tune_stage1(self, layers: tuple[int, ...]) -> dict[str, Any]:
         """The smallest learning rate (then more steps) whose targets reach >= 95% of the dev
@@ -459,11 +486,12 @@ class Tuner:
         )
         targets = self.stage1_targets(hp, records) if fixed else None
         start = time.perf_counter()
+        first = None if fixed else self._first_plan(editor, records, batch_size)
         try:
             for begin in range(0, len(records), batch_size):
                 chunk = [r.request for r in records[begin : begin + batch_size]]
                 if targets is None:
-                    editor.edit(chunk)
+                    editor.edit(chunk, stage1=first if begin == 0 else None)
                 else:
                     editor.apply_targets(chunk, targets[begin : begin + len(chunk)])
             editor.finalize()
@@ -483,6 +511,17 @@ class Tuner:
                 "seconds": time.perf_counter() - start,
             }
         )
+
+    def _first_plan(
+        self, editor: Editor, records: Sequence[EvalRecord], batch_size: int
+    ) -> TargetPlan | None:
+        """The cached Stage I plan of a real-edit candidate's only batch (BLUE: at its first
+        layer), or ``None`` where the edit plans otherwise (ROME, or several batches)."""
+        path = editor.stage2.edit_path
+        if path == "one_by_one" or len(records) > min(batch_size, min(self.config.batch_sizes)):
+            return None
+        layer = editor.hparams.layers[0 if path == "per_layer_targets" else -1]
+        return self.stage1_plan(editor.hparams.with_overrides(layers=[layer]), records)
 
     def candidate(
         self,
