@@ -220,6 +220,21 @@ def test_real_edit_candidates_share_one_cached_stage_one(tmp_path, cheap_grids, 
     assert stored["v_init"].shape == stored["targets"].shape  # starting values kept too
 
 
+def test_tune_refuses_to_continue_from_another_starting_preset(tmp_path, cheap_grids):
+    """The settings a search starts from are kept (start.json): continuing after the preset
+    changed (here: another --set) is refused instead of mixing two searches."""
+    model = tiny_model("llama")
+    config = _config(tmp_path, methods=["memit"])
+    _tune(tmp_path, model, config)
+    assert json.loads((tmp_path / "run" / "start.json").read_text())["v_steps"] == FAST["v_steps"]
+    tuner = Tuner(config, tmp_path / "run", model, tiny_tokenizer(),
+                  corpus=TextCorpus.from_texts(TEXTS, name="t"),
+                  stats_cache=StatsCache(tmp_path / "stats"))  # fmt: skip
+    tuner.base_hparams = tuner.base_hparams.with_overrides(kl_factor=0.5)  # the preset moved
+    with pytest.raises(MetakeError, match=r"started its search from other settings \(kl_factor"):
+        tuner.run()
+
+
 def test_no_finalists_scores_every_candidate_at_every_batch_size(tmp_path, cheap_grids):
     model = tiny_model("llama")
     report = _tune(tmp_path, model, _config(tmp_path, methods=["memit"], finalists=0))

@@ -263,6 +263,7 @@ class Tuner:
                     f"({', '.join(differ)}); use another --out"
                 )
         path.write_text(json.dumps(mine, indent=1), encoding="utf-8")
+        self._check_start()
         rows = self.out / "rows.jsonl"
         if rows.is_file():
             for line in rows.read_text(encoding="utf-8").splitlines():
@@ -271,6 +272,23 @@ class Tuner:
                     if row["phase"] == "search":  # ids written by older versions: re-keyed
                         row["id"] = search_row_id(row["method"], row["batch_size"], row["settings"])
                     self.rows[row["id"]] = row
+
+    def _check_start(self) -> None:
+        """Keep the hyper-parameters the search starts from in ``start.json``; a rerun whose
+        starting point differs (``--preset`` left out and the built-in preset changed since, e.g.
+        by adopting a tune) is refused: its rows would mix two searches."""
+        path = self.out / "start.json"
+        if path.is_file():
+            differ = self.base_hparams.differences(json.loads(path.read_text(encoding="utf-8")))
+            if differ:
+                raise MetakeError(
+                    f"{self.out} started its search from other settings ({'; '.join(differ)}): "
+                    "the preset changed since; give the preset it started from (--preset) or use "
+                    "another --out"
+                )
+            return
+        text = json.dumps(self.base_hparams.to_dict(), indent=1)
+        write_file_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def _record(self, row: dict[str, Any]) -> dict[str, Any]:
         self.rows[row["id"]] = row
