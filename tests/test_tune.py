@@ -235,6 +235,27 @@ def test_tune_refuses_to_continue_from_another_starting_preset(tmp_path, cheap_g
         tuner.run()
 
 
+def test_metake_grid_follows_the_targets_scale(tmp_path, cheap_grids, monkeypatch):
+    """MetaKE's lr grid scales with the targets' size, its regulariser with the inverse
+    square (the fixture's grid: lr 0.01, 0.1; regulariser 1e-3)."""
+    model = tiny_model("llama")
+    config = _config(tmp_path, methods=["alphaedit", "metake"])
+    tuner = Tuner(config, tmp_path / "run", model, tiny_tokenizer(),
+                  corpus=TextCorpus.from_texts(TEXTS, name="t"),
+                  stats_cache=StatsCache(tmp_path / "stats"))  # fmt: skip
+    tuner._prepare()
+    hp = tuner.base_hparams
+    targets = tuner.stage1_targets(hp, tuner.dev[: config.search_records])
+    rms = targets.double().pow(2).mean(-1).sqrt()
+    assert tuner.target_scale(hp) == pytest.approx(float(rms.median()))
+    monkeypatch.setattr(Tuner, "target_scale", lambda self, hp: 10 * tune.REFERENCE_SCALE)
+    report = _tune(tmp_path, model, config)
+    tried = report["searched"]["metake"]
+    assert {c["settings"]["metake_lr"] for c in tried} == {0.1, 1.0}
+    assert {c["settings"]["metake_reg_weight"] for c in tried} == {1e-5}
+    assert tune.STRENGTH_GRIDS["metake"]["metake_lr"] == [0.01, 0.1]  # the table itself kept
+
+
 def test_no_finalists_scores_every_candidate_at_every_batch_size(tmp_path, cheap_grids):
     model = tiny_model("llama")
     report = _tune(tmp_path, model, _config(tmp_path, methods=["memit"], finalists=0))

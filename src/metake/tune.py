@@ -95,6 +95,16 @@ STRENGTH_GRIDS: dict[str, dict[str, list[Any]]] = {
 is refined around its best value, except for MetaKE, whose runs cost most); the first value of
 every later key is where the search of the earlier keys holds it."""
 
+REFERENCE_SCALE = 5.0
+"""The median per-coordinate RMS of the Stage I targets (SmolLM2-135M's residual stream at
+layer 5) that MetaKE's grid values are written for; see :data:`SCALED_KEYS`."""
+
+SCALED_KEYS = {"metake_lr": 1, "metake_reg_weight": -2}
+"""MetaKE's grid values times ``(scale / REFERENCE_SCALE) ** power`` on a model whose targets
+have median RMS ``scale``: the look-ahead's Adam steps are in the residual stream's units (an
+absolute rate moves a model's targets the less, the larger its stream; Gemma3-270M's is far
+larger than SmolLM2's) and its regulariser is a squared distance in them."""
+
 
 BUILT_ON = {
     "rect": "memit",
@@ -530,6 +540,26 @@ class Tuner:
             }
         )
 
+    def target_scale(self, hp: MemitHparams) -> float:
+        """Median per-coordinate RMS of the search records' Stage I targets at
+        ``hp.layers[-1]`` (the residual stream's scale there)."""
+        targets = self.stage1_targets(hp, self.dev[: self.config.search_records])
+        return float(targets.double().pow(2).mean(-1).sqrt().median())
+
+    def strength_grid(self, method: str, hp: MemitHparams) -> dict[str, list[Any]]:
+        """``method``'s grid at ``hp``'s window: MetaKE's scaled to the targets' size there
+        (:data:`SCALED_KEYS`), every other one as written."""
+        grid = STRENGTH_GRIDS.get(_grid_key(method), {})
+        if method not in PLANNER_METHODS or not grid:
+            return grid
+        factor = self.target_scale(hp) / REFERENCE_SCALE
+        scaled = {
+            key: [float(f"{v * factor ** SCALED_KEYS.get(key, 0):.3g}") for v in values]
+            for key, values in grid.items()
+        }
+        log.info("tune %s: targets %.3g times the reference scale: grid %s", method, factor, scaled)
+        return scaled
+
     def _first_plan(
         self, editor: Editor, records: Sequence[EvalRecord], batch_size: int
     ) -> TargetPlan | None:
@@ -656,7 +686,7 @@ class Tuner:
                 run(start.with_overrides(layers=list(window)))
             best = self.best(results, base)
             best_hp = start.with_overrides(layers=best["settings"]["layers"])
-        grid = STRENGTH_GRIDS.get(_grid_key(method), {})
+        grid = self.strength_grid(method, best_hp)
         refine = method not in PLANNER_METHODS  # MetaKE's runs are the dear ones
         hp = best_hp.with_overrides(**{k: v[0] for k, v in grid.items()})
         for number, (name, values) in enumerate(grid.items()):  # one coordinate at a time
