@@ -254,6 +254,8 @@ def test_metake_grid_follows_the_targets_scale(tmp_path, cheap_grids, monkeypatc
     assert {c["settings"]["metake_lr"] for c in tried} == {0.1, 1.0}
     assert {c["settings"]["metake_reg_weight"] for c in tried} == {1e-5}
     assert tune.STRENGTH_GRIDS["metake"]["metake_lr"] == [0.01, 0.1]  # the table itself kept
+    assert report["grid_scales"]["metake"]["factor"] == pytest.approx(10.0)
+    assert "metake's grid, scaled to the targets" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_no_finalists_scores_every_candidate_at_every_batch_size(tmp_path, cheap_grids):

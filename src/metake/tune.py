@@ -257,6 +257,7 @@ class Tuner:
         self._targets: dict[tuple, torch.Tensor] = {}
         self._reached: dict[tuple, list[float]] = {}  # Stage I's P(target) per record
         self._v_init: dict[tuple, torch.Tensor] = {}  # Stage I's starting values [n, d]
+        self.grid_scales: dict[str, dict[str, Any]] = {}  # MetaKE's scaled grids, for the report
 
     # ----- folder ---------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -552,12 +553,15 @@ class Tuner:
         grid = STRENGTH_GRIDS.get(_grid_key(method), {})
         if method not in PLANNER_METHODS or not grid:
             return grid
-        factor = self.target_scale(hp) / REFERENCE_SCALE
+        scale = self.target_scale(hp)
+        factor = scale / REFERENCE_SCALE
         scaled = {
             key: [float(f"{v * factor ** SCALED_KEYS.get(key, 0):.3g}") for v in values]
             for key, values in grid.items()
         }
         log.info("tune %s: targets %.3g times the reference scale: grid %s", method, factor, scaled)
+        self.grid_scales[method] = {"layer": hp.layers[-1], "target_rms": scale,
+                                    "factor": factor, "grid": scaled}  # fmt: skip
         return scaled
 
     def _first_plan(

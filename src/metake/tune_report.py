@@ -46,6 +46,7 @@ def write_outputs(
         "chosen": chosen,
         "seconds": sum(r.get("seconds", 0.0) for r in tuner.rows.values()),
         "cost": cost_table(tuner.rows.values()),
+        "grid_scales": tuner.grid_scales,
         "preset_file": str(out / PRESET_FILE),
     }
     (out / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
@@ -155,6 +156,10 @@ def _markdown(report: dict[str, Any]) -> str:
     ]
     for method, row in report["chosen"].items():
         lines.append(_row(method, row))
+    for method, grid in report.get("grid_scales", {}).items():
+        lines += ["", f"{method}'s grid, scaled to the targets (median RMS "
+                  f"{grid['target_rms']:.3g} at layer {grid['layer']}, {grid['factor']:.3g} times "
+                  f"the reference): {grid['grid']}."]  # fmt: skip
     lines += ["", "## Cost", "", *_cost_lines(report["cost"]), "", "## Every candidate", ""]
     for method, rows in report["searched"].items():
         lines += [
