@@ -26,7 +26,12 @@ from metake.diagnostics.theory import (
     trap,
 )
 from metake.models.adapters import get_adapter
-from metake.planners.hypergradient import ProxyChannel, SpreadChannel
+from metake.planners.hypergradient import (
+    LowRankUpdate,
+    ProxyChannel,
+    SpreadChannel,
+    virtual_updates,
+)
 from metake.solvers.alphaedit import alphaedit_delta, alphaedit_gate, null_space
 from metake.solvers.memit import keys_and_values, memit_delta, memit_gate
 
@@ -152,6 +157,35 @@ def test_fidelity_channels_sum_to_the_autograd_hypergradient(solver):
     last = channels[LAYERS[-1]]
     assert report["rho"] == pytest.approx(float((direct - last).norm() / last.norm()), rel=1e-7)
     assert 0.0 < report["alpha"] <= 1.0 + 1e-9 and report["rho"] > 0.0
+
+
+def test_direct_gradient_holds_the_earlier_layers_fixed():
+    """g_direct against an independent computation: the spread recomputed by hand with every
+    layer's keys, gate and value taken from the real replay as constants, only each layer's
+    residual (v* - z) / (layers left) depending on v*."""
+    model, tok, requests, values, targets, objective = _setup()
+    dim = get_adapter(model).weight(model, 0).shape[1]
+    gate, _ = _solvers(dim)["alphaedit"]
+    exact = SpreadChannel(model, tok, requests, LAYERS, CONTEXTS, gate)
+    with torch.no_grad():
+        real = exact.updates(targets)  # the solver's factors at v*: residuals and gates
+    v = targets.clone().requires_grad_(True)
+    updates = {}
+    for i, (layer, u) in enumerate(real.items()):
+        z = targets.double() - u.up * (len(LAYERS) - i)  # the value layer i's residual came from
+        updates[layer] = LowRankUpdate((v.double() - z) / (len(LAYERS) - i), u.down)
+    with virtual_updates(model, updates):
+        nll, kl = objective.terms()
+    (expected,) = torch.autograd.grad(objective.task_loss(nll, kl), v)
+    channels, _ = exact_gradients(objective, exact, targets, direct_only=True)
+    torch.testing.assert_close(sum(channels.values()), expected.double(), rtol=1e-6, atol=1e-10)
+    report = fidelity(objective, ProxyChannel(get_adapter(model).mlp_out(model, LAYERS[-1]),
+                                              LAYERS[-1], real[LAYERS[-1]].down, values),
+                      exact, targets)  # fmt: skip
+    true = sum(exact_gradients(objective, exact, targets)[0].values())
+    cosine = torch.nn.functional.cosine_similarity(expected.double().flatten(), true.flatten(), 0)
+    assert report["cosine_direct"] == pytest.approx(float(cosine), rel=1e-6)
+    assert report["cosine_direct"] < 1.0 - 1e-6  # the earlier layers' paths do matter here
 
 
 def test_fidelity_is_perfect_with_one_edit_layer():

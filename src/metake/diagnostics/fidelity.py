@@ -6,7 +6,10 @@ locality KL; the meta-regulariser's gradient is the same for both and left out) 
 and ``J_l = dDelta_l/dv*`` (through keys, residual spreading and every solve); the proxy's is
 ``g_proxy = s_L M_L^T`` with ``s_L`` taken at the proxy's virtual update (Eq. 8). Reported: their
 cosine and relative error, the non-degeneracy ``alpha = ||s_L M_L^T|| / (||s_L||_F ||M_L||_2)``
-and the last-layer dominance ``rho = ||sum_{l != L} J_l^T s_l|| / ||J_L^T s_L||``.
+and the last-layer dominance ``rho = ||sum_{l != L} J_l^T s_l|| / ||J_L^T s_L||``. Beside them
+``g_direct``: ``g_true`` without the paths through the earlier layers' updates (keys, gates and
+values held fixed; each layer's residual alone), the direction a look-ahead linearised at fixed
+keys would follow, and its cosine with ``g_true``.
 """
 
 from __future__ import annotations
@@ -43,11 +46,12 @@ def proxy_gradient(
 
 
 def exact_gradients(
-    objective: MetaObjective, exact: SpreadChannel, v_star: torch.Tensor
+    objective: MetaObjective, exact: SpreadChannel, v_star: torch.Tensor, direct_only: bool = False
 ) -> tuple[dict[int, torch.Tensor], float]:
-    """Per edit layer ``J_l^T s_l`` (``[n, d]`` each; their sum is ``g_true``), task loss."""
+    """Per edit layer ``J_l^T s_l`` (``[n, d]`` each; their sum is ``g_true``), task loss;
+    with ``direct_only`` each ``J_l`` keeps only the layer's own residual (``g_direct``)."""
     v = v_star.detach().clone().requires_grad_(True)
-    deltas = exact.deltas(v)
+    deltas = {layer: u.dense() for layer, u in exact.updates(v, direct_only).items()}
     s, task = update_gradients(objective, deltas)
     channels = {}
     for layer, delta in deltas.items():
@@ -67,6 +71,7 @@ def fidelity(
     g_proxy, s_last, proxy_task = proxy_gradient(objective, proxy, v_star)
     channels, exact_task = exact_gradients(objective, exact, v_star)
     g_true = sum(channels.values())
+    g_direct = sum(exact_gradients(objective, exact, v_star, direct_only=True)[0].values())
     g_last = channels[proxy.layer]
     rest = g_true - g_last
     gate_norm = float(torch.linalg.matrix_norm(proxy.gate.double(), ord=2))
@@ -76,6 +81,8 @@ def fidelity(
         "alpha": float(g_proxy.norm() / (s_last.norm() * gate_norm)),
         "rho": float(rest.norm() / g_last.norm().clamp_min(1e-300)),
         "cosine_last_layer": _cosine(g_last, g_proxy),
+        "cosine_direct": _cosine(g_true, g_direct),
+        "norm_direct": float(g_direct.norm()),
         "norm_true": float(g_true.norm()),
         "norm_proxy": float(g_proxy.norm()),
         "task_loss_exact": exact_task,

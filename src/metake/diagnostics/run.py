@@ -189,6 +189,8 @@ def summarise(batches: Sequence[dict[str, Any]], last: int) -> dict[str, Any]:
         "median_cosine": _median([s["cosine"] for s in steps]),
         "min_cosine": min((s["cosine"] for s in steps), default=None),
         "median_cosine_step0": _median([s["cosine"] for s in first]),
+        "median_cosine_direct": _median([s["cosine_direct"] for s in steps]),
+        "median_cosine_direct_step0": _median([s["cosine_direct"] for s in first]),
         "median_alpha": _median([s["alpha"] for s in steps]),
         "median_rho": _median([s["rho"] for s in steps]),
         "median_relative_error": _median([s["relative_error"] for s in steps]),
@@ -297,6 +299,9 @@ def summary_markdown(report: dict[str, Any]) -> str:
         ("**Theorem 3** median cos(g_true, g_proxy) over all steps (at step 0)",
          [s["median_cosine"], s["median_cosine_step0"]]),
         ("smallest cosine", s["min_cosine"]),
+        ("median cos(g_true, g_direct) over all steps (at step 0): g_true without the paths "
+         "through the earlier layers' keys, gates and values",
+         [s["median_cosine_direct"], s["median_cosine_direct_step0"]]),
         ("median relative error ||g_true - g_proxy|| / ||g_true||", s["median_relative_error"]),
         ("median alpha (non-degeneracy)", s["median_alpha"]),
         ("median rho (non-last layers / last layer)", s["median_rho"]),

@@ -124,6 +124,7 @@ def spread_updates(
     gate: GateFn,
     key_average: str = "types",
     start: SpreadStart | None = None,
+    direct_only: bool = False,
 ) -> dict[int, LowRankUpdate]:
     """:func:`~metake.solvers.memit.apply_spread` as a differentiable function of ``targets``.
 
@@ -139,6 +140,11 @@ def spread_updates(
     these forwards is checkpointed: its graph keeps only what it returns and is recomputed
     during the backward, so memory holds one forward's activations, not all of them (every
     request x context prompt runs at once here: the solve couples them).
+
+    ``direct_only`` (diagnostics): the same updates, but the graph keeps only each layer's
+    direct dependence on ``targets`` (its residual), not the one through the earlier layers'
+    updates (the keys, gates and values they change): the part of the hypergradient a solver
+    linearised at fixed keys and values would see.
     """
     start = start or spread_start(model, tokenizer, requests, layers, contexts, gate, key_average)
     adapter = get_adapter(model)
@@ -149,7 +155,10 @@ def spread_updates(
             below = [adapter.layer_name(layer - 1)] if i + 1 < len(layers) else []
             args = (model, tokenizer, requests, contexts, layer, layers[-1], key_average,
                     lower, dict(updates), below)  # fmt: skip
-            if torch.is_grad_enabled():  # keep inputs and outputs; recompute the rest backward
+            if direct_only:  # keys, values and the gate as constants
+                with torch.no_grad():
+                    acts, seen = _replay_layer(*args)
+            elif torch.is_grad_enabled():  # keep inputs and outputs; recompute the rest backward
                 acts, seen = checkpoint(_replay_layer, *args, use_reentrant=False)
             else:
                 acts, seen = _replay_layer(*args)
@@ -240,14 +249,15 @@ class SpreadChannel:
         """The lowest layer whose forward changes (the look-ahead replays those below)."""
         return self.layers[0]
 
-    def updates(self, v_star: torch.Tensor) -> dict[int, LowRankUpdate]:
-        """``{layer: R^T M}`` in factors, differentiable in ``v_star`` (``[n, d]``)."""
+    def updates(self, v_star: torch.Tensor, direct_only: bool = False) -> dict[int, LowRankUpdate]:
+        """``{layer: R^T M}`` in factors, differentiable in ``v_star`` (``[n, d]``; only through
+        each layer's own residual with ``direct_only``, see :func:`spread_updates`)."""
         if self._start is None:
             self._start = spread_start(self.model, self.tokenizer, self.requests, self.layers,
                                        self.contexts, self.gate, self.key_average)  # fmt: skip
         return spread_updates(self.model, self.tokenizer, self.requests, v_star, self.layers,
-                              self.contexts, self.gate, self.key_average,
-                              self._start)  # fmt: skip
+                              self.contexts, self.gate, self.key_average, self._start,
+                              direct_only)  # fmt: skip
 
     def deltas(self, v_star: torch.Tensor) -> dict[int, torch.Tensor]:
         """``{layer: Delta(v*) [d_out, d_in]}`` (float64), differentiable in ``v_star``."""
