@@ -264,9 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
         "alphaedit; any solver name, e.g. alphaedit_blue)",
     )  # fmt: skip
     edit.add_argument(
-        "--hypergradient", choices=("proxy", "exact"), default=None,
+        "--hypergradient", choices=("proxy", "exact", "direct"), default=None,
         help="for --method metake: differentiate the look-ahead through the paper's last-layer "
-        "proxy (default) or exactly through the whole multi-layer solver (= metake_exact)",
+        "proxy (default), exactly through the whole multi-layer solver (= metake_exact), or "
+        "'direct': the same multi-layer replay with its keys and values held fixed in the "
+        "gradient (no backward through the replay; its direction is close to the exact one, "
+        "docs/theory.md)",
     )  # fmt: skip
     edit.add_argument("--prompt", help="prompt with {} where the subject goes")
     edit.add_argument("--subject", help="the subject, e.g. 'The Eiffel Tower'")

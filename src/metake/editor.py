@@ -452,14 +452,17 @@ class Editor:
         """How MetaKE's look-ahead sees this session's solver for ``requests``.
 
         ``"proxy"``: the gate ``M`` at ``plan.layer`` (Eq. 7); ``"exact"``: the whole solver over
-        ``layers`` (default: the edit layers), replayed differentiably. Default: the hparams'
-        ``metake_hypergradient``. Both use the session's C0, projector and key cache.
+        ``layers`` (default: the edit layers), replayed differentiably; ``"direct"``: the same
+        replay, differentiated only through each layer's own residual (keys, gates and values
+        as constants: no backward through the replay). Default: the hparams'
+        ``metake_hypergradient``. All use the session's C0, projector and key cache.
         """
         hypergradient = hypergradient or self.hparams.metake_hypergradient
-        if hypergradient == "exact":
+        if hypergradient in ("exact", "direct"):
             layers = list(self.hparams.layers if layers is None else layers)
             return SpreadChannel(self.model, self.tokenizer, requests, layers, contexts,
-                                 self.gate, self.key_average)  # fmt: skip
+                                 self.gate, self.key_average,
+                                 direct_only=hypergradient == "direct")  # fmt: skip
         acts = subject_activations(self.model, self.tokenizer, requests, contexts, [plan.layer],
                                    plan.layer, key_average=self.key_average)  # fmt: skip
         keys = acts.keys[plan.layer]

@@ -53,7 +53,7 @@ class MemitHparams:
     metake_edit_weight: float = 1.0  # NLL of the targets under the virtual weights
     metake_locality_weight: float = 1.0  # KL(original || virtual) on the locality prompts
     metake_reg_weight: float = 1.0  # ||v* - v_plan||^2, v_plan being Stage I's target
-    metake_hypergradient: str = "proxy"  # "proxy" (Eq. 7-8) or "exact" (through every layer)
+    metake_hypergradient: str = "proxy"  # "proxy" (Eq. 7-8), "exact" (every layer), "direct"
     preset: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -61,8 +61,8 @@ class MemitHparams:
             raise ValueError("hparams: 'layers' must name at least one layer")
         if sorted(set(self.layers)) != list(self.layers):
             raise ValueError(f"hparams: 'layers' must be ascending and distinct, got {self.layers}")
-        if self.metake_hypergradient not in ("proxy", "exact"):
-            raise ValueError("hparams: 'metake_hypergradient' must be 'proxy' or 'exact'")
+        if self.metake_hypergradient not in ("proxy", "exact", "direct"):
+            raise ValueError("hparams: 'metake_hypergradient' must be 'proxy', 'exact' or 'direct'")
         if self.planner_autocast not in (None, "bfloat16"):
             raise ValueError("hparams: 'planner_autocast' must be 'bfloat16' or none")
         if self.mom2_autocast not in (None, "bfloat16"):

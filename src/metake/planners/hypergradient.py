@@ -42,7 +42,7 @@ GateFn = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 """``(layer, keys [n, d_in], bare keys [n, d_in]) -> M [n, d_in]``: a solver's gate,
 differentiable in the keys (context-averaged; the bare prompt's ones only matter to ROME)."""
 
-HYPERGRADIENTS = ("proxy", "exact")
+HYPERGRADIENTS = ("proxy", "exact", "direct")
 
 
 @contextmanager
@@ -242,6 +242,7 @@ class SpreadChannel:
     contexts: Sequence[str]
     gate: GateFn
     key_average: str = "types"  # how the solver averages keys over contexts (ROME: "plain")
+    direct_only: bool = False  # "direct": the replay's keys, gates and values as constants
     _start: SpreadStart | None = field(default=None, init=False, repr=False)
 
     @property
@@ -249,15 +250,19 @@ class SpreadChannel:
         """The lowest layer whose forward changes (the look-ahead replays those below)."""
         return self.layers[0]
 
-    def updates(self, v_star: torch.Tensor, direct_only: bool = False) -> dict[int, LowRankUpdate]:
+    def updates(
+        self, v_star: torch.Tensor, direct_only: bool | None = None
+    ) -> dict[int, LowRankUpdate]:
         """``{layer: R^T M}`` in factors, differentiable in ``v_star`` (``[n, d]``; only through
-        each layer's own residual with ``direct_only``, see :func:`spread_updates`)."""
+        each layer's own residual with ``direct_only``, default the channel's, see
+        :func:`spread_updates`)."""
         if self._start is None:
             self._start = spread_start(self.model, self.tokenizer, self.requests, self.layers,
                                        self.contexts, self.gate, self.key_average)  # fmt: skip
+        direct = self.direct_only if direct_only is None else direct_only
         return spread_updates(self.model, self.tokenizer, self.requests, v_star, self.layers,
                               self.contexts, self.gate, self.key_average, self._start,
-                              direct_only)  # fmt: skip
+                              direct)  # fmt: skip
 
     def deltas(self, v_star: torch.Tensor) -> dict[int, torch.Tensor]:
         """``{layer: Delta(v*) [d_out, d_in]}`` (float64), differentiable in ``v_star``."""
