@@ -289,6 +289,12 @@ class Tuner:
         starting point differs (``--preset`` left out and the built-in preset changed since, e.g.
         by adopting a tune) is refused: its rows would mix two searches."""
         path = self.out / "start.json"
+        if not path.is_file() and any(
+            (self.out / name).is_file() for name in ("rows.jsonl", "baseline.json")
+        ):  # a run of a version that kept no starting point: nothing to compare, nothing to write
+            log.warning("%s keeps no start.json (an older run): its starting settings are not "
+                        "checked", self.out)  # fmt: skip
+            return
         if path.is_file():
             differ = self.base_hparams.differences(json.loads(path.read_text(encoding="utf-8")))
             if differ:
