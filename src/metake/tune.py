@@ -623,10 +623,8 @@ class Tuner:
         every batch size (candidates already complete are kept as they are)."""
         if not self.config.finalists:
             return []
-        gain = self.config.min_efficacy_gain
-        ranked = sorted(results, key=lambda c: selection_key(c, base, gain), reverse=True)
         picked: list[dict[str, Any]] = []
-        for c in ranked:
+        for c in self.ranked(results, base):
             if all(c["settings"] != f["settings"] for f in picked):
                 picked.append(c)
             if len(picked) == self.config.finalists:
@@ -638,11 +636,18 @@ class Tuner:
         ]  # fmt: skip
 
     # ----- the search -------------------------------------------------------------------------
-    def best(self, candidates: Sequence[dict[str, Any]], base: Baseline) -> dict[str, Any]:
-        """The candidate the selection rule picks (see :func:`selection_key`)."""
+    def ranked(
+        self, candidates: Sequence[dict[str, Any]], base: dict[str, float]
+    ) -> list[dict[str, Any]]:
+        """``candidates`` best first under the selection rule (:func:`selection_key`; ties
+        keep their order)."""
         gain = self.config.min_efficacy_gain
+        return sorted(candidates, key=lambda c: selection_key(c, base, gain), reverse=True)
+
+    def best(self, candidates: Sequence[dict[str, Any]], base: Baseline) -> dict[str, Any]:
+        """The candidate the selection rule picks among the complete ones (all when none is)."""
         complete = [c for c in candidates if c.get("complete", True)] or list(candidates)
-        return max(complete, key=lambda c: selection_key(c, base.scores, gain))
+        return self.ranked(complete, base.scores)[0]
 
     def run(self) -> dict[str, Any]:
         """Run (or continue) the whole search and write the preset and the report."""
