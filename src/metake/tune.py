@@ -96,8 +96,9 @@ is refined around its best value, except for MetaKE, whose runs cost most); the 
 every later key is where the search of the earlier keys holds it."""
 
 REFERENCE_SCALE = 5.0
-"""The median per-coordinate RMS of the Stage I targets (SmolLM2-135M's residual stream at
-layer 5) that MetaKE's grid values are written for; see :data:`SCALED_KEYS`."""
+"""The median per-coordinate RMS of the Stage I targets that MetaKE's grid values are written
+for (the grid was first searched on SmolLM2-135M; the report prints each run's RMS); see
+:data:`SCALED_KEYS`."""
 
 SCALED_KEYS = {"metake_lr": 1, "metake_reg_weight": -2}
 """MetaKE's grid values times ``(scale / REFERENCE_SCALE) ** power`` on a model whose targets
