@@ -220,3 +220,48 @@ def test_activations_in_row_pieces_equal_one_forward_of_every_row(model_type, ro
                 pieces.projections[layer], whole.projections[layer].detach(), rtol=1e-4, atol=1e-5
             )
         torch.testing.assert_close(pieces.values, whole.values.detach(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma3_text", "gpt_neox"])
+@pytest.mark.parametrize("layers", [(0, 1, 2), (0, 2), (1, 2), (2,)])
+@pytest.mark.parametrize("rows", [2, 128])
+def test_spread_activations_equal_a_full_forward_along_memit_loop(model_type, layers, rows,
+                                                                   monkeypatch):  # fmt: skip
+    """Along MEMIT's loop (edit a layer, read the next), the cheaper reads (every prompt only up
+    to the key layer, from the stream where the layer edited before begins; the bare prompts
+    alone on to the value layer) equal a full forward of every prompt at every layer."""
+    import metake.solvers.memit as memit
+    from metake.solvers.memit import spread_activations
+
+    monkeypatch.setattr(memit, "ACTIVATION_ROWS", rows)
+    model, tok = tiny_model(model_type), tiny_tokenizer()
+    adapter = get_adapter(model)
+    contexts = ["", "Some words here. ", "X. "]
+    last = layers[-1]
+    lower = lower_layers(model, tok, REQUESTS, contexts, layers[0])
+    g = torch.Generator().manual_seed(0)
+    for layer in layers:
+        full = subject_activations(model, tok, REQUESTS, contexts, [layer], last)
+        fast, lower = spread_activations(model, tok, REQUESTS, contexts, layer, last, lower=lower)
+        assert lower is None or lower.layer == layer
+        torch.testing.assert_close(fast.keys[layer], full.keys[layer], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast.bare_keys[layer], full.bare_keys[layer],
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(fast.projections[layer], full.projections[layer],
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(fast.values, full.values, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():  # MEMIT's edit of this layer before the next one is read
+            weight = adapter.weight(model, layer)
+            noise = torch.randn(weight.shape, generator=g, dtype=weight.dtype)
+            adapter.set_weight(model, layer, weight + 0.05 * noise)
+
+
+def test_spread_activations_refuse_a_value_layer_below_the_keys():
+    from metake.solvers.memit import spread_activations
+
+    model, tok = tiny_model("gpt2"), tiny_tokenizer()
+    with pytest.raises(ValueError, match="value layer 0 lies below"):
+        spread_activations(model, tok, REQUESTS, [""], 1, 0)
+    lower = lower_layers(model, tok, REQUESTS, [""], 2)
+    with pytest.raises(ValueError, match="below the cached layer"):
+        spread_activations(model, tok, REQUESTS, [""], 1, 2, lower=lower)

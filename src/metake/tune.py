@@ -413,8 +413,8 @@ class Tuner:
             start = time.perf_counter()
             size = min(self.config.batch_sizes)  # per-request targets: chunks only bound memory
             parts, starts, probs = [], [], []
-            for start in range(0, len(records), size):
-                chunk = [r.request for r in records[start : start + size]]
+            for first in range(0, len(records), size):
+                chunk = [r.request for r in records[first : first + size]]
                 plan = compute_targets(self.model, self.tokenizer, chunk, hp, self._contexts())
                 parts.append(plan.v_target)
                 starts.append(plan.v_init)

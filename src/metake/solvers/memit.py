@@ -136,35 +136,13 @@ def subject_activations(
         raise ValueError(
             f"keys of layer {min(key_layers)} lie below the cached layer {lower.layer}"
         )
-    # Without a graph the rows run in pieces of similar length (memory, padding); with one,
-    # in a single forward (the exact hypergradient's replay captures the whole batch).
-    pieces = [None] if track_grad else _row_pieces(batch.attention_mask.sum(1), ACTIVATION_ROWS)
-    parts: dict[tuple[str, str], list[torch.Tensor]] = {}
-    for piece in pieces:
-        sub = batch if piece is None else batch.select(piece)
-        low = lower
-        if lower is not None and piece is not None:
-            low = lower.select(piece, sub.input_ids.shape[1])
-        with (
-            torch.set_grad_enabled(track_grad),
-            capture(model, [*key_names.values(), value_name], stop_after=stop,
-                    detach=not track_grad) as tr,
-            low.replay() if low else nullcontext(),
-        ):  # fmt: skip
-            model.base_model(input_ids=sub.input_ids, attention_mask=sub.attention_mask)
-        rows = torch.arange(sub.input_ids.shape[0], device=device)
-        for kind, acts in (("in", tr.inputs), ("out", tr.outputs)):
-            for name, tensor in acts.items():
-                parts.setdefault((kind, name), []).append(tensor[rows, sub.subject_last])
-    order = None if track_grad else torch.cat(pieces)
+    run = _run_rows(model, batch, [*key_names.values(), value_name], stop, lower=lower,
+                    track_grad=track_grad)  # fmt: skip
     n, c = len(requests), len(contexts)
 
     def at_subject(kind: str, name: str) -> torch.Tensor:  # [n, c, d], float32 or float64
-        acts = torch.cat(parts[(kind, name)])
-        if order is not None:  # back to request-major row order
-            acts = acts.new_empty(acts.shape).index_copy_(0, order, acts)
-        dtype = torch.promote_types(acts.dtype, torch.float32)
-        return acts.view(n, c, -1).to(dtype)
+        acts = (run.inputs if kind == "in" else run.outputs)[name]
+        return acts.view(n, c, -1).to(torch.promote_types(acts.dtype, torch.float32))
 
     inputs = {layer: at_subject("in", name) for layer, name in key_names.items()}
     keys = {layer: context_type_mean(acts, key_average) for layer, acts in inputs.items()}
@@ -176,6 +154,131 @@ def subject_activations(
 
 ACTIVATION_ROWS = 128
 """Rows one graph-free forward of :func:`subject_activations` runs at most (memory)."""
+
+
+class RowRun(NamedTuple):
+    """What :func:`_run_rows` read, in the batch's row order."""
+
+    inputs: dict[str, torch.Tensor]  # {name: [R, d]}, module inputs at the subject's last token
+    outputs: dict[str, torch.Tensor]  # {name: [R, d]}, module outputs there
+    streams: dict[str, torch.Tensor]  # {name: [R, S, d]}, whole outputs (zeros past a row's end)
+    tuple_outputs: set[str]  # modules that returned tuples
+
+
+def _run_rows(
+    model: nn.Module,
+    batch: PromptBatch,
+    names: Sequence[str],
+    stop: str,
+    *,
+    lower: LowerLayers | None = None,
+    track_grad: bool = False,
+    streams: Sequence[str] = (),
+) -> RowRun:
+    """Forward ``batch`` up to module ``stop``, reading ``names`` at the subject's last token and
+    the whole output of ``streams``. Without a graph the rows run in length-sorted pieces of at
+    most :data:`ACTIVATION_ROWS`, each trimmed to its own length and replayed from its slice of
+    ``lower`` (memory, padding); with one, in a single forward (the exact hypergradient's replay
+    captures the whole batch)."""
+    device = batch.input_ids.device
+    pieces = [None] if track_grad else _row_pieces(batch.attention_mask.sum(1), ACTIVATION_ROWS)
+    parts: dict[tuple[str, str], list[torch.Tensor]] = {}
+    whole: dict[str, torch.Tensor] = {}
+    tuples: set[str] = set()
+    for piece in pieces:
+        sub = batch if piece is None else batch.select(piece)
+        low = lower
+        if lower is not None and piece is not None:
+            low = lower.select(piece, sub.input_ids.shape[1])
+        with (
+            torch.set_grad_enabled(track_grad),
+            capture(model, [*names, *streams], stop_after=stop, detach=not track_grad) as tr,
+            low.replay() if low else nullcontext(),
+        ):
+            model.base_model(input_ids=sub.input_ids, attention_mask=sub.attention_mask)
+        rows = torch.arange(sub.input_ids.shape[0], device=device)
+        for kind, acts in (("in", tr.inputs), ("out", tr.outputs)):
+            for name in names:
+                parts.setdefault((kind, name), []).append(acts[name][rows, sub.subject_last])
+        for name in streams:
+            hidden = tr.outputs[name]
+            if name not in whole:
+                whole[name] = hidden.new_zeros(*batch.input_ids.shape, hidden.shape[-1])
+            target_rows = rows if piece is None else piece.to(hidden.device)
+            whole[name][target_rows, : hidden.shape[1]] = hidden
+        tuples |= tr.tuple_outputs
+    order = None if track_grad else torch.cat(pieces)
+
+    def in_row_order(acts: list[torch.Tensor]) -> torch.Tensor:
+        joined = torch.cat(acts)
+        if order is None:
+            return joined
+        return joined.new_empty(joined.shape).index_copy_(0, order, joined)
+
+    inputs = {name: in_row_order(parts[("in", name)]) for name in names}
+    outputs = {name: in_row_order(parts[("out", name)]) for name in names}
+    return RowRun(inputs, outputs, whole, tuples)
+
+
+@torch.no_grad()
+def spread_activations(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    contexts: Sequence[str],
+    layer: int,
+    value_layer: int,
+    *,
+    lower: LowerLayers | None = None,
+) -> tuple[SubjectActivations, LowerLayers | None]:
+    """:func:`subject_activations` for one key ``layer`` of MEMIT's loop, at less cost, and the
+    residual stream entering ``layer`` (``[rows, seq, d]``) for the next layer's call.
+
+    Every (request, context) prompt runs only up to ``layer``; the bare prompts alone, which the
+    values are read from, go on to ``value_layer`` (``>= layer``). ``lower`` (the stream entering
+    some layer ``<= layer``: :func:`lower_layers`, or the previous call's) skips the layers below
+    it. An edit of ``layer`` or a layer above leaves the returned stream valid, which is what
+    MEMIT's loop needs: each call starts where the layer edited last begins.
+    """
+    if value_layer < layer:
+        raise ValueError(f"the value layer {value_layer} lies below the key layer {layer}")
+    if lower is not None and lower.layer > layer:
+        raise ValueError(f"keys of layer {layer} lie below the cached layer {lower.layer}")
+    adapter = get_adapter(model)
+    batch = _activation_batch(tokenizer, requests, contexts, input_device(model))
+    key_name, out_name = adapter.mlp_out_name(layer), adapter.layer_name(layer)
+    entry = adapter.layer_name(layer - 1) if layer > 0 else None
+    keep_entry = entry is not None and (lower is None or lower.layer < layer)
+    streams = [out_name, *([entry] if keep_entry else [])]
+    run = _run_rows(model, batch, [key_name], out_name, lower=lower, streams=streams)
+    n, c = len(requests), len(contexts)
+    acts = run.inputs[key_name].view(n, c, -1)
+    acts = acts.to(torch.promote_types(acts.dtype, torch.float32))
+    bare = torch.arange(0, n * c, c, device=batch.input_ids.device)  # request-major rows
+    if value_layer == layer:
+        values = run.streams[out_name][bare, batch.subject_last[bare]]
+    else:
+        bare_batch = batch.select(bare)
+        above = LowerLayers(
+            adapter.layers_below(model, layer + 1),
+            run.streams[out_name][bare, : bare_batch.input_ids.shape[1]],
+            out_name in run.tuple_outputs,
+        )
+        value_name = adapter.layer_name(value_layer)
+        values = _run_rows(model, bare_batch, [value_name], value_name, lower=above).outputs[
+            value_name
+        ]
+    projections = run.outputs[key_name].view(n, c, -1)[:, 0]
+    found = SubjectActivations(
+        keys={layer: context_type_mean(acts)},
+        values=values.to(torch.promote_types(values.dtype, torch.float32)),
+        projections={layer: projections.to(torch.promote_types(projections.dtype, torch.float32))},
+        bare_keys={layer: acts[:, 0]},
+    )
+    if not keep_entry:
+        return found, lower
+    below = adapter.layers_below(model, layer)
+    return found, LowerLayers(below, run.streams[entry], entry in run.tuple_outputs)
 
 
 def _row_pieces(lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -268,15 +371,17 @@ def apply_spread(
 
     ``targets`` (``[n, d]``) are the values wanted at the last layer of ``layers``. The model is
     edited in place, layer after layer; the caller undoes a partially applied loop when it raises
-    (see :class:`metake.editor.Editor`).
+    (see :class:`metake.editor.Editor`). Each layer's forward starts at the layer edited before it
+    (the stream entering that one is unchanged by its edit) and only the bare prompts go on to the
+    last layer (:func:`spread_activations`).
     """
     adapter = get_adapter(model)
     deltas: dict[int, torch.Tensor] = {}
     last = layers[-1]
     lower = lower_layers(model, tokenizer, requests, contexts, min(layers))  # never edited here
     for i, layer in enumerate(layers):
-        acts = subject_activations(model, tokenizer, requests, contexts, [layer], last,
-                                   lower=lower)  # fmt: skip
+        acts, lower = spread_activations(model, tokenizer, requests, contexts, layer, last,
+                                         lower=lower)  # fmt: skip
         resid = layer_residuals(model, acts, layer, targets.to(acts.values.device),
                                 len(layers) - i)  # fmt: skip
         delta = solve(layer, acts.keys[layer], resid)
