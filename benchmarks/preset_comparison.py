@@ -7,8 +7,10 @@ Two ordinary ``metake bench`` runs, one per preset, with the same seed and the s
     python benchmarks/preset_comparison.py --model smollm2-135m \
         --out benchmarks/results/preset_comparison_smollm2
 
-``--tuned`` is the tuned preset (default: the built-in one of the model, which ``metake tune``
-found; or a ``preset.json`` of a tuning run), ``--hand`` the preset it replaced (default
+``--probe-data``/``--probe-records`` name the known facts both runs watch (CounterFact records
+2000:5000 by default, outside the 0:2000 the tune chose against). ``--tuned`` is the tuned
+preset (default: the built-in one of the model, which ``metake tune`` found; or a
+``preset.json`` of a tuning run), ``--hand`` the preset it replaced (default
 ``benchmarks/presets/MODEL-hand.json``). Each run folder is resumable: run the same command
 again; ``--only hand`` (or ``tuned``) runs one side now and the same command without it later.
 Writes ``OUT/comparison.json`` and ``OUT/comparison.md``. s/edit is only comparable between runs
@@ -26,8 +28,15 @@ from common import command_line, write_json, write_table
 from metake.evaluation.bench import BenchConfig, BenchRun
 from metake.models import load_model
 
-METRICS = ("efficacy", "generalization", "specificity", "efficacy_exact", "perplexity")
-HEADERS = ("Eff.", "Gen.", "Spe.", "Eff. (whole)", "Perplexity")
+METRICS = (
+    "efficacy",
+    "generalization",
+    "specificity",
+    "efficacy_exact",
+    "perplexity",
+    "known_facts_kept",
+)
+HEADERS = ("Eff.", "Gen.", "Spe.", "Eff. (whole)", "Perplexity", "Known facts kept")
 
 
 def main() -> None:
@@ -43,6 +52,14 @@ def main() -> None:
     parser.add_argument("--hand", default=None, help="hand-chosen preset file")
     parser.add_argument("--methods", default="memit,alphaedit,metake,metake_exact")
     parser.add_argument("--hand-methods", default="memit,alphaedit,metake")
+    parser.add_argument(
+        "--probe-data", default="../shared/data/counterfact/counterfact_10k.json",
+        help="CounterFact file of known facts to watch ('' for none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--probe-records", default="2000:5000",
+        help="its records the known facts come from (default: outside the tune's 0:2000)",
+    )  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--only", choices=("tuned", "hand"), default=None,
@@ -72,6 +89,8 @@ def main() -> None:
             curve=False,  # final scores only: the curve costs a scoring pass per batch
             fluency_records=0,
             preset=preset,
+            probe_data=args.probe_data or None,
+            probe_records=args.probe_records,
             device=args.device,
             command=f"{command_line()} ({label} preset)",
         )
@@ -92,7 +111,9 @@ def main() -> None:
         f"Both presets edit the same {len(records['tuned'])} records (sampled with seed "
         f"{args.seed} outside {args.exclude}, the split the tuned preset was found on). Tuned: "
         f"`{presets['tuned'][0]}`; hand: `{presets['hand'][0]}`. Metrics in percent; "
-        "perplexity on held-out Wikipedia intros; s/edit is Stage I + II.",
+        "perplexity on held-out Wikipedia intros; known facts kept: share of the CounterFact "
+        f"facts of records {args.probe_records} the unedited model knows (a 1-nat margin) "
+        "still known after the edits (`-` without a probe); s/edit is Stage I + II.",
         "",
         "| method | preset | " + " | ".join(HEADERS) + " | s / edit |",
         "|---|---|" + "---:|" * (len(HEADERS) + 1),
@@ -125,7 +146,7 @@ def _mean(value: Any) -> float:
 
 
 def _line(row: dict[str, Any]) -> str:
-    cells = [f"{row[m]:.2f}" for m in METRICS]
+    cells = [f"{row[m]:.2f}" if m in row else "–" for m in METRICS]
     seconds = row.get("seconds_per_edit")
     cells.append(f"{seconds:.1f}" if seconds is not None else "–")
     return f"| {row['method']} | {row['preset']} | " + " | ".join(cells) + " |"
