@@ -257,3 +257,85 @@ def test_group_by_group_backward_equals_autograd_of_the_whole_loss(kind, max_row
     assert terms["loss"] == pytest.approx(loss.item(), rel=1e-10)
     if max_rows == 1:
         assert len(objective.groups) > 4  # really cut into pieces
+
+
+@pytest.mark.parametrize("shape", ["shallow", "deep"])
+def test_frozen_updates_equal_the_replay_at_its_targets_and_differentiate_its_direct_part(shape):
+    """Held at a replay, the spread's updates equal the replay's at its own targets; their
+    gradient there is the replay's direct part (keys, gates and values as constants), and away
+    from it they are linear in the targets."""
+    from metake.planners.hypergradient import frozen_updates
+
+    extra = DEEP if shape == "deep" else {}
+    model, tok, requests, _, targets, objective = _setup(**extra)
+    layers = extra.get("layers", LAYERS)
+    dim = get_adapter(model).weight(model, 0).shape[1]
+    gate, _ = _solvers(dim)["alphaedit"]
+    record = []
+    replayed = spread_updates(model, tok, requests, targets, layers, CONTEXTS, gate,
+                              record=record)  # fmt: skip
+    assert [r.layer for r in record] == list(layers)
+    held = frozen_updates(model, record, targets)
+    for layer in layers:
+        torch.testing.assert_close(held[layer].dense(), replayed[layer].dense().detach(),
+                                   rtol=1e-12, atol=1e-14)  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    weights = {layer: torch.randn(held[layer].dense().shape, generator=g, dtype=torch.float64)
+               for layer in layers}  # fmt: skip
+
+    def score(updates):
+        return sum((u.dense() * weights[layer]).sum() for layer, u in updates.items())
+
+    v = targets.clone().requires_grad_(True)
+    (frozen_grad,) = torch.autograd.grad(score(frozen_updates(model, record, v)), v)
+    v = targets.clone().requires_grad_(True)
+    direct = spread_updates(model, tok, requests, v, layers, CONTEXTS, gate, direct_only=True)
+    (direct_grad,) = torch.autograd.grad(score(direct), v)
+    torch.testing.assert_close(frozen_grad, direct_grad, rtol=1e-10, atol=1e-12)
+    step = 0.1 * torch.randn(targets.shape, generator=g, dtype=torch.float64)
+    there = score(frozen_updates(model, record, targets + step)) - score(held)
+    twice = score(frozen_updates(model, record, targets + 2 * step)) - score(held)
+    assert float(twice) == pytest.approx(2 * float(there), rel=1e-9)  # linear in the targets
+
+
+def test_spread_channel_replays_every_k_calls(monkeypatch):
+    """``replay_every=3``: the solver is replayed at calls 0 and 3, the calls in between take the
+    held updates; 1 (the default) replays at every call."""
+    import metake.planners.hypergradient as hg
+
+    model, tok, requests, _, targets, _ = _setup()
+    dim = get_adapter(model).weight(model, 0).shape[1]
+    gate, _ = _solvers(dim)["memit"]
+    replays = []
+    real = hg.spread_updates
+    monkeypatch.setattr(hg, "spread_updates", lambda *a, **k: replays.append(1) or real(*a, **k))
+    for every, expected in ((3, 2), (1, 5)):
+        replays.clear()
+        channel = SpreadChannel(model, tok, requests, LAYERS, CONTEXTS, gate, replay_every=every)
+        first = _dense(channel.updates(targets))
+        second = _dense(channel.updates(targets))  # held (k = 3) or replayed: the same here
+        for layer in LAYERS:
+            torch.testing.assert_close(second[layer], first[layer], rtol=1e-12, atol=1e-14)
+        for _ in range(3):
+            channel.updates(targets + 0.05)
+        assert len(replays) == expected
+    with pytest.raises(ValueError, match="replay_every"):
+        SpreadChannel(model, tok, requests, LAYERS, CONTEXTS, gate, replay_every=0)
+    with pytest.raises(ValueError, match="metake_replay_every"):
+        MemitHparams(layers=(0,), metake_replay_every=0)
+
+
+def test_metake_exact_session_with_held_replays_edits_deterministically(tmp_path):
+    """``metake_replay_every=2`` through the editor: the look-ahead runs every step, the result
+    is reproducible and differs from replaying at every step."""
+    model = tiny_model("llama")
+    results = []
+    for every in (2, 2, 1):
+        editor = _editor(model, tmp_path, method="metake_exact", solver="memit", metake_steps=3,
+                         metake_lr=0.5, metake_replay_every=every)  # fmt: skip
+        result = editor.edit(REQUESTS)
+        assert [h["step"] for h in result.report.lookahead_history] == [0, 1, 2, 3]
+        results.append({k: v.clone() for k, v in result.deltas.items()})
+        editor.restore()
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+    assert any(not torch.allclose(results[0][k], results[2][k]) for k in results[0])

@@ -455,14 +455,16 @@ class Editor:
         ``layers`` (default: the edit layers), replayed differentiably; ``"direct"``: the same
         replay, differentiated only through each layer's own residual (keys, gates and values
         as constants: no backward through the replay). Default: the hparams'
-        ``metake_hypergradient``. All use the session's C0, projector and key cache.
+        ``metake_hypergradient``; ``metake_replay_every`` > 1 replays only every k-th step
+        (:class:`SpreadChannel`). All use the session's C0, projector and key cache.
         """
         hypergradient = hypergradient or self.hparams.metake_hypergradient
         if hypergradient in ("exact", "direct"):
             layers = list(self.hparams.layers if layers is None else layers)
             return SpreadChannel(self.model, self.tokenizer, requests, layers, contexts,
                                  self.gate, self.key_average,
-                                 direct_only=hypergradient == "direct")  # fmt: skip
+                                 direct_only=hypergradient == "direct",
+                                 replay_every=self.hparams.metake_replay_every)  # fmt: skip
         acts = subject_activations(self.model, self.tokenizer, requests, contexts, [plan.layer],
                                    plan.layer, key_average=self.key_average)  # fmt: skip
         keys = acts.keys[plan.layer]

@@ -54,6 +54,7 @@ class MemitHparams:
     metake_locality_weight: float = 1.0  # KL(original || virtual) on the locality prompts
     metake_reg_weight: float = 1.0  # ||v* - v_plan||^2, v_plan being Stage I's target
     metake_hypergradient: str = "proxy"  # "proxy" (Eq. 7-8), "exact" (every layer), "direct"
+    metake_replay_every: int = 1  # exact/direct: replay the solver every k look-ahead steps
     preset: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +75,10 @@ class MemitHparams:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"hparams: {name!r} must be positive, got {getattr(self, name)}")
+        if self.metake_replay_every < 1:
+            raise ValueError(
+                f"hparams: 'metake_replay_every' must be at least 1, got {self.metake_replay_every}"
+            )
         if self.v_steps < 1:
             raise ValueError("hparams: 'v_steps' must be at least 1 (loss evaluations)")
         if not 0.0 < self.rect_keep_fraction <= 1.0:
@@ -200,7 +205,7 @@ HPARAM_GROUPS: dict[str, tuple[str, ...]] = {
     "rect": ("rect_keep_fraction",),
     "metake": (
         "metake_steps", "metake_lr", "metake_edit_weight", "metake_locality_weight",
-        "metake_reg_weight", "metake_hypergradient",
+        "metake_reg_weight", "metake_hypergradient", "metake_replay_every",
     ),
 }  # fmt: skip
 """Which hyper-parameters each part of the pipeline reads (``metake methods`` prints this)."""

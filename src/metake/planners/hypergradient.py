@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -125,6 +126,7 @@ def spread_updates(
     key_average: str = "types",
     start: SpreadStart | None = None,
     direct_only: bool = False,
+    record: list[ReplayedLayer] | None = None,
 ) -> dict[int, LowRankUpdate]:
     """:func:`~metake.solvers.memit.apply_spread` as a differentiable function of ``targets``.
 
@@ -145,6 +147,9 @@ def spread_updates(
     direct dependence on ``targets`` (its residual), not the one through the earlier layers'
     updates (the keys, gates and values they change): the part of the hypergradient a solver
     linearised at fixed keys and values would see.
+
+    ``record`` (a list) receives each layer's keys, values and gate, cut from the graph: what
+    :func:`frozen_updates` holds fixed until the next replay.
     """
     start = start or spread_start(model, tokenizer, requests, layers, contexts, gate, key_average)
     adapter = get_adapter(model)
@@ -166,9 +171,47 @@ def spread_updates(
             if below:  # the input of layer l_i, for the forward of l_{i+1}
                 lower = LowerLayers(adapter.layers_below(model, layer), seen.outputs[below[0]],
                                     below[0] in seen.tuple_outputs)  # fmt: skip
+        if record is not None:
+            record.append(ReplayedLayer.detached(layer, acts, layer_gate))
         resid = layer_residuals(model, acts, layer, targets, len(layers) - i)  # [n, d_out]
         updates[layer] = LowRankUpdate(resid.double(), layer_gate.double())
     return updates
+
+
+class ReplayedLayer(NamedTuple):
+    """One edit layer as a replay of the solver saw it (no graph): its keys', values' and
+    projections' activations and its gate ``[n, d_in]``."""
+
+    layer: int
+    acts: SubjectActivations
+    gate: torch.Tensor
+
+    @classmethod
+    def detached(cls, layer: int, acts: SubjectActivations, gate: torch.Tensor) -> ReplayedLayer:
+        """The same, cut from any autograd graph."""
+        cut = SubjectActivations(
+            {k: v.detach() for k, v in acts.keys.items()},
+            acts.values.detach(),
+            {k: v.detach() for k, v in acts.projections.items()},
+            {k: v.detach() for k, v in acts.bare_keys.items()},
+        )
+        return cls(layer, cut, gate.detach())
+
+
+def frozen_updates(
+    model: nn.Module, replay: Sequence[ReplayedLayer], targets: torch.Tensor
+) -> dict[int, LowRankUpdate]:
+    """The spread's updates ``{layer: R^T M}`` for ``targets`` (``[n, d]``) with every layer's
+    keys, gate and values held where a replay (:func:`spread_updates`' ``record``) saw them:
+    linear in ``targets``, no forward. At the replay's own targets they equal its updates; their
+    gradient is the replay's direct part (``direct_only``) there."""
+    count = len(replay)
+    return {
+        r.layer: LowRankUpdate(
+            layer_residuals(model, r.acts, r.layer, targets, count - i).double(), r.gate.double()
+        )
+        for i, r in enumerate(replay)
+    }
 
 
 def _replay_layer(
@@ -243,7 +286,14 @@ class SpreadChannel:
     gate: GateFn
     key_average: str = "types"  # how the solver averages keys over contexts (ROME: "plain")
     direct_only: bool = False  # "direct": the replay's keys, gates and values as constants
+    replay_every: int = 1  # replay the solver every this many calls; in between, frozen_updates
     _start: SpreadStart | None = field(default=None, init=False, repr=False)
+    _replay: list[ReplayedLayer] | None = field(default=None, init=False, repr=False)
+    _calls: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.replay_every < 1:
+            raise ValueError(f"replay_every must be at least 1, got {self.replay_every}")
 
     @property
     def entry_layer(self) -> int:
@@ -255,14 +305,24 @@ class SpreadChannel:
     ) -> dict[int, LowRankUpdate]:
         """``{layer: R^T M}`` in factors, differentiable in ``v_star`` (``[n, d]``; only through
         each layer's own residual with ``direct_only``, default the channel's, see
-        :func:`spread_updates`)."""
+        :func:`spread_updates`).
+
+        With ``replay_every`` k > 1 the solver is replayed at calls 0, k, 2k, ... (one call per
+        look-ahead step) and the calls in between take :func:`frozen_updates` of the last
+        replay: no forward, the gradient through each layer's residual only."""
         if self._start is None:
             self._start = spread_start(self.model, self.tokenizer, self.requests, self.layers,
                                        self.contexts, self.gate, self.key_average)  # fmt: skip
+        call, self._calls = self._calls, self._calls + 1
+        if self._replay is not None and call % self.replay_every:
+            return frozen_updates(self.model, self._replay, v_star)
         direct = self.direct_only if direct_only is None else direct_only
-        return spread_updates(self.model, self.tokenizer, self.requests, v_star, self.layers,
-                              self.contexts, self.gate, self.key_average, self._start,
-                              direct)  # fmt: skip
+        record: list[ReplayedLayer] | None = [] if self.replay_every > 1 else None
+        updates = spread_updates(self.model, self.tokenizer, self.requests, v_star, self.layers,
+                                 self.contexts, self.gate, self.key_average, self._start,
+                                 direct, record)  # fmt: skip
+        self._replay = record
+        return updates
 
     def deltas(self, v_star: torch.Tensor) -> dict[int, torch.Tensor]:
         """``{layer: Delta(v*) [d_out, d_in]}`` (float64), differentiable in ``v_star``."""
