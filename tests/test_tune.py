@@ -455,3 +455,35 @@ def test_adopting_refuses_choices_that_do_not_edit_and_records_broken_guards(tmp
     assert "rome" not in adopt.broken_guards(path)  # not editing is refused, not recorded
     missing = adopt.check_report(tmp_path / "missing.json", 10.0)
     assert missing[0].endswith("is missing: cannot check the chosen settings")
+
+
+def test_candidates_are_judged_against_the_unedited_model_on_their_own_records(
+    tmp_path, cheap_grids
+):
+    """Real-edit candidates score the first ``search_records`` dev records: the rule compares
+    them with the unedited scores on those records, fixed-target ones with the whole split's
+    (Eff. and Spe. differ between the two); a baseline.json written before the subset's
+    scores existed gets them on resume."""
+    model = tiny_model("llama")
+    config = _config(tmp_path, methods=["memit", "rome"], dev_records="0:6")
+    report = _tune(tmp_path, model, config)
+    tuner = Tuner(config, tmp_path / "probe", model, tiny_tokenizer(),
+                  corpus=TextCorpus.from_texts(TEXTS, name="t"))  # fmt: skip
+    subset = tuner.score(tuner.dev[: config.search_records], [])
+    search = report["baseline_search"]
+    for name in ("efficacy", "generalization", "specificity"):
+        assert search[name] == pytest.approx(subset[name])
+    whole = report["baseline"]
+    assert any(search[k] != pytest.approx(whole[k]) for k in ("efficacy", "specificity"))
+    for c in report["searched"]["rome"]:
+        assert c["unedited"] == search
+        assert c["violations"] == tune.violations(c, search, config.min_efficacy_gain)
+    assert all(c["unedited"] == report["baseline"] for c in report["searched"]["memit"])
+    assert "On the first 2 dev records" in (tmp_path / "run" / "report.md").read_text()
+    path = tmp_path / "run" / "baseline.json"
+    data = json.loads(path.read_text())
+    del data["search_scores"]
+    path.write_text(json.dumps(data))
+    again = _tune(tmp_path, model, config)
+    assert json.loads(path.read_text())["search_scores"] == pytest.approx(search)
+    assert again["chosen"] == report["chosen"]

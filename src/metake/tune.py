@@ -191,6 +191,14 @@ class Baseline:
 
     scores: dict[str, float]  # efficacy, generalization, specificity (percent), perplexity
     probe: list[EditRequest]  # facts it knows (target_new = the true answer)
+    search_scores: dict[str, float] | None = None  # the same on the real-edit search records
+
+    def on(self, records: int, dev_size: int) -> dict[str, float]:
+        """The unedited scores on the first ``records`` of ``dev_size`` dev records: what a
+        candidate scored on them is judged against (Eff. and Spe. vary with the records)."""
+        if records < dev_size and self.search_scores is not None:
+            return self.search_scores
+        return self.scores
 
 
 def edits(row: dict[str, Any], base: dict[str, float], min_gain: float = 10.0) -> bool:
@@ -341,22 +349,38 @@ class Tuner:
             stored = {"spec": data["probe_spec"], "facts": data["probe"]} if "probe_spec" in data \
                 else data["probe"]  # fmt: skip
             probe = checked_probe(self.model, self.tokenizer, stored, spec, str(path))
-            return Baseline(data["scores"], probe)
+            base = Baseline(data["scores"], probe, data.get("search_scores"))
+            if base.search_scores is None and self._search_subset():  # written before it existed
+                base.search_scores = self._unedited(self.dev[: self.config.search_records])
+                self._write_baseline(path, base, spec)
+            return base
         probe = build_probe(self.model, self.tokenizer, spec)
         if len(probe) < self.config.min_known_facts:
             raise MetakeError(
                 f"tune: the model knows only {len(probe)} facts of --probe-records "
                 f"{self.config.probe_records}; give a larger range"
             )
-        base = Baseline(self.score(self.dev, []), probe)
-        base.scores["probe_kept"] = 1.0
-        stored = probe_to_json(spec, probe)
-        text = json.dumps(
-            {"scores": base.scores, "probe_spec": stored["spec"], "probe": stored["facts"]},
-            indent=1,
-        )
-        write_file_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        base = Baseline(self._unedited(self.dev), probe)
+        if self._search_subset():
+            base.search_scores = self._unedited(self.dev[: self.config.search_records])
+        self._write_baseline(path, base, spec)
         return base
+
+    def _search_subset(self) -> bool:
+        """Whether real-edit candidates score fewer records than the whole dev split."""
+        return self.config.search_records < len(self.dev)
+
+    def _unedited(self, records: Sequence[EvalRecord]) -> dict[str, float]:
+        """The unedited model's scores on ``records`` (every known fact kept)."""
+        return {**self.score(records, []), "probe_kept": 1.0}
+
+    def _write_baseline(self, path: Path, base: Baseline, spec: ProbeSpec) -> None:
+        stored = probe_to_json(spec, base.probe)
+        data = {"scores": base.scores, "probe_spec": stored["spec"], "probe": stored["facts"]}
+        if base.search_scores is not None:
+            data["search_scores"] = base.search_scores
+        text = json.dumps(data, indent=1)
+        write_file_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
     def locate(self, probe: Sequence[EditRequest]) -> dict[str, Any]:
         """Causal tracing over the known facts (cached in ``trace.json``)."""
@@ -587,11 +611,12 @@ class Tuner:
         method: str,
         hp: MemitHparams,
         probe: Sequence[EditRequest],
-        base: dict[str, float],
+        base: Baseline,
         batch_sizes: Sequence[int] | None = None,
     ) -> dict[str, Any]:
         """A setting scored at ``batch_sizes`` (default: every configured one; mean over them)
-        with its rule verdict; ``complete`` when scored at every configured batch size."""
+        with its rule verdict against the unedited model on the same records (``unedited``);
+        ``complete`` when scored at every configured batch size."""
         sizes = list(batch_sizes or self.config.batch_sizes)
         rows = list(
             {r["id"]: r for r in (self.evaluate(method, hp, b, probe) for b in sizes)}.values()
@@ -606,8 +631,9 @@ class Tuner:
             **mean,
             "per_batch_size": {r["batch_size"]: r["id"] for r in rows},
             "complete": sorted(sizes) == sorted(self.config.batch_sizes),
+            "unedited": base.on(rows[0]["records"], len(self.dev)),
         }
-        out["violations"] = violations(out, base, self.config.min_efficacy_gain)
+        out["violations"] = violations(out, out["unedited"], self.config.min_efficacy_gain)
         return out
 
     def search_sizes(self) -> list[int]:
@@ -618,7 +644,7 @@ class Tuner:
 
     def finalists(
         self, method: str, results: Sequence[dict[str, Any]], probe: Sequence[EditRequest],
-        base: dict[str, float],
+        base: Baseline,
     ) -> list[dict[str, Any]]:  # fmt: skip
         """The ``config.finalists`` best distinct settings of a search under the rule, scored at
         every batch size (candidates already complete are kept as they are)."""
@@ -637,18 +663,20 @@ class Tuner:
         ]  # fmt: skip
 
     # ----- the search -------------------------------------------------------------------------
-    def ranked(
-        self, candidates: Sequence[dict[str, Any]], base: dict[str, float]
-    ) -> list[dict[str, Any]]:
-        """``candidates`` best first under the selection rule (:func:`selection_key`; ties
-        keep their order)."""
+    def ranked(self, candidates: Sequence[dict[str, Any]], base: Baseline) -> list[dict[str, Any]]:
+        """``candidates`` best first under the selection rule (:func:`selection_key`, each
+        against the unedited model on its own records; ties keep their order)."""
         gain = self.config.min_efficacy_gain
-        return sorted(candidates, key=lambda c: selection_key(c, base, gain), reverse=True)
+
+        def key(c: dict[str, Any]) -> tuple[bool, int, float]:
+            return selection_key(c, c.get("unedited") or base.scores, gain)
+
+        return sorted(candidates, key=key, reverse=True)
 
     def best(self, candidates: Sequence[dict[str, Any]], base: Baseline) -> dict[str, Any]:
         """The candidate the selection rule picks among the complete ones (all when none is)."""
         complete = [c for c in candidates if c.get("complete", True)] or list(candidates)
-        return self.ranked(complete, base.scores)[0]
+        return self.ranked(complete, base)[0]
 
     def run(self) -> dict[str, Any]:
         """Run (or continue) the whole search and write the preset and the report."""
@@ -692,7 +720,7 @@ class Tuner:
         results = []
 
         def run(hp: MemitHparams) -> dict[str, Any]:
-            results.append(self.candidate(method, hp, base.probe, base.scores, self.search_sizes()))
+            results.append(self.candidate(method, hp, base.probe, base, self.search_sizes()))
             return results[-1]
 
         if parent in chosen:
@@ -723,7 +751,7 @@ class Tuner:
                 [*tried, *[c for c in results if c["settings"] == _tuned_values(hp)]], base
             )
             hp = hp.with_overrides(**{name: top["settings"][name]})
-        final = self.finalists(method, results, base.probe, base.scores)
+        final = self.finalists(method, results, base.probe, base)
         return [*results, *(c for c in final if c not in results)]
 
 

@@ -38,6 +38,7 @@ def write_outputs(
     report = {
         "config": tuner.config.__dict__,
         "baseline": base.scores,
+        "baseline_search": base.search_scores,
         "known_facts": len(base.probe),
         "trace": {k: trace.get(k) for k in ("mean_ie", "peak_layer", "window")},
         "stage1": stage1,
@@ -101,6 +102,19 @@ def _cost_lines(cost: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _search_baseline(report: dict[str, Any], config: dict[str, Any]) -> str:
+    """The sentence on the unedited scores that real-edit candidates are judged against."""
+    search = report.get("baseline_search")
+    if not search:
+        return ""
+    return (
+        f" On the first {config['search_records']} dev records, which the methods tuned by "
+        f"real edits (ROME, BLUE, MetaKE) are scored on and judged against: Eff. "
+        f"{search['efficacy']:.2f}, Gen. {search['generalization']:.2f}, Spe. "
+        f"{search['specificity']:.2f}."
+    )
+
+
 def _markdown(report: dict[str, Any]) -> str:
     config, base = report["config"], report["baseline"]
     ie = report["trace"]["mean_ie"]
@@ -122,7 +136,7 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         f"Unedited on the dev split: Eff. {base['efficacy']:.2f}, Gen. "
         f"{base['generalization']:.2f}, Spe. {base['specificity']:.2f}, perplexity "
-        f"{base['perplexity']:.2f}.",
+        f"{base['perplexity']:.2f}.{_search_baseline(report, config)}",
         "",
         "## Locate (causal tracing)",
         "",
