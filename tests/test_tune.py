@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from test_bench import _zsre_file
 from test_editor import TEXTS
@@ -17,6 +18,7 @@ from metake.corpus import TextCorpus
 from metake.editor import Editor
 from metake.errors import MetakeError
 from metake.hparams import memit_hparams
+from metake.requests import EditRequest
 from metake.stats import StatsCache
 from metake.tune import TuneConfig, Tuner, run_tune, selection_key, violations
 from metake.tune_report import cost_table
@@ -487,3 +489,70 @@ def test_candidates_are_judged_against_the_unedited_model_on_their_own_records(
     again = _tune(tmp_path, model, config)
     assert json.loads(path.read_text())["search_scores"] == pytest.approx(search)
     assert again["chosen"] == report["chosen"]
+
+
+def test_prune_candidates_take_memits_scores_where_nothing_would_be_restrained(
+    tmp_path, cheap_grids, monkeypatch
+):
+    """PRUNE edits as MEMIT does and restrains only singular values of the accumulated edit at
+    or above sigma_max: where MEMIT's row shows none (``edit_sigma_ratio`` < 1) PRUNE's row takes
+    its scores without editing; without that figure PRUNE edits, and takes MEMIT's scores only
+    if its finalize restrained nothing."""
+    monkeypatch.setitem(tune.STRENGTH_GRIDS, "memit", {"mom2_update_weight": [1.0, 15000.0]})
+    model = tiny_model("llama")
+    config = _config(tmp_path, methods=["memit", "prune"])
+    report = _tune(tmp_path, model, config)
+    rows = {r["id"]: r for r in map(json.loads, (tmp_path / "run" / "rows.jsonl").open())}
+    memit = [r for r in rows.values() if r.get("method") == "memit"]
+    assert memit and all(r["edit_sigma_ratio"] > 0 for r in memit)
+    prune = [r for r in rows.values() if r.get("method") == "prune"]
+    below = [r for r in prune if rows.get(_twin_id(r), {}).get("edit_sigma_ratio", 9) < 1]
+    assert below and all(r["same_as"] == _twin_id(r) and r["seconds"] == 0.0 for r in below)
+    for r in below:
+        twin = rows[r["same_as"]]
+        assert all(r[k] == twin[k] for k in ("efficacy", "specificity", "probe_kept"))
+    strong = [r for r in prune if r not in below]
+    assert strong  # no twin, or an edit above sigma_max: PRUNE edited and scored on its own
+    assert all("same_as" not in r and r["seconds"] > 0 for r in strong)
+    # twins without the ratio (an older run's rows): PRUNE edits and checks its finalize
+    edited = []
+    real_finalize = Editor.finalize
+
+    def finalize(self):
+        edited.append(self.method)
+        return real_finalize(self)
+
+    monkeypatch.setattr(Editor, "finalize", finalize)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "rows.jsonl").open()]
+    kept = [{k: v for k, v in r.items() if k != "edit_sigma_ratio"} for r in lines
+            if r.get("method") != "prune"]  # fmt: skip
+    (tmp_path / "run" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    again = _tune(tmp_path, model, config)
+    assert edited and set(edited) == {"prune"}
+    assert again["chosen"]["prune"]["settings"] == report["chosen"]["prune"]["settings"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rows.jsonl").open()]
+    redone = [r for r in rows if r.get("method") == "prune"]
+    assert {r["id"] for r in redone} == {r["id"] for r in prune}
+    assert [("same_as" in r) for r in redone] == [("same_as" in r) for r in prune]
+
+
+def _twin_id(row):
+    return tune.search_row_id("memit", row["batch_size"], row["settings"])
+
+
+def test_prune_that_restrains_nothing_leaves_memits_weights_bit_for_bit(tmp_path):
+    """Below sigma_max PRUNE's map is the identity: the finalized weights are MEMIT's exactly."""
+    model = tiny_model("llama")
+    weights = {}
+    for method in ("memit", "prune"):
+        editor = Editor(model, tiny_tokenizer(), method, hparams=memit_hparams(
+            model.config, None, layers=[1], v_steps=3, mom2_samples=4, mom2_update_weight=15000.0),
+            corpus=TextCorpus.from_texts(TEXTS, name="t"),
+            stats_cache=StatsCache(tmp_path / "stats"), progress=False)  # fmt: skip
+        editor.edit([EditRequest("{} lives in", "Anna Berg", "Oslo")])
+        restrained = editor.finalize()
+        if method == "prune":
+            assert restrained == {1: 0}
+        weights[method] = model.model.layers[1].mlp.down_proj.weight.detach().clone()
+        editor.restore()
+    assert torch.equal(weights["memit"], weights["prune"])

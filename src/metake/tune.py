@@ -62,9 +62,11 @@ from metake.evaluation.metrics import text_perplexity
 from metake.files import write_file_atomically
 from metake.hparams import MemitHparams, find_preset, memit_hparams
 from metake.methods import PLANNER_METHODS, parse_solver
+from metake.models.adapters import get_adapter
 from metake.planners.standard import TargetPlan, compute_targets, context_templates
 from metake.probe import ProbeSpec, build_probe, checked_probe, probe_to_json, share_known
 from metake.requests import EditRequest
+from metake.solvers.prune import largest_singular_value
 from metake.stats import StatsCache
 
 log = logging.getLogger(__name__)
@@ -267,6 +269,7 @@ class Tuner:
         self._reached: dict[tuple, list[float]] = {}  # Stage I's P(target) per record
         self._v_init: dict[tuple, torch.Tensor] = {}  # Stage I's starting values [n, d]
         self.grid_scales: dict[str, dict[str, Any]] = {}  # MetaKE's scaled grids, for the report
+        self._sigma_max: dict[int, float] = {}  # of each unedited edit-layer weight (PRUNE)
 
     # ----- folder ---------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -533,6 +536,18 @@ class Tuner:
         row_id = search_row_id(method, batch_size, _tuned_values(hp))
         if row_id in self.rows:
             return self.rows[row_id]
+        row = {
+            "id": row_id,
+            "phase": "search",
+            "method": method,
+            "batch_size": batch_size,
+            "records": len(records),
+            "path": "fixed targets" if fixed else "real edits",
+            "settings": _tuned_values(hp),
+        }
+        twin = self._unpruned_twin(method, batch_size, hp)
+        if twin is not None and twin.get("edit_sigma_ratio", math.inf) < 1.0:
+            return self._record({**row, **_scores_of(twin), "same_as": twin["id"], "seconds": 0.0})
         editor = Editor(
             self.model,
             self.tokenizer,
@@ -554,23 +569,40 @@ class Tuner:
                     editor.edit(chunk, stage1=first if begin == 0 else None)
                 else:
                     editor.apply_targets(chunk, targets[begin : begin + len(chunk)])
-            editor.finalize()
-            scores = self.score(records, probe)
+            restrained = editor.finalize()
+            if twin is not None and not any(restrained.values()):  # PRUNE left MEMIT's weights
+                row.update(_scores_of(twin), same_as=twin["id"])
+            else:
+                row.update(self.score(records, probe))
+            if method == "memit":
+                row["edit_sigma_ratio"] = self._edit_sigma_ratio(editor)
         finally:
             editor.restore()
-        return self._record(
-            {
-                "id": row_id,
-                "phase": "search",
-                "method": method,
-                "batch_size": batch_size,
-                "records": len(records),
-                "path": "fixed targets" if fixed else "real edits",
-                "settings": _tuned_values(hp),
-                **scores,
-                "seconds": time.perf_counter() - start,
-            }
-        )
+        return self._record({**row, "seconds": time.perf_counter() - start})
+
+    def _unpruned_twin(
+        self, method: str, batch_size: int, hp: MemitHparams
+    ) -> dict[str, Any] | None:
+        """For a PRUNE candidate, MEMIT's row with the same settings and batch size, if scored:
+        PRUNE edits as MEMIT does and only restrains, at the end, the singular values of each
+        layer's accumulated edit at or above ``sigma_max`` of its original weight; where none
+        is, its weights are MEMIT's bit for bit, and so are its scores."""
+        if method != "prune":
+            return None
+        return self.rows.get(search_row_id("memit", batch_size, _tuned_values(hp)))
+
+    def _edit_sigma_ratio(self, editor: Editor) -> float:
+        """The largest ``sigma_1(W - W_original) / sigma_max(W_original)`` over the edited
+        layers: below 1, PRUNE would restrain nothing of this edit."""
+        adapter = get_adapter(self.model)
+        ratios = []
+        for name, delta in editor.accumulated_deltas().items():
+            layer = next(i for i in editor.hparams.layers if adapter.mlp_out_name(i) == name)
+            if layer not in self._sigma_max:  # of the unedited weight: W_now - delta
+                original = adapter.weight(self.model, layer).detach().cpu().double() - delta
+                self._sigma_max[layer] = largest_singular_value(original)
+            ratios.append(largest_singular_value(delta) / self._sigma_max[layer])
+        return max(ratios, default=0.0)
 
     def target_scale(self, hp: MemitHparams) -> float:
         """Median per-coordinate RMS of the search records' Stage I targets at
@@ -772,6 +804,12 @@ def edit_windows(mean_ie: Sequence[float], size: int, num_layers: int) -> list[t
         if window not in out:
             out.append(window)
     return out
+
+
+def _scores_of(row: dict[str, Any]) -> dict[str, float]:
+    """A row's scores (what a candidate's verdict reads)."""
+    keys = ("efficacy", "generalization", "specificity", "perplexity", "probe_kept")
+    return {k: row[k] for k in keys}
 
 
 def search_row_id(method: str, batch_size: int, settings: dict[str, Any]) -> str:

@@ -143,5 +143,7 @@ class ComposedSolver:
             log.info("PRUNE layer %d: %d singular value(s) of the edit (largest %.3g) at or "
                      "above sigma_max %.3g restrained", layer, count, float(sigma[0]),
                      sigma_max)  # fmt: skip
-            out[layer] = (original.double() + restrained, count)
+            # nothing restrained: F is the identity there, and the raw weight stays bit for bit
+            # (not rebuilt from its SVD), so PRUNE equals its base method exactly
+            out[layer] = (original.double() + restrained if count else raw[layer], count)
         return out
