@@ -888,7 +888,7 @@ def preset_entry(model: nn.Module, tuner: Tuner, chosen: dict[str, dict[str, Any
         "methods": methods,
         "tuned": {
             "command": tuner.config.command,
-            "from_preset": name,
+            "from_preset": tuner.config.preset or name,  # where the search started
             "dev_records": tuner.config.dev_records,
             "probe_records": tuner.config.probe_records,
             "exclude_from_evaluation": tuner.config.dev_records,
