@@ -595,9 +595,10 @@ class Tuner:
         """The largest ``sigma_1(W - W_original) / sigma_max(W_original)`` over the edited
         layers: below 1, PRUNE would restrain nothing of this edit."""
         adapter = get_adapter(self.model)
+        layer_of = {adapter.mlp_out_name(i): i for i in editor.hparams.layers}
         ratios = []
         for name, delta in editor.accumulated_deltas().items():
-            layer = next(i for i in editor.hparams.layers if adapter.mlp_out_name(i) == name)
+            layer = layer_of[name]
             if layer not in self._sigma_max:  # of the unedited weight: W_now - delta
                 original = adapter.weight(self.model, layer).detach().cpu().double() - delta
                 self._sigma_max[layer] = largest_singular_value(original)
