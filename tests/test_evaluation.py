@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from conftest import SHARED_DATA
-from tiny_models import tiny_model, tiny_tokenizer
+from tiny_models import MODEL_TYPES, tiny_model, tiny_tokenizer
 
 from metake.errors import MetakeError
 from metake.evaluation.datasets import (
@@ -92,8 +92,11 @@ def _manual_scores(model, tok, prompt, answer):
 
 
 @torch.no_grad()
-def test_score_pairs_matches_one_prompt_at_a_time():
-    model, tok = tiny_model("llama"), tiny_tokenizer()
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_score_pairs_matches_one_prompt_at_a_time(model_type):
+    """Batched, padded, and with the LM head on the target positions only (``logits_to_keep``):
+    the same hits and log-probabilities as full logits of one prompt at a time."""
+    model, tok = tiny_model(model_type), tiny_tokenizer()
     pairs = [("Anna lives in", "Oslo"), ("x?", "a longer answer"), ("The sky is", "blue")]
     scores = score_pairs(model, tok, pairs, batch_size=2)  # padding and sorting involved
     for (prompt, answer), score in zip(pairs, scores, strict=True):

@@ -13,6 +13,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from metake.errors import MetakeError
 from metake.evaluation.datasets import EvalRecord, in_ranges, load_dataset, parse_ranges
+from metake.evaluation.metrics import target_logits
 from metake.models.adapters import input_device
 from metake.planners.standard import mean_per_row
 from metake.requests import EditRequest
@@ -105,10 +106,9 @@ def _answer_logits(
     for start in range(0, len(requests), batch_size):
         chunk = [encode_request(tokenizer, r) for r in requests[start : start + batch_size]]
         batch = pad_batch(chunk, tokenizer.pad_token_id or 0).to(device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         yield (
             len(chunk),
-            logits[batch.target_rows, batch.target_positions].float(),
+            target_logits(model, batch).float(),
             batch.target_ids,
             batch.target_rows,
         )

@@ -27,7 +27,14 @@ from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from metake.models.adapters import input_device
-from metake.tokens import EncodedPrompt, pad_batch, padding_id, special_prefix, target_token_ids
+from metake.tokens import (
+    EncodedPrompt,
+    PromptBatch,
+    pad_batch,
+    padding_id,
+    special_prefix,
+    target_token_ids,
+)
 
 
 def token_hits(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
@@ -129,8 +136,7 @@ def score_pairs(
     for start in range(0, len(order), batch_size):
         members = order[start : start + batch_size]
         batch = pad_batch([encoded[i] for i in members], pad).to(device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        picked = logits[batch.target_rows, batch.target_positions].float()
+        picked = target_logits(model, batch).float()
         hits = token_hits(picked, batch.target_ids).tolist()
         logp = torch.log_softmax(picked, -1).gather(-1, batch.target_ids[:, None])[:, 0].tolist()
         rows = batch.target_rows.tolist()
@@ -138,6 +144,19 @@ def score_pairs(
             mine = [j for j, r in enumerate(rows) if r == local]
             scores[index] = AnswerScore(tuple(hits[j] for j in mine), tuple(logp[j] for j in mine))
     return scores  # type: ignore[return-value]
+
+
+def target_logits(model: nn.Module, batch: PromptBatch) -> torch.Tensor:
+    """Logits ``[T, V]`` at the batch's target positions (``target_rows``/``target_positions``,
+    ``T`` of them). The LM head runs only on the positions that hold a target in some row
+    (``logits_to_keep``), not on all ``B x L``: on Gemma3, whose 262k-word head costs more than
+    its layers, that is most of a teacher-forced forward."""
+    keep = torch.unique(batch.target_positions.cpu())  # sorted positions [K]
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep
+    ).logits  # [B, K, V]
+    column = torch.searchsorted(keep, batch.target_positions.cpu()).to(logits.device)
+    return logits[batch.target_rows.to(logits.device), column]
 
 
 def context_size(model: nn.Module) -> int | None:
