@@ -11,13 +11,17 @@ with ``--set planner_autocast=bfloat16``; then per method and metric the mean pa
         --out benchmarks/results/precision_check_smollm2
 
 Each run folder is resumable (run the same command again); ``--only float32`` (or
-``bfloat16``) runs one side now. Writes ``OUT/comparison.json`` and ``OUT/comparison.md``.
+``bfloat16``) runs one side now. ``--float32-from DIR`` takes the float32 side from a finished
+``metake bench`` folder instead (e.g. the tuned side of ``preset_comparison.py``), after
+checking that it edited the same records of every seed with the same hyper-parameters as the
+bfloat16 run, bar ``planner_autocast``. Writes ``OUT/comparison.json`` and ``OUT/comparison.md``.
 s/edit is only comparable between runs made alone on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -66,6 +70,9 @@ def main() -> None:
     parser.add_argument("--only", choices=tuple(VARIANTS), default=None,
                         help="run one precision now (the other later: same command without "
                              "--only)")  # fmt: skip
+    parser.add_argument(
+        "--float32-from", default=None, help="finished bench folder for the float32 side (checked)"
+    )
     parser.add_argument("--out", default="benchmarks/results/precision_check_smollm2")
     args = parser.parse_args()
     out = Path(args.out)
@@ -74,6 +81,8 @@ def main() -> None:
     results = {}
     for label, overrides in VARIANTS.items():
         if args.only is not None and label != args.only:
+            continue
+        if label == "float32" and args.float32_from:
             continue
         config = BenchConfig(
             model=args.model, dataset="zsre", data=args.data, methods=args.methods.split(","),
@@ -85,6 +94,10 @@ def main() -> None:
     if args.only is not None:
         print(f"{out / args.only}: done; run again without --only for the comparison")
         return
+    if args.float32_from:
+        results["float32"] = borrowed_float32(
+            Path(args.float32_from), results["bfloat16"], args.methods.split(","), seeds
+        )
     rows = _rows(results, args.methods.split(","), seeds)
     lines = [
         f"# Planners in bfloat16 vs float32: {args.model}, zsRE, {args.edits} edits in batches "
@@ -105,6 +118,39 @@ def main() -> None:
     ]
     write_json(out / "comparison", {"command": command_line(), "rows": rows})
     write_table(out / "comparison", lines)
+
+
+def borrowed_float32(
+    folder: Path, bf16: dict[str, Any], methods: list[str], seeds: list[int]
+) -> dict[str, Any]:
+    """The results of the finished bench run in ``folder``, refused (SystemExit naming the
+    difference) unless every (seed, method) of ``bf16`` is there with the same records and the
+    same hyper-parameters bar ``planner_autocast``."""
+    path = folder / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"--float32-from: {path} does not exist (is that run finished?)")
+    borrowed = json.loads(path.read_text(encoding="utf-8"))
+    for seed in map(str, seeds):
+        theirs, ours = borrowed["runs"].get(seed), bf16["runs"][seed]
+        if theirs is None:
+            raise SystemExit(f"--float32-from: {folder} has no seed {seed}")
+        if theirs["records"] != ours["records"]:
+            raise SystemExit(f"--float32-from: seed {seed} edited other records in {folder}")
+        for method in methods:
+            if method not in theirs["methods"]:
+                raise SystemExit(f"--float32-from: {folder} has no {method} for seed {seed}")
+            differ = _hparam_differences(theirs["methods"][method]["hparams"],
+                                         ours["methods"][method]["hparams"])  # fmt: skip
+            if differ:
+                raise SystemExit(f"--float32-from: {method} in {folder} ran with other "
+                                 f"hyper-parameters: {', '.join(differ)}")  # fmt: skip
+    return borrowed
+
+
+def _hparam_differences(float32: dict[str, Any], bfloat16: dict[str, Any]) -> list[str]:
+    """Names of the hyper-parameters (bar ``planner_autocast``) whose values differ."""
+    keys = (set(float32) | set(bfloat16)) - {"planner_autocast"}
+    return sorted(k for k in keys if float32.get(k) != bfloat16.get(k))
 
 
 def _rows(results: dict[str, dict], methods: list[str], seeds: list[int]) -> list[dict[str, Any]]:

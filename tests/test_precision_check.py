@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from precision_check import paired_difference, verdict  # noqa: E402
+from precision_check import borrowed_float32, paired_difference, verdict  # noqa: E402
 
 
 def test_paired_difference_matches_records_by_index():
@@ -36,3 +36,27 @@ def test_verdict_needs_two_standard_errors_either_way():
     assert verdict(-0.5, 0.3) == "undecided"  # 1.1 > 1, but 0.2 is not > 1
     assert verdict(2.0, 0.4) == "differs"  # 1.2 > 1
     assert verdict(-2.0, 0.6) == "undecided"
+
+
+def _bench(records, **hparams):
+    """The part of a bench ``results.json`` the borrowing reads: one seed, one method."""
+    method = {"hparams": {"v_lr": 0.5, **hparams}, "per_record": []}
+    return {"runs": {"0": {"records": records, "methods": {"alphaedit": method}}}}
+
+
+def test_the_float32_side_is_borrowed_only_from_the_same_records_and_settings(tmp_path):
+    import json
+
+    bf16 = _bench([1, 2, 3], planner_autocast="bfloat16")
+    (tmp_path / "results.json").write_text(json.dumps(_bench([1, 2, 3], planner_autocast=None)))
+    assert borrowed_float32(tmp_path, bf16, ["alphaedit"], [0])["runs"]["0"]["records"] == [1, 2, 3]
+    (tmp_path / "results.json").write_text(json.dumps(_bench([1, 2, 4])))
+    with pytest.raises(SystemExit, match="other records"):
+        borrowed_float32(tmp_path, bf16, ["alphaedit"], [0])
+    (tmp_path / "results.json").write_text(json.dumps(_bench([1, 2, 3], v_steps=10)))
+    with pytest.raises(SystemExit, match="v_steps"):
+        borrowed_float32(tmp_path, bf16, ["alphaedit"], [0])
+    with pytest.raises(SystemExit, match="no seed 1"):
+        borrowed_float32(tmp_path, {"runs": {"1": bf16["runs"]["0"]}}, ["alphaedit"], [1])
+    with pytest.raises(SystemExit, match="no metake"):
+        borrowed_float32(tmp_path, bf16, ["metake"], [0])
