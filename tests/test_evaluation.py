@@ -18,7 +18,7 @@ from metake.evaluation.datasets import (
     load_dataset,
     sample_records,
 )
-from metake.evaluation.evaluate import evaluate_records, mean_metrics
+from metake.evaluation.evaluate import evaluate_records, mean_metrics, specificity
 from metake.evaluation.metrics import (
     AnswerScore,
     compare_answers,
@@ -301,3 +301,17 @@ def test_generation_metrics_read_the_greedy_continuations():
     cf = evaluate_records(model, tok, [record], "counterfact", generation=True)[0]
     assert cf["efficacy_gen"] == 1.0 and cf["paraphrase_gen"] == zsre["generalization_gen"]
     assert "efficacy_gen" not in evaluate_records(model, tok, [record], "zsre")[0]
+
+
+@torch.no_grad()
+def test_specificity_alone_equals_the_full_evaluations():
+    model, tok = tiny_model("gpt2"), tiny_tokenizer()
+    records = [
+        _record(0, "{} lives in", "Anna", "Oslo", neighbours=[("Bob lives in", "Rome")]),
+        _record(1, "{} is a", "Cat", "dog", neighbours=[("x is", "a y"), ("The sky is", "blue")]),
+        _record(2, "{} plays", "Tom", "chess"),  # no neighbour question: left out of the mean
+    ]
+    full = mean_metrics(evaluate_records(model, tok, records, "zsre"), ["specificity"])
+    assert specificity(model, tok, records) == pytest.approx(full["specificity"])
+    with pytest.raises(ValueError, match="no record has a neighbour"):
+        specificity(model, tok, records[2:])

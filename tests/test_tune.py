@@ -459,13 +459,24 @@ def test_adopting_refuses_choices_that_do_not_edit_and_records_broken_guards(tmp
     assert missing[0].endswith("is missing: cannot check the chosen settings")
 
 
+def _spy(method, calls):
+    """``method`` wrapped to append its second argument (a row) to ``calls``."""
+
+    def wrapper(self, row):
+        calls.append(row)
+        return method(self, row)
+
+    return wrapper
+
+
 def test_candidates_are_judged_against_the_unedited_model_on_their_own_records(
-    tmp_path, cheap_grids
+    tmp_path, cheap_grids, monkeypatch
 ):
-    """Real-edit candidates score the first ``search_records`` dev records: the rule compares
-    them with the unedited scores on those records, fixed-target ones with the whole split's
-    (Eff. and Spe. differ between the two); a baseline.json written before the subset's
-    scores existed gets them on resume."""
+    """Real-edit candidates score Eff./Gen. on the first ``search_records`` dev records: the
+    rule compares them with the unedited scores on those records, fixed-target ones with the
+    whole split's; Spe. is every dev record's in both (its questions are unrelated to the
+    edits); a baseline.json written before the subset's scores existed gets them on resume, and
+    real-edit rows that scored Spe. on their own records only are edited again."""
     model = tiny_model("llama")
     config = _config(tmp_path, methods=["memit", "rome"], dev_records="0:6")
     report = _tune(tmp_path, model, config)
@@ -476,7 +487,9 @@ def test_candidates_are_judged_against_the_unedited_model_on_their_own_records(
     for name in ("efficacy", "generalization", "specificity"):
         assert search[name] == pytest.approx(subset[name])
     whole = report["baseline"]
-    assert any(search[k] != pytest.approx(whole[k]) for k in ("efficacy", "specificity"))
+    assert any(search[k] != pytest.approx(whole[k]) for k in ("efficacy", "generalization"))
+    assert search["specificity"] == pytest.approx(whole["specificity"])
+    assert search["specificity_records"] == len(tuner.dev)
     for c in report["searched"]["rome"]:
         assert c["unedited"] == search
         assert c["violations"] == tune.violations(c, search, config.min_efficacy_gain)
@@ -489,6 +502,18 @@ def test_candidates_are_judged_against_the_unedited_model_on_their_own_records(
     again = _tune(tmp_path, model, config)
     assert json.loads(path.read_text())["search_scores"] == pytest.approx(search)
     assert again["chosen"] == report["chosen"]
+    rows_path = tmp_path / "run" / "rows.jsonl"
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+    real = [r for r in rows if r.get("path") == "real edits"]
+    assert real and all(r["specificity_records"] == len(tuner.dev) for r in real)
+    for row in real:  # as an older version wrote them
+        del row["specificity_records"]
+    rows_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    edited = []
+    monkeypatch.setattr(tune.Tuner, "_record", _spy(tune.Tuner._record, edited))
+    third = _tune(tmp_path, model, config)
+    assert {r["id"] for r in edited if r.get("path") == "real edits"} == {r["id"] for r in real}
+    assert third["chosen"] == report["chosen"]
 
 
 def test_prune_candidates_take_memits_scores_where_nothing_would_be_restrained(

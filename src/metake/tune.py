@@ -57,7 +57,7 @@ from metake.editor import Editor
 from metake.errors import MetakeError
 from metake.evaluation.bench import held_out_texts, method_spec
 from metake.evaluation.datasets import EvalRecord, in_ranges, load_dataset, parse_ranges
-from metake.evaluation.evaluate import evaluate_records, mean_metrics, metric_names
+from metake.evaluation.evaluate import evaluate_records, mean_metrics, metric_names, specificity
 from metake.evaluation.metrics import text_perplexity
 from metake.files import write_file_atomically
 from metake.hparams import MemitHparams, find_preset, memit_hparams
@@ -289,12 +289,19 @@ class Tuner:
         self._check_start()
         rows = self.out / "rows.jsonl"
         if rows.is_file():
+            stale = 0
             for line in rows.read_text(encoding="utf-8").splitlines():
                 if line.strip():
                     row = json.loads(line)
+                    if _spe_on_search_records(row):
+                        stale += 1
+                        continue
                     if row["phase"] == "search":  # ids written by older versions: re-keyed
                         row["id"] = search_row_id(row["method"], row["batch_size"], row["settings"])
                     self.rows[row["id"]] = row
+            if stale:
+                log.info("tune: %d real-edit row(s) scored Spe. on their own records only (older "
+                         "versions): edited again", stale)  # fmt: skip
 
     def _check_start(self) -> None:
         """Keep the hyper-parameters the search starts from in ``start.json``; a rerun whose
@@ -329,10 +336,17 @@ class Tuner:
     def score(
         self, records: Sequence[EvalRecord], probe: Sequence[EditRequest]
     ) -> dict[str, float]:
-        """Eff./Gen./Spe. (percent) on ``records``, perplexity, share of ``probe`` still known."""
+        """Eff./Gen. (percent) on ``records``; Spe. on every dev record (its neighbour questions
+        are unrelated to whichever records were edited, and a quarter of them would make one
+        question worth several points); perplexity; share of ``probe`` still known."""
         per_record = evaluate_records(self.model, self.tokenizer, records, "zsre")
         means = mean_metrics(per_record, metric_names("zsre"))
-        out = {name: float(means[name]) for name in ("efficacy", "generalization", "specificity")}
+        out = {name: float(means[name]) for name in ("efficacy", "generalization")}
+        every = len(records) == len(self.dev)
+        out["specificity"] = float(means["specificity"]) if every else specificity(
+            self.model, self.tokenizer, self.dev
+        )  # fmt: skip
+        out["specificity_records"] = len(self.dev)
         out["perplexity"] = text_perplexity(self.model, self.tokenizer, self.drift)
         out["probe_kept"] = share_known(self.model, self.tokenizer, probe)
         return out
@@ -353,7 +367,8 @@ class Tuner:
                 else data["probe"]  # fmt: skip
             probe = checked_probe(self.model, self.tokenizer, stored, spec, str(path))
             base = Baseline(data["scores"], probe, data.get("search_scores"))
-            if base.search_scores is None and self._search_subset():  # written before it existed
+            older = base.search_scores is None or "specificity_records" not in base.search_scores
+            if older and self._search_subset():  # written before it existed / Spe. on all
                 base.search_scores = self._unedited(self.dev[: self.config.search_records])
                 self._write_baseline(path, base, spec)
             return base
@@ -805,6 +820,13 @@ def edit_windows(mean_ie: Sequence[float], size: int, num_layers: int) -> list[t
         if window not in out:
             out.append(window)
     return out
+
+
+def _spe_on_search_records(row: dict[str, Any]) -> bool:
+    """Whether a real-edit row was written by a version that scored Spe. on the edited records
+    alone (now every dev record's): such rows are edited again."""
+    real = row.get("phase") == "search" and row.get("path") == "real edits"
+    return real and "specificity_records" not in row
 
 
 def _scores_of(row: dict[str, Any]) -> dict[str, float]:

@@ -107,11 +107,16 @@ def _search_baseline(report: dict[str, Any], config: dict[str, Any]) -> str:
     search = report.get("baseline_search")
     if not search:
         return ""
+    spe = (
+        f"Spe. {search['specificity']:.2f} (every dev record's neighbour questions, as for "
+        "every candidate)"
+        if "specificity_records" in search
+        else f"Spe. {search['specificity']:.2f}"
+    )
     return (
         f" On the first {config['search_records']} dev records, which the methods tuned by "
         f"real edits (ROME, BLUE, MetaKE) are scored on and judged against: Eff. "
-        f"{search['efficacy']:.2f}, Gen. {search['generalization']:.2f}, Spe. "
-        f"{search['specificity']:.2f}."
+        f"{search['efficacy']:.2f}, Gen. {search['generalization']:.2f}, {spe}."
     )
 
 

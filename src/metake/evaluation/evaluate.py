@@ -139,6 +139,24 @@ def evaluate_records(
     return out
 
 
+def specificity(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[EvalRecord],
+    batch_size: int = 32,
+) -> float:
+    """zsRE Spe. (percent) alone: the mean over ``records`` with neighbour questions of their
+    mean token accuracy, as :func:`evaluate_records` and :func:`mean_metrics` give it, without
+    scoring the edit prompts and paraphrases."""
+    pairs = sorted({pair for record in records for pair in record.neighbours})
+    scored = dict(zip(pairs, score_pairs(model, tokenizer, pairs, batch_size), strict=True))
+    per_record = [_mean([scored[pair].accuracy for pair in r.neighbours]) for r in records]
+    values = [v for v in per_record if v is not None]
+    if not values:
+        raise ValueError("specificity: no record has a neighbour question")
+    return 100 * statistics.fmean(values)
+
+
 def _generation_metrics(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
