@@ -23,8 +23,9 @@ that no reported evaluation may use (``metake bench --exclude`` leaves it out):
    edits on the first ``search_records`` dev records.
 5. **One selection rule**, for every method: the highest Eff. + Gen. (mean over the batch sizes)
    among the candidates that edit (Eff. at least ``min_efficacy_gain`` points over the unedited
-   model) with Spe. >= unedited - 1 point, held-out perplexity drift <= 2% and >= 95% of the known
-   facts still known; when no candidate passes, a candidate that edits comes first, then the
+   model) with Spe. >= unedited - 1 point (Spe. always over every dev record's neighbour
+   questions), held-out perplexity drift <= 2% and >= 95% of the known facts still known; when
+   no candidate passes, a candidate that edits comes first, then the
    fewest broken guards, then the highest Eff. + Gen., flagged in the report. (Without the first
    condition a setting that changes nothing passes every guard: on SmolLM2 at 100 edits it was
    the only one that did, see docs/presets.md.)
