@@ -2,17 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-
-def _check_edit():
-    """``scripts/check_edit.py`` as a module."""
-    path = Path(__file__).resolve().parent.parent / "scripts" / "check_edit.py"
-    spec = importlib.util.spec_from_file_location("check_edit", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import script_module
 
 
 def _request(after: str, target: str, before_p: float, after_p: float) -> dict:
@@ -27,7 +17,7 @@ def _request(after: str, target: str, before_p: float, after_p: float) -> dict:
 
 
 def test_every_edit_must_land_unless_min_landed_says_otherwise() -> None:
-    check = _check_edit()
+    check = script_module("check_edit")
     requests = [
         _request(" Rome, Italy", "Rome", 1e-3, 0.9),
         _request(" of the genre", "piano", 1e-4, 0.11),
@@ -39,7 +29,7 @@ def test_every_edit_must_land_unless_min_landed_says_otherwise() -> None:
 
 
 def test_an_edit_that_barely_moves_its_target_fails_even_when_it_lands() -> None:
-    check = _check_edit()
+    check = script_module("check_edit")
     requests = [_request(" Paris, France", "Paris", 0.6, 0.9)]
     failures = check.request_failures(requests, None, 10.0)
     assert len(failures) == 1 and "Paris" in failures[0]

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from conftest import script_module
 from safetensors.torch import load_file
 from test_bench import _zsre_file
 from test_editor import TEXTS
@@ -425,20 +426,8 @@ def test_a_variant_starts_from_its_base_methods_choice(tmp_path, cheap_grids, mo
         assert candidate["settings"]["mom2_update_weight"] == memit["mom2_update_weight"]
 
 
-def _adopt_script():
-    """``scripts/adopt_preset.py`` as a module."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "scripts" / "adopt_preset.py"
-    spec = importlib.util.spec_from_file_location("adopt_preset", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_adopting_refuses_choices_that_do_not_edit_and_records_broken_guards(tmp_path):
-    adopt = _adopt_script()
+    adopt = script_module("adopt_preset")
     report = {
         "baseline": {"efficacy": 17.7},
         "chosen": {
