@@ -260,7 +260,9 @@ def test_metake_grid_follows_the_targets_scale(tmp_path, cheap_grids, monkeypatc
     monkeypatch.setattr(Tuner, "target_scale", lambda self, hp: 10 * tune.REFERENCE_SCALE)
     report = _tune(tmp_path, model, config)
     tried = report["searched"]["metake"]
-    assert {c["settings"]["metake_lr"] for c in tried} == {0.1, 1.0}
+    lrs = {c["settings"]["metake_lr"] for c in tried}
+    assert {0.1, 1.0} <= lrs  # the scaled grid, and steps of it past its edge
+    assert lrs - {0.1, 1.0} <= {0.01, 0.001, 10.0, 100.0}
     assert {c["settings"]["metake_reg_weight"] for c in tried} == {1e-5}
     assert tune.STRENGTH_GRIDS["metake"]["metake_lr"] == [0.01, 0.1]  # the table itself kept
     assert report["grid_scales"]["metake"]["factor"] == pytest.approx(10.0)
@@ -378,6 +380,38 @@ def test_edit_windows_end_where_the_effect_fades():
     assert tune.edit_windows([0.0, 0.1, 0.2, 1.0], 3, 4) == [(1, 2, 3)]
 
 
+def test_a_best_value_at_the_grids_edge_gets_one_step_beyond():
+    assert tune._beyond_edge([0.03, 0.1, 0.3], 0.3) == 0.9
+    assert tune._beyond_edge([500.0, 2000.0, 8000.0], 500.0) == 125.0
+    assert tune._beyond_edge([0.03, 0.1, 0.3], 0.1) is None  # bracketed
+    assert tune._beyond_edge([0.3], 0.3) is None  # no step to repeat
+
+
+def test_the_search_extends_past_the_edge_of_a_grid(tmp_path, cheap_grids, monkeypatch):
+    """When the strongest MEMIT setting of the grid wins, weaker λ are tried beyond it."""
+    monkeypatch.setattr(tune, "REFINE_ROUNDS", 0)
+    config = _config(tmp_path, methods=["memit"], batch_sizes=[2])
+    real_score = tune.Tuner.score
+
+    def edit_strength_wins(self, records, probe):  # smaller λ: larger edit, and no damage
+        out = real_score(self, records, probe)
+        scale = getattr(self, "_lambda_now", 100.0)
+        return {**out, "efficacy": 100.0 - scale / 10, "generalization": 0.0}
+
+    real_evaluate = tune.Tuner.evaluate
+
+    def remember_lambda(self, method, hp, batch_size, probe):
+        self._lambda_now = hp.mom2_update_weight
+        return real_evaluate(self, method, hp, batch_size, probe)
+
+    monkeypatch.setattr(tune.Tuner, "score", edit_strength_wins)
+    monkeypatch.setattr(tune.Tuner, "evaluate", remember_lambda)
+    report = _tune(tmp_path, tiny_model("llama"), config)
+    tried = {c["settings"]["mom2_update_weight"] for c in report["searched"]["memit"]}
+    assert tried - {15000.0} == {0.0001, 0.01, 1.0, 100.0}  # grid 1, 100; two steps past 1
+    assert report["chosen"]["memit"]["settings"]["mom2_update_weight"] == 0.0001
+
+
 def test_refine_bisects_around_the_best_value_twice():
     """Round 1 halves (geometrically) the gaps to the best value's neighbours; round 2 again."""
     assert tune._refine([500.0, 2000.0, 8000.0, 32000.0], 32000.0) == [16000.0]
@@ -389,6 +423,7 @@ def test_a_setting_written_as_int_or_float_is_one_candidate(tmp_path, cheap_grid
     """The base lambda (15000.0) and a grid value 15000 are the same candidate: one row each."""
     monkeypatch.setattr(tune, "STRENGTH_GRIDS", {"memit": {"mom2_update_weight": [15000, 100.0]}})
     monkeypatch.setattr(tune, "REFINE_ROUNDS", 0)
+    monkeypatch.setattr(tune, "EXTEND_ROUNDS", 0)
     _tune(tmp_path, tiny_model("llama"), _config(tmp_path, methods=["memit"]))
     rows = [json.loads(line) for line in (tmp_path / "run" / "rows.jsonl").read_text().splitlines()]
     search = [r for r in rows if r["phase"] == "search"]

@@ -15,8 +15,9 @@ that no reported evaluation may use (``metake bench --exclude`` leaves it out):
    targets reach ``P(target) >= 0.5`` for at least 95% of the dev records, at the window ending at
    ``e`` (more steps when no rate reaches it).
 4. **Windows and strengths**, per method: windows of ``window_size`` layers ending at ``e - 2``,
-   ``e`` and ``e + 2``, then the solver's strength on a coarse grid at the best window and a finer
-   one around the best value. MEMIT-family solvers (memit, alphaedit, rect, prune) re-solve Stage
+   ``e`` and ``e + 2``, then the solver's strength on a coarse grid at the best window (extended
+   past its edge when the best value is its largest or smallest) and a finer one around the best
+   value. MEMIT-family solvers (memit, alphaedit, rect, prune) re-solve Stage
    II from Stage I targets computed once per window on the unedited model (the targets do not
    depend on the solver; later batches' targets are therefore those of the unedited model, an
    approximation of sequential editing that only the search uses); ROME, BLUE and MetaKE run real
@@ -788,6 +789,12 @@ class Tuner:
                 for v in values
                 if number == 0 or v != getattr(hp, name)
             ]
+            for _ in range(EXTEND_ROUNDS if number == 0 and name in UNBOUNDED_KEYS else 0):
+                seen = sorted({c["settings"][name] for c in tried})
+                beyond = _beyond_edge(seen, self.best(tried, base)["settings"][name])
+                if beyond is None:
+                    break
+                tried.append(run(hp.with_overrides(**{name: beyond})))
             for _ in range(REFINE_ROUNDS if number == 0 and refine else 0):
                 top = self.best(tried, base)
                 seen = sorted({c["settings"][name] for c in tried})
@@ -855,6 +862,26 @@ def _grid_key(method: str) -> str:
 
 
 REFINE_ROUNDS = 2
+
+EXTEND_ROUNDS = 2
+"""A first grid key whose best value is the largest or smallest tried gets up to this many
+more values beyond it, one grid step each (the grid did not bracket the best setting)."""
+
+UNBOUNDED_KEYS = frozenset({"mom2_update_weight", "nullspace_threshold", "alphaedit_lambda",
+                            "alphaedit_blue_lambda", "metake_lr", "metake_reg_weight"})  # fmt: skip
+"""Strength keys a search may extend past its grid (RECT's kept fraction is bounded by 1)."""
+
+
+def _beyond_edge(values: Sequence[float], best: float) -> float | None:
+    """One geometric grid step past ``best`` when it is the largest or the smallest of the
+    ``values`` tried (at least two), else ``None``."""
+    ordered = sorted(values)
+    if len(ordered) < 2 or best not in (ordered[0], ordered[-1]):
+        return None
+    neighbour = ordered[-2] if best == ordered[-1] else ordered[1]
+    return float(f"{best * best / neighbour:.3g}")
+
+
 """Rounds of geometric bisection around the best value of a method's first strength key."""
 
 
