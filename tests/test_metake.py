@@ -203,6 +203,28 @@ def test_lookahead_from_cached_lower_layers_and_in_groups_equals_the_plain_run(
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
+def test_edit_term_on_the_bare_prompts_alone_reads_no_context_prefix():
+    """``metake_edit_contexts=0`` (the paper's -log P(y_e | x_e)) is the look-ahead whose
+    meta-loss sees the bare prompts only; the plan and the gate are Stage I's and the solver's,
+    prefixes included."""
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    requests = parse_requests(REQUESTS)
+    hp = MemitHparams(layers=(0, 1), metake_steps=3, metake_lr=0.05)
+    plan = _plan_for(model, tok, requests, hp, CONTEXTS)
+    keys, _ = keys_and_values(model, tok, requests, CONTEXTS, 1, 1)
+    gate = memit_gate(keys, torch.eye(keys.shape[1]), 1.0)
+    bare = lookahead_targets(model, tok, requests, plan, gate,
+                             hp.with_overrides(metake_edit_contexts=0), CONTEXTS)  # fmt: skip
+    alone = lookahead_targets(model, tok, requests, plan, gate, hp, [""])
+    every = lookahead_targets(model, tok, requests, plan, gate, hp, CONTEXTS)
+    torch.testing.assert_close(bare.v_target, alone.v_target)
+    assert bare.history == alone.history
+    assert bare.history[0]["edit_nll"] != pytest.approx(every.history[0]["edit_nll"])
+    same = lookahead_targets(model, tok, requests, plan, gate,
+                             hp.with_overrides(metake_edit_contexts=1), CONTEXTS)  # fmt: skip
+    torch.testing.assert_close(same.v_target, every.v_target)  # CONTEXTS has one prefix
+
+
 def test_zero_residual_means_no_locality_change():
     model = tiny_model("llama")
     tok = tiny_tokenizer()
@@ -325,7 +347,13 @@ def test_method_and_solver_are_checked(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bad", [{"metake_steps": -1}, {"metake_lr": 0.0}, {"metake_locality_weight": -0.5}]
+    "bad",
+    [
+        {"metake_steps": -1},
+        {"metake_lr": 0.0},
+        {"metake_locality_weight": -0.5},
+        {"metake_edit_contexts": -1},
+    ],
 )
 def test_bad_metake_hparams_are_rejected(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):

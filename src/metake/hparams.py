@@ -55,6 +55,9 @@ class MemitHparams:
     metake_reg_weight: float = 1.0  # ||v* - v_plan||^2, v_plan being Stage I's target
     metake_hypergradient: str = "proxy"  # "proxy" (Eq. 7-8), "exact" (every layer), "direct"
     metake_replay_every: int = 1  # exact/direct: replay the solver every k look-ahead steps
+    # context prefixes the edit term reads besides the bare prompt (None: all of Stage I's; 0: the
+    # bare prompt only, the paper's Eq. 11 -log P(y_e | x_e))
+    metake_edit_contexts: int | None = None
     preset: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +81,11 @@ class MemitHparams:
         if self.metake_replay_every < 1:
             raise ValueError(
                 f"hparams: 'metake_replay_every' must be at least 1, got {self.metake_replay_every}"
+            )
+        if self.metake_edit_contexts is not None and self.metake_edit_contexts < 0:
+            raise ValueError(
+                "hparams: 'metake_edit_contexts' must be >= 0 or none, "
+                f"got {self.metake_edit_contexts}"
             )
         if self.v_steps < 1:
             raise ValueError("hparams: 'v_steps' must be at least 1 (loss evaluations)")
@@ -206,6 +214,7 @@ HPARAM_GROUPS: dict[str, tuple[str, ...]] = {
     "metake": (
         "metake_steps", "metake_lr", "metake_edit_weight", "metake_locality_weight",
         "metake_reg_weight", "metake_hypergradient", "metake_replay_every",
+        "metake_edit_contexts",
     ),
 }  # fmt: skip
 """Which hyper-parameters each part of the pipeline reads (``metake methods`` prints this)."""

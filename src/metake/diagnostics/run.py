@@ -46,7 +46,7 @@ from metake.editor import Editor
 from metake.errors import MetakeError
 from metake.methods import parse_solver
 from metake.planners.hypergradient import ProxyChannel, SpreadChannel
-from metake.planners.metake import MetaObjective, lookahead_targets
+from metake.planners.metake import MetaObjective, edit_contexts, lookahead_targets
 from metake.planners.standard import TargetPlan, compute_targets
 from metake.requests import EditRequest
 from metake.solvers.memit import apply_spread, keys_and_values, subject_activations
@@ -123,7 +123,7 @@ def _batch(
     proxy = editor.channel(requests, contexts, plan, hypergradient="proxy")
     exact = editor.channel(requests, contexts, plan, hypergradient="exact")
     assert isinstance(proxy, ProxyChannel) and isinstance(exact, SpreadChannel)
-    objective = MetaObjective(model, tok, requests, plan.v_target, hp, contexts,
+    objective = MetaObjective(model, tok, requests, plan.v_target, hp, edit_contexts(contexts, hp),
                               editor.locality_prompts, entry_layer=layers[0])  # fmt: skip
     steps: list[dict[str, float]] = []
 

@@ -331,6 +331,14 @@ class MetaObjective:
         return loss, nll, terms
 
 
+def edit_contexts(contexts: Sequence[str], hparams: MemitHparams) -> list[str]:
+    """The context prefixes (``""`` first) whose prompts the meta-loss's edit term reads: all of
+    Stage I's, or the first ``metake_edit_contexts`` besides the bare prompt (the solver's keys
+    always average over all of them)."""
+    keep = hparams.metake_edit_contexts
+    return list(contexts) if keep is None else list(contexts[: 1 + keep])
+
+
 StepObserver = Callable[[int, torch.Tensor], None]
 """Called at every look-ahead step with ``(step, v* [n, d])``, before its update (diagnostics)."""
 
@@ -374,8 +382,8 @@ def lookahead_targets(
     nll = torch.zeros(len(requests))
     with planner_precision(model, hparams.planner_autocast):  # entered once: one weight cast
         # the original log-probs at the precision of the edited ones
-        objective = MetaObjective(model, tokenizer, requests, v_plan, hparams, contexts,
-                                  locality_prompts, max_groups,
+        objective = MetaObjective(model, tokenizer, requests, v_plan, hparams,
+                                  edit_contexts(contexts, hparams), locality_prompts, max_groups,
                                   gate.entry_layer if skip_lower else None, max_rows)  # fmt: skip
         for step in range(hparams.metake_steps + 1):
             if observer is not None:
