@@ -12,7 +12,8 @@
 #   0, never from records 0:5000 (the known-facts probe below; 0:2000 also gave `metake tune`'s).
 # zsre: records 0:900 of ../shared/data/zsre/zsre_1k.json in file order (9 batches): the other
 #   100 (900:1000) are the dev split the presets were tuned on, so they are left out.
-# Both watch the known facts of CounterFact records 0:5000 (never edited here): the share the
+# Both watch the known facts of CounterFact records 2000:5000 (never edited here, and outside
+# the 0:2000 whose facts `metake tune` chose the presets by): the share the
 # unedited model answers that is still answered, after every batch and at the end.
 # Environment: METHODS (default memit,alphaedit,alphaedit_blue,metake,metake_exact), DEVICE
 # (auto), SEED (0), PROBE (the CounterFact file of those facts; "none": no probe). Each method is a resumable part: re-running with an existing OUT continues
@@ -31,7 +32,7 @@ probe=${PROBE:-../shared/data/counterfact/counterfact_10k.json}
 common=(--model "$model" --device "${DEVICE:-auto}" --batch-size 100 --methods "$methods"
         --seeds "${SEED:-0}" --out "$out")
 if [[ "$probe" != none ]]; then
-  common+=(--probe-data "$probe" --probe-records 0:5000)
+  common+=(--probe-data "$probe" --probe-records 2000:5000)
 fi
 case "$dataset" in
   counterfact)

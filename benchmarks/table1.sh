@@ -8,9 +8,9 @@
 #
 # Environment: DATA (zsRE file, default ../shared/data/zsre/zsre_1k.json), EDITS (100),
 # BATCH (25), DEVICE (auto), METHODS (default table1,metake_exact: the seven rows and MetaKE with
-# the exact hypergradient), PROBE (CounterFact file whose records PROBE_RECORDS, default 0:5000,
-# give the known facts watched for damage (0:2000 gives SmolLM2 only 33 at the 1-nat margin:
-# benchmarks/results/tune_smollm2/baseline.json), default
+# the exact hypergradient), PROBE (CounterFact file whose records PROBE_RECORDS, default
+# 2000:5000, give the known facts watched for damage: outside the 0:2000 whose facts
+# `metake tune` chose the presets by), default
 # ../shared/data/counterfact/counterfact_10k.json; "none": no probe),
 # EXCLUDE (records never sampled, default 900:1000: the dev split the
 # built-in presets were tuned on by `metake tune`). Re-running with an existing OUT resumes it (finished parts are
@@ -27,7 +27,7 @@ fi
 probe=${PROBE:-../shared/data/counterfact/counterfact_10k.json}
 probe_args=()
 if [[ "$probe" != none ]]; then
-  probe_args=(--probe-data "$probe" --probe-records "${PROBE_RECORDS:-0:5000}")
+  probe_args=(--probe-data "$probe" --probe-records "${PROBE_RECORDS:-2000:5000}")
 fi
 exec metake bench --model "$model" --device "${DEVICE:-auto}" --dataset zsre --data "$data" \
   --edits "${EDITS:-100}" --batch-size "${BATCH:-25}" --methods "${METHODS:-table1,metake_exact}" \
