@@ -1,4 +1,4 @@
-"""The paired comparison of benchmarks/precision_check.py against a hand computation."""
+"""The paired comparison of benchmarks/paired_check.py against a hand computation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from precision_check import borrowed_float32, paired_difference, verdict  # noqa: E402
+from paired_check import borrowed_base, paired_difference, parse_variant, verdict  # noqa: E402
 
 
 def test_paired_difference_matches_records_by_index():
@@ -44,19 +44,29 @@ def _bench(records, **hparams):
     return {"runs": {"0": {"records": records, "methods": {"alphaedit": method}}}}
 
 
-def test_the_float32_side_is_borrowed_only_from_the_same_records_and_settings(tmp_path):
+def test_the_base_side_is_borrowed_only_from_the_same_records_and_settings(tmp_path):
     import json
 
     bf16 = _bench([1, 2, 3], planner_autocast="bfloat16")
     (tmp_path / "results.json").write_text(json.dumps(_bench([1, 2, 3], planner_autocast=None)))
-    assert borrowed_float32(tmp_path, bf16, ["alphaedit"], [0])["runs"]["0"]["records"] == [1, 2, 3]
+    assert borrowed_base(tmp_path, bf16, ["alphaedit"], [0], {"planner_autocast"})["runs"]["0"][
+        "records"
+    ] == [1, 2, 3]
     (tmp_path / "results.json").write_text(json.dumps(_bench([1, 2, 4])))
     with pytest.raises(SystemExit, match="other records"):
-        borrowed_float32(tmp_path, bf16, ["alphaedit"], [0])
+        borrowed_base(tmp_path, bf16, ["alphaedit"], [0], {"planner_autocast"})
     (tmp_path / "results.json").write_text(json.dumps(_bench([1, 2, 3], v_steps=10)))
     with pytest.raises(SystemExit, match="v_steps"):
-        borrowed_float32(tmp_path, bf16, ["alphaedit"], [0])
+        borrowed_base(tmp_path, bf16, ["alphaedit"], [0], {"planner_autocast"})
     with pytest.raises(SystemExit, match="no seed 1"):
-        borrowed_float32(tmp_path, {"runs": {"1": bf16["runs"]["0"]}}, ["alphaedit"], [1])
+        borrowed_base(tmp_path, {"runs": {"1": bf16["runs"]["0"]}}, ["alphaedit"], [1], set())
     with pytest.raises(SystemExit, match="no metake"):
-        borrowed_float32(tmp_path, bf16, ["metake"], [0])
+        borrowed_base(tmp_path, bf16, ["metake"], [0], set())
+
+
+def test_a_variant_names_a_label_and_its_settings():
+    assert parse_variant("bare:metake_edit_contexts=0") == ("bare", {"metake_edit_contexts": "0"})
+    assert parse_variant("b:a=1,c=x") == ("b", {"a": "1", "c": "x"})
+    for bad in ("bare", "bare:", ":a=1", "base:a=1", "bare:a"):
+        with pytest.raises(SystemExit, match="--variant"):
+            parse_variant(bad)
