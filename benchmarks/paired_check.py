@@ -88,8 +88,9 @@ def main() -> None:
                              "later: same command without --only)")  # fmt: skip
     parser.add_argument("--base-from", default=None,
                         help="finished bench folder for the base side (checked)")  # fmt: skip
-    parser.add_argument("--out", default=None,
-                        help="run folder (default: benchmarks/results/LABEL_check_MODEL)")  # fmt: skip
+    parser.add_argument(
+        "--out", default=None, help="run folder (default: benchmarks/results/LABEL_check_MODEL)"
+    )
     args = parser.parse_args()
     label, settings = parse_variant(args.variant)
     sides = {BASE: {}, label: settings}
