@@ -15,6 +15,7 @@ from metake.probe import (
     greedy_completion,
     greedy_continuations,
     probe_to_json,
+    target_probability,
     token_accuracy,
 )
 from metake.requests import EditRequest
@@ -120,3 +121,14 @@ def test_checked_probe_keeps_only_a_probe_built_by_the_same_spec(monkeypatch):
     with pytest.raises(MetakeError, match=r"probe.json: 1 of its 3 known facts .* by 1.500"):
         checked_probe(model, tok, stored["facts"], stricter, "probe.json")
     assert checked_probe(model, tok, stored["facts"], spec, "probe.json") == FACTS
+
+
+@torch.no_grad()
+def test_target_probability_equals_full_logits():
+    model, tok = tiny_model("gemma3_text"), tiny_tokenizer()
+    fact = EditRequest("{} lives in", "Anna", "the city of Oslo")
+    enc = encode_request(tok, fact)
+    logits = model(input_ids=torch.tensor([enc.input_ids])).logits[0, enc.target_positions]
+    logp = torch.log_softmax(logits.float(), -1)
+    expected = float(logp.gather(-1, torch.tensor(enc.target_ids)[:, None]).sum().exp())
+    assert target_probability(model, tok, fact) == pytest.approx(expected, rel=1e-5)

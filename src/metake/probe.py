@@ -86,12 +86,10 @@ def target_probability(
     """P(target tokens | filled prompt): the product over the target's tokens (teacher-forced)."""
     if target:
         request = EditRequest(request.prompt, request.subject, target)
-    enc = encode_request(tokenizer, request)
-    device = input_device(model)
-    ids = torch.tensor([enc.input_ids], device=device)
-    logits = model(input_ids=ids).logits[0, enc.target_positions].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    return float(logp.gather(-1, torch.tensor(enc.target_ids, device=device)[:, None]).sum().exp())
+    batch = pad_batch([encode_request(tokenizer, request)], padding_id(tokenizer))
+    batch = batch.to(input_device(model))
+    logp = torch.log_softmax(target_logits(model, batch).float(), dim=-1)
+    return float(logp.gather(-1, batch.target_ids[:, None].to(logp.device)).sum().exp())
 
 
 def _answer_logits(
