@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 from conftest import script_module
+from filelock import FileLock
 from safetensors.torch import load_file
 from test_bench import _zsre_file
 from test_editor import TEXTS
@@ -226,6 +227,44 @@ def test_real_edit_candidates_share_one_cached_stage_one(tmp_path, cheap_grids, 
     assert stored["v_init"].shape == stored["targets"].shape  # starting values kept too
 
 
+def test_search_records_take_the_dev_splits_targets_when_cached(tmp_path, monkeypatch):
+    """Targets are computed chunk by chunk, so the search records' (the dev split's leading
+    chunk) are sliced from the whole split's when those exist, and a chunk already computed (Stage
+    I's lr search) is not computed again for the whole split: bit for bit what computing gives."""
+
+    def tuner(out):
+        made = Tuner(_config(tmp_path), tmp_path / out, tiny_model("llama"), tiny_tokenizer(),
+                     corpus=TextCorpus.from_texts(TEXTS, name="t"),
+                     stats_cache=StatsCache(tmp_path / "stats"))  # fmt: skip
+        made.out.mkdir()
+        return made
+
+    fresh = tuner("fresh")
+    search = fresh.dev[:2]  # _config: batch sizes 2 and 4, a dev split of 4
+    computed = fresh.stage1_plan(fresh.base_hparams, search)
+    calls = []
+    real = tune.compute_targets
+    monkeypatch.setattr(tune, "compute_targets", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assembled = fresh.stage1_targets(fresh.base_hparams, fresh.dev)  # its first chunk: cached
+    assert len(calls) == 1 and [r.request for r in fresh.dev[2:]] == calls[0][2]
+    reuse = tuner("reuse")
+    whole = reuse.stage1_targets(reuse.base_hparams, reuse.dev)
+
+    def stage1_ran(*args, **kwargs):
+        raise RuntimeError("Stage I ran")
+
+    monkeypatch.setattr(tune, "compute_targets", stage1_ran)
+    sliced = reuse.stage1_plan(reuse.base_hparams, search)
+    assert torch.equal(sliced.v_target, computed.v_target)
+    assert torch.equal(sliced.v_target, whole[:2])
+    assert torch.equal(assembled, whole)
+    assert torch.equal(sliced.v_init, computed.v_init)
+    assert sliced.final_nll == computed.final_nll
+    odd = reuse.dev[1:3]  # not a leading chunk: computed, not sliced
+    with pytest.raises(RuntimeError, match="Stage I ran"):
+        reuse.stage1_targets(reuse.base_hparams, odd)
+
+
 def test_tune_refuses_to_continue_from_another_starting_preset(tmp_path, cheap_grids):
     """The settings a search starts from are kept (start.json): continuing after the preset
     changed (here: another --set) is refused instead of mixing two searches."""
@@ -242,6 +281,25 @@ def test_tune_refuses_to_continue_from_another_starting_preset(tmp_path, cheap_g
     (tmp_path / "run" / "start.json").unlink()  # a folder of an older version: not checked, and
     tuner.run()  # no starting point is made up for it
     assert not (tmp_path / "run" / "start.json").exists()
+
+
+def test_a_second_process_on_the_same_folder_is_refused(tmp_path):
+    """While one tuner holds the folder's lock, another is refused before it writes anything
+    (two would append rows side by side and overwrite each other's report and preset)."""
+    config = _config(tmp_path, methods=["memit"])
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = FileLock(str(out / tune.LOCK_NAME))
+    holder.acquire()
+    try:
+        tuner = Tuner(config, out, tiny_model("llama"), tiny_tokenizer(),
+                      corpus=TextCorpus.from_texts(TEXTS, name="t"),
+                      stats_cache=StatsCache(tmp_path / "stats"))  # fmt: skip
+        with pytest.raises(MetakeError, match="another `metake tune` process is running"):
+            tuner.run()
+    finally:
+        holder.release()
+    assert sorted(p.name for p in out.iterdir()) == [tune.LOCK_NAME]
 
 
 def test_metake_grid_follows_the_targets_scale(tmp_path, cheap_grids, monkeypatch):

@@ -61,7 +61,7 @@ from metake.evaluation.bench import held_out_texts, method_spec
 from metake.evaluation.datasets import EvalRecord, in_ranges, load_dataset, parse_ranges
 from metake.evaluation.evaluate import evaluate_records, mean_metrics, metric_names, specificity
 from metake.evaluation.metrics import text_perplexity
-from metake.files import write_file_atomically
+from metake.files import try_lock, write_file_atomically
 from metake.hparams import MemitHparams, find_preset, memit_hparams
 from metake.methods import PLANNER_METHODS, parse_solver
 from metake.models.adapters import get_adapter
@@ -84,6 +84,8 @@ TUNABLE = (
     "metake_exact",
 )
 LR_GRID = (0.1, 0.25, 0.5, 1.0)
+#: held by the process tuning in a run folder: a second one is refused, not interleaved
+LOCK_NAME = "tune.lock"
 STRENGTH_GRIDS: dict[str, dict[str, list[Any]]] = {
     "memit": {"mom2_update_weight": [500.0, 2000.0, 8000.0, 32000.0]},
     "alphaedit": {
@@ -442,27 +444,16 @@ class Tuner:
         search times its rows itself), so that the report's cost counts it.
         """
         key = self._target_key(hp, records)
-        digest = hashlib.sha1(repr(key).encode()).hexdigest()[:12]
-        path = (
-            self.out
-            / "targets"
-            / f"L{hp.layers[-1]}-lr{hp.v_lr}-s{hp.v_steps}-{digest}.safetensors"
-        )
-        if key not in self._targets and path.is_file():  # an earlier (interrupted) run's
-            saved = load_file(str(path))
-            self._targets[key], self._reached[key] = saved["targets"], saved["reached"].tolist()
-            if "v_init" in saved:  # written since Stage I plans are reused (stage1_plan)
-                self._v_init[key] = saved["v_init"]
-        if key not in self._targets:
+        path = self._targets_path(hp, key)
+        if not self._cached(key, path) and not self._slice_of_dev(hp, records):
             start = time.perf_counter()
             size = min(self.config.batch_sizes)  # per-request targets: chunks only bound memory
             parts, starts, probs = [], [], []
             for first in range(0, len(records), size):
-                chunk = [r.request for r in records[first : first + size]]
-                plan = compute_targets(self.model, self.tokenizer, chunk, hp, self._contexts())
-                parts.append(plan.v_target)
-                starts.append(plan.v_init)
-                probs += [math.exp(-nll) for nll in plan.final_nll]
+                targets, v_init, reached = self._chunk_targets(hp, records[first : first + size])
+                parts.append(targets)
+                starts.append(v_init)
+                probs += reached
             self._targets[key] = torch.cat(parts)
             self._v_init[key] = torch.cat(starts)
             self._reached[key] = probs
@@ -483,6 +474,52 @@ class Tuner:
                     }
                 )
         return self._targets[key]
+
+    def _chunk_targets(
+        self, hp: MemitHparams, chunk: Sequence[EvalRecord]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+        """One chunk's targets ``[c, d]``, starting values ``[c, d]`` and P(target) each: from the
+        cache when exactly this chunk was computed before (Stage I's lr search), else computed."""
+        known = self._target_key(hp, chunk)
+        if self._cached(known, self._targets_path(hp, known)) and known in self._v_init:
+            return self._targets[known], self._v_init[known], self._reached[known]
+        requests = [r.request for r in chunk]
+        plan = compute_targets(self.model, self.tokenizer, requests, hp, self._contexts())
+        return plan.v_target, plan.v_init, [math.exp(-nll) for nll in plan.final_nll]
+
+    def _targets_path(self, hp: MemitHparams, key: tuple) -> Path:
+        digest = hashlib.sha1(repr(key).encode()).hexdigest()[:12]
+        name = f"L{hp.layers[-1]}-lr{hp.v_lr}-s{hp.v_steps}-{digest}.safetensors"
+        return self.out / "targets" / name
+
+    def _cached(self, key: tuple, path: Path) -> bool:
+        """Whether the targets of ``key`` are in memory, loading them from ``path`` (an earlier,
+        maybe interrupted, run's) when they are only on disk."""
+        if key not in self._targets and path.is_file():
+            saved = load_file(str(path))
+            self._targets[key], self._reached[key] = saved["targets"], saved["reached"].tolist()
+            if "v_init" in saved:  # written since Stage I plans are reused (stage1_plan)
+                self._v_init[key] = saved["v_init"]
+        return key in self._targets
+
+    def _slice_of_dev(self, hp: MemitHparams, records: Sequence[EvalRecord]) -> bool:
+        """Take the targets of ``records`` from the whole dev split's, when those are cached and
+        ``records`` are its leading chunks (of the smallest batch size): the targets are computed
+        chunk by chunk, so the slice is exactly what computing them again would give (the real-edit
+        candidates' search records at a window whose targets the MEMIT family computed)."""
+        size, n = min(self.config.batch_sizes), len(records)
+        leading = [r.index for r in records] == [r.index for r in self.dev[:n]]
+        if n >= len(self.dev) or n % size or not leading:
+            return False
+        whole = self._target_key(hp, self.dev)
+        if not self._cached(whole, self._targets_path(hp, whole)):
+            return False
+        key = self._target_key(hp, records)
+        self._targets[key] = self._targets[whole][:n].clone()
+        self._reached[key] = self._reached[whole][:n]
+        if whole in self._v_init:
+            self._v_init[key] = self._v_init[whole][:n].clone()
+        return True
 
     def stage1_plan(self, hp: MemitHparams, records: Sequence[EvalRecord]) -> TargetPlan:
         """Stage I's plan at ``hp.layers[-1]`` for ``records`` as one batch on the unedited
@@ -730,6 +767,19 @@ class Tuner:
 
     def run(self) -> dict[str, Any]:
         """Run (or continue) the whole search and write the preset and the report."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        lock = try_lock(self.out / LOCK_NAME)
+        if lock is None:
+            raise MetakeError(
+                f"{self.out}: another `metake tune` process is running in this folder (it holds "
+                f"{LOCK_NAME}); wait for it to finish, or give this run another --out"
+            )
+        try:
+            return self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> dict[str, Any]:
         from metake.tune_report import write_outputs
 
         self._prepare()
