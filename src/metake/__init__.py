@@ -12,15 +12,6 @@ Quick use::
 
 __version__ = "0.1.0"
 
-import os  # noqa: E402
-
-# Intel MKL's results may depend on memory alignment on some CPUs (seen on AMD EPYC: a saved
-# session continued 1e-9 away from the uninterrupted one). Strict conditional numerical
-# reproducibility makes them bit-reproducible; it must be set before MKL first runs, and a
-# user's own MKL_CBWR wins.
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
-
-
 from metake.editor import Editor, EditReport, EditResult  # noqa: E402
 from metake.errors import (  # noqa: E402
     InvalidRequestError,
