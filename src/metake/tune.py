@@ -445,7 +445,7 @@ class Tuner:
         """
         key = self._target_key(hp, records)
         path = self._targets_path(hp, key)
-        if not self._cached(key, path) and not self._slice_of_dev(hp, records):
+        if not self._cached(hp, key) and not self._slice_of_dev(hp, records):
             start = time.perf_counter()
             size = min(self.config.batch_sizes)  # per-request targets: chunks only bound memory
             parts, starts, probs = [], [], []
@@ -481,7 +481,7 @@ class Tuner:
         """One chunk's targets ``[c, d]``, starting values ``[c, d]`` and P(target) each: from the
         cache when exactly this chunk was computed before (Stage I's lr search), else computed."""
         known = self._target_key(hp, chunk)
-        if self._cached(known, self._targets_path(hp, known)) and known in self._v_init:
+        if self._cached(hp, known) and known in self._v_init:
             return self._targets[known], self._v_init[known], self._reached[known]
         requests = [r.request for r in chunk]
         plan = compute_targets(self.model, self.tokenizer, requests, hp, self._contexts())
@@ -492,9 +492,10 @@ class Tuner:
         name = f"L{hp.layers[-1]}-lr{hp.v_lr}-s{hp.v_steps}-{digest}.safetensors"
         return self.out / "targets" / name
 
-    def _cached(self, key: tuple, path: Path) -> bool:
-        """Whether the targets of ``key`` are in memory, loading them from ``path`` (an earlier,
+    def _cached(self, hp: MemitHparams, key: tuple) -> bool:
+        """Whether the targets of ``key`` are in memory, loading them from their file (an earlier,
         maybe interrupted, run's) when they are only on disk."""
+        path = self._targets_path(hp, key)
         if key not in self._targets and path.is_file():
             saved = load_file(str(path))
             self._targets[key], self._reached[key] = saved["targets"], saved["reached"].tolist()
@@ -512,7 +513,7 @@ class Tuner:
         if n >= len(self.dev) or n % size or not leading:
             return False
         whole = self._target_key(hp, self.dev)
-        if not self._cached(whole, self._targets_path(hp, whole)):
+        if not self._cached(hp, whole):
             return False
         key = self._target_key(hp, records)
         self._targets[key] = self._targets[whole][:n].clone()
