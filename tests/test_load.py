@@ -22,6 +22,21 @@ def test_local_folder_loads_in_eval_mode_without_grads(tmp_path):
     assert tok.pad_token_id is not None  # set to EOS where the tokenizer had none
     for name, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
+    # read from a memory-mapped file, yet every tensor owns aligned memory (MKL's kernels, and so
+    # the last bits of a matmul, depend on alignment: a loaded session must compute as the first)
+    assert all(t.data_ptr() % load_module.CPU_ALIGNMENT == 0
+               for t in [*loaded.parameters(), *loaded.buffers()])  # fmt: skip
+
+
+def test_unaligned_tensors_get_aligned_copies_with_the_same_values():
+    module = torch.nn.Linear(4, 4, bias=False)
+    storage = torch.arange(40, dtype=torch.float32)
+    module.weight.data = storage[6:22].view(4, 4)  # 24 bytes into an aligned allocation
+    assert module.weight.data_ptr() % load_module.CPU_ALIGNMENT
+    assert load_module.own_aligned_memory(module) == 1
+    assert module.weight.data_ptr() % load_module.CPU_ALIGNMENT == 0
+    assert torch.equal(module.weight, storage[6:22].view(4, 4))
+    assert load_module.own_aligned_memory(module) == 0  # already aligned: nothing moves
 
 
 def test_dtype_is_applied_and_bad_dtype_is_named(tmp_path):
