@@ -209,6 +209,15 @@ def test_tune_resumes_without_recomputing(tmp_path, cheap_grids, monkeypatch):
     monkeypatch.setattr(tune, "compute_targets", no_edits)
     second = _tune(tmp_path, model, config)
     assert second["chosen"] == first["chosen"]
+    # both invocations' wall clocks are kept, and the report states their sum
+    runs = json.loads((tmp_path / "run" / tune.INVOCATIONS_FILE).read_text())
+    assert len(runs) == 2 and all(r["completed"] and r["seconds"] >= 0 for r in runs)
+    assert first["invocations"][0]["seconds"] == runs[0]["seconds"]
+    total = sum(r["seconds"] for r in runs) / 60
+    assert "Wall clock of the 2 invocation(s) on this folder" in (
+        tmp_path / "run" / "report.md"
+    ).read_text(encoding="utf-8")
+    assert f"**{total:.1f} min**" in (tmp_path / "run" / "report.md").read_text(encoding="utf-8")
 
 
 def test_real_edit_candidates_share_one_cached_stage_one(tmp_path, cheap_grids, monkeypatch):

@@ -86,6 +86,8 @@ TUNABLE = (
 LR_GRID = (0.1, 0.25, 0.5, 1.0)
 #: held by the process tuning in a run folder: a second one is refused, not interleaved
 LOCK_NAME = "tune.lock"
+INVOCATIONS_FILE = "invocations.json"
+"""Each `metake tune` invocation on a folder: start, threads, wall-clock seconds, completed."""
 STRENGTH_GRIDS: dict[str, dict[str, list[Any]]] = {
     "memit": {"mom2_update_weight": [500.0, 2000.0, 8000.0, 32000.0]},
     "alphaedit": {
@@ -274,6 +276,8 @@ class Tuner:
         self._v_init: dict[tuple, torch.Tensor] = {}  # Stage I's starting values [n, d]
         self.grid_scales: dict[str, dict[str, Any]] = {}  # MetaKE's scaled grids, for the report
         self._sigma_max: dict[int, float] = {}  # of each unedited edit-layer weight (PRUNE)
+        self._clock = time.monotonic()  # this invocation's wall clock (the model is loaded)
+        self.invocations: list[dict[str, Any]] = []  # earlier invocations', then this one
 
     # ----- folder ---------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -291,6 +295,7 @@ class Tuner:
                 )
         path.write_text(json.dumps(mine, indent=1), encoding="utf-8")
         self._check_start()
+        self._start_invocation()
         rows = self.out / "rows.jsonl"
         if rows.is_file():
             stale = 0
@@ -334,7 +339,27 @@ class Tuner:
         self.rows[row["id"]] = row
         with (self.out / "rows.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+        self._note_invocation()
         return row
+
+    def _start_invocation(self) -> None:
+        """Add this invocation to ``invocations.json`` (earlier ones are read back first)."""
+        path = self.out / INVOCATIONS_FILE
+        self.invocations = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.invocations.append({"started": started, "threads": torch.get_num_threads(),
+                                 "seconds": 0.0, "completed": False})  # fmt: skip
+        self._note_invocation()
+
+    def _note_invocation(self, completed: bool = False) -> None:
+        """Write this invocation's wall clock so far (a killed run keeps its last row's)."""
+        if not self.invocations:
+            return
+        self.invocations[-1].update(seconds=round(time.monotonic() - self._clock, 1),
+                                    completed=completed)  # fmt: skip
+        text = json.dumps(self.invocations, indent=1)
+        write_file_atomically(self.out / INVOCATIONS_FILE,
+                              lambda tmp: tmp.write_text(text, encoding="utf-8"))  # fmt: skip
 
     # ----- measuring ------------------------------------------------------------------------
     def score(
@@ -412,9 +437,8 @@ class Tuner:
         if path.is_file():
             return json.loads(path.read_text(encoding="utf-8"))
         window = max(1, round(self.num_layers / 6))  # ROME: 10 of GPT2-XL's 48 layers
-        result = causal_trace(
-            self.model, self.tokenizer, list(probe)[: self.config.trace_facts], window=window
-        )
+        result = causal_trace(self.model, self.tokenizer, list(probe)[: self.config.trace_facts],
+                              window=window, progress=True)  # fmt: skip
         data = {**result.to_dict(), "window": window}
         path.write_text(json.dumps(data, indent=1), encoding="utf-8")
         return data
@@ -784,20 +808,30 @@ class Tuner:
         from metake.tune_report import write_outputs
 
         self._prepare()
+        methods = list(self.config.methods)
+        bar = tqdm(total=3 + len(methods), desc="tune", unit="step")  # three shared steps first
+        bar.set_postfix_str("unedited scores and known facts")
         base = self.baseline()
+        bar.update()
+        bar.set_postfix_str("causal trace")
         trace = self.locate(base.probe)
+        bar.update()
         windows = self.windows(trace["mean_ie"])
+        bar.set_postfix_str("Stage I lr/steps")
         stage1 = self.tune_stage1(windows[len(windows) // 2])
+        bar.update()
         shared = {"v_lr": stage1["v_lr"], "v_steps": stage1["v_steps"]}
         chosen: dict[str, dict[str, Any]] = {}
         searched: dict[str, list[dict[str, Any]]] = {}
-        bar = tqdm(self.config.methods, desc="tune", unit="method")
-        for method in bar:
+        for number, method in enumerate(methods, 1):
             bar.set_postfix_str(method)
             searched[method] = self._search_method(method, shared, windows, chosen, base)
             chosen[method] = self.best(searched[method], base)
             log.info("tune %s: %s", method, chosen[method]["settings"])
+            self._note_invocation(completed=number == len(methods))
             report = write_outputs(self, base, trace, stage1, windows, searched, chosen)
+            bar.update()
+        bar.close()
         return report
 
     def _search_method(

@@ -47,6 +47,7 @@ def write_outputs(
         "chosen": chosen,
         "seconds": sum(r.get("seconds", 0.0) for r in tuner.rows.values()),
         "cost": cost_table(tuner.rows.values()),
+        "invocations": tuner.invocations,
         "grid_scales": tuner.grid_scales,
         "preset_file": str(out / PRESET_FILE),
     }
@@ -99,6 +100,28 @@ def _cost_lines(cost: list[dict[str, Any]]) -> list[str]:
                      f"{100 * share:.0f}% |")  # fmt: skip
     rows = sum(part["rows"] for part in cost)
     lines.append(f"| total | {rows} | {total / 60:.1f} | 100% |")
+    return lines
+
+
+def _invocation_lines(invocations: list[dict[str, Any]]) -> list[str]:
+    """The wall clock of every `metake tune` invocation on the folder (rows, baseline, trace,
+    statistics and reports included; model loading not)."""
+    if not invocations:
+        return []
+    total = sum(i["seconds"] for i in invocations)
+    lines = [
+        "",
+        f"Wall clock of the {len(invocations)} invocation(s) on this folder, from the loaded model "
+        f"to the last row or report each wrote (unedited scores, tracing and statistics "
+        f"included): **{total / 60:.1f} min**. An invocation cut short counts up to its last row.",
+        "",
+        "| started (UTC) | threads | minutes | completed |",
+        "|---|---:|---:|---|",
+    ]
+    for run in invocations:
+        done = "yes" if run["completed"] else "no"
+        minutes = run["seconds"] / 60
+        lines.append(f"| {run['started']} | {run['threads']} | {minutes:.1f} | {done} |")
     return lines
 
 
@@ -179,7 +202,8 @@ def _markdown(report: dict[str, Any]) -> str:
         lines += ["", f"{method}'s grid, scaled to the targets (median RMS "
                   f"{grid['target_rms']:.3g} at layer {grid['layer']}, {grid['factor']:.3g} times "
                   f"the reference): {grid['grid']}."]  # fmt: skip
-    lines += ["", "## Cost", "", *_cost_lines(report["cost"]), "", "## Every candidate", ""]
+    lines += ["", "## Cost", "", *_cost_lines(report["cost"])]
+    lines += [*_invocation_lines(report.get("invocations", [])), "", "## Every candidate", ""]
     for method, rows in report["searched"].items():
         lines += [
             f"### {method}",
