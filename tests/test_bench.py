@@ -174,6 +174,33 @@ def test_bench_config_errors(tmp_path):
         BenchRun.read_config(tmp_path / "nowhere")
 
 
+def test_a_finished_run_takes_more_methods_and_keeps_its_parts(tmp_path, monkeypatch):
+    """Methods listed after the saved ones are added to a run (same records, the finished
+    parts not edited again); any other change of the list is refused."""
+    model = tiny_model("llama")
+    first = _run(_config(tmp_path, methods=["memit"], seeds=[0], edits=2), tmp_path / "c", model,
+                 tmp_path)  # fmt: skip
+    real_edit = Editor.edit
+    edited: list[str] = []
+
+    def counting_edit(self, *args, **kwargs):
+        edited.append(self.method)
+        return real_edit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Editor, "edit", counting_edit)
+    grown = _run(_config(tmp_path, methods=["memit", "alphaedit"], seeds=[0], edits=2),
+                 tmp_path / "c", model, tmp_path)  # fmt: skip
+    assert edited and set(edited) == {"alphaedit"}  # memit's part was kept, not edited again
+    assert grown["runs"]["0"]["records"] == first["runs"]["0"]["records"]
+    assert (grown["runs"]["0"]["methods"]["memit"]["per_record"]
+            == first["runs"]["0"]["methods"]["memit"]["per_record"])  # fmt: skip
+    assert BenchRun.read_config(tmp_path / "c").methods == ["memit", "alphaedit"]
+    for methods in (["alphaedit", "memit", "rome"], ["memit"], ["rome", "memit", "alphaedit"]):
+        with pytest.raises(MetakeError, match="another configuration"):
+            _run(_config(tmp_path, methods=methods, seeds=[0], edits=2), tmp_path / "c", model,
+                 tmp_path)  # fmt: skip
+
+
 def test_bench_runs_the_table1_baselines_and_resumes_prune(tmp_path, monkeypatch):
     """RECT, PRUNE, BLUE and ROME by name; PRUNE interrupted while finalised resumes exactly."""
     model = tiny_model("llama")

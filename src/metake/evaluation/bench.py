@@ -299,6 +299,12 @@ class BenchRun:
             differ = sorted(
                 k for k in mine if k != "command" and saved.get(k, defaults.get(k)) != mine[k]
             )  # a field older runs lack counts as its default
+            if differ == ["methods"] and _extends(saved["methods"], mine["methods"]):
+                added = mine["methods"][len(saved["methods"]) :]
+                log.info("%s: methods %s added to the run (same records and settings; the "
+                         "finished parts are kept)", self.out, ", ".join(added))  # fmt: skip
+                _write_json(path, mine)
+                return
             if differ:
                 raise MetakeError(
                     f"{self.out} holds a run with another configuration ({', '.join(differ)}); "
@@ -614,3 +620,8 @@ def run_bench(
     ``options``: ``corpus`` (a :class:`TextCorpus`), ``stats_cache``, ``stop_after_batches``.
     """
     return BenchRun(config, out, model, tokenizer, **options).run()
+
+
+def _extends(saved: list[str], methods: list[str]) -> bool:
+    """Whether ``methods`` is the saved run's list with more methods after it (a run may grow)."""
+    return len(methods) > len(saved) and methods[: len(saved)] == saved
