@@ -112,7 +112,7 @@ def _invocation_lines(invocations: list[dict[str, Any]]) -> list[str]:
     lines = [
         "",
         f"Wall clock of the {len(invocations)} invocation(s) on this folder, from the loaded model "
-        f"to the last row or report each wrote (unedited scores, tracing and statistics "
+        "to the last row or report each wrote (unedited scores, tracing and statistics "
         f"included): **{total / 60:.1f} min**. An invocation cut short counts up to its last row.",
         "",
         "| started (UTC) | threads | minutes | completed |",
