@@ -90,6 +90,26 @@ def test_same_seed_gives_identical_deltas(tmp_path):
     assert first.report.stage1_history == second.report.stage1_history
 
 
+@pytest.mark.parametrize("method", ["memit", "metake_exact"])
+def test_a_trainable_model_in_training_mode_edits_as_a_frozen_one(method, tmp_path):
+    """A model straight from ``from_pretrained`` (every weight trainable) or put in training
+    mode (GPT-2's dropout on) edits exactly as a frozen model in eval mode, fills no ``.grad``,
+    and gets its modes and flags back."""
+    base = tiny_model("gpt2")
+    assert base.config.resid_pdrop > 0  # dropout would change the edit if it ran
+    frozen_model = copy.deepcopy(base).requires_grad_(False)
+    user_model = copy.deepcopy(base).train()
+    user_model.transformer.h[0].eval()  # a submodule's own mode is kept as well
+    expected = _editor(frozen_model, tmp_path, method=method).edit(REQUESTS)
+    got = _editor(user_model, tmp_path, method=method).edit(REQUESTS)
+    for name, delta in expected.deltas.items():
+        assert torch.equal(delta, got.deltas[name]), name
+    assert all(p.grad is None for p in user_model.parameters())
+    assert all(p.requires_grad for p in user_model.parameters())
+    assert user_model.training and user_model.transformer.h[1].training
+    assert not user_model.transformer.h[0].training
+
+
 def test_sequential_edits_accumulate_and_restore(tmp_path):
     model = tiny_model("llama")
     original = _state(model)

@@ -36,6 +36,7 @@ from metake.methods import (
     resolve_method,
 )
 from metake.models.adapters import get_adapter, require_in_memory
+from metake.models.modes import frozen
 from metake.planners.hypergradient import Channel, ProxyChannel, SpreadChannel
 from metake.planners.metake import LOCALITY_PROMPTS, RefinedPlan, lookahead_targets
 from metake.planners.standard import (
@@ -204,9 +205,10 @@ class Editor:
     def contexts(self) -> list[str]:
         """Context prefixes (computed once from the model as it was at the first edit)."""
         if self._contexts is None:
-            self._contexts = context_templates(
-                self.model, self.tokenizer, self.hparams.context_count, self.hparams.context_length
-            )
+            with frozen(self.model):  # generated without dropout
+                self._contexts = context_templates(self.model, self.tokenizer,
+                                                   self.hparams.context_count,
+                                                   self.hparams.context_length)  # fmt: skip
             log.info("context prefixes: %s", self._contexts)
         return self._contexts
 
@@ -359,12 +361,13 @@ class Editor:
         before = self._raw_weights or snapshot  # the weights editing continues from
         try:
             self._set_layer_weights(before)
-            plans, refined, deltas, timing = run(parsed, contexts)
-            deltas = self._apply_rect(before) or deltas
-            for layer in before:
-                require_finite(self.adapter.weight(self.model, layer), "the edited weights",
-                               layer=layer, requests=parsed)  # fmt: skip
-            solver_state = self._next_solver_state(parsed, contexts)
+            with frozen(self.model):  # no weight gradients, no dropout; the user's modes kept
+                plans, refined, deltas, timing = run(parsed, contexts)
+                deltas = self._apply_rect(before) or deltas
+                for layer in before:
+                    require_finite(self.adapter.weight(self.model, layer), "the edited weights",
+                                   layer=layer, requests=parsed)  # fmt: skip
+                solver_state = self._next_solver_state(parsed, contexts)
         except BaseException:
             self._set_layer_weights(snapshot)
             log.error("edit failed; the batch was rolled back")

@@ -47,6 +47,7 @@ from metake.errors import CorpusError
 from metake.files import write_file_atomically
 from metake.finite import require_finite
 from metake.models.adapters import ArchAdapter, get_adapter, input_device
+from metake.models.modes import frozen
 from metake.precision import AUTOCAST_DTYPES, planner_precision
 from metake.tokens import padding_id, right_pad
 from metake.trace import capture
@@ -106,12 +107,10 @@ def compute_second_moments(
     sums = {layer: _zeros_for(model, adapter, layer, accum_dtype, acc_device) for layer in layers}
     num_tokens = 0
     num_texts = 0
-    was_training = model.training
-    model.eval()
     bar = tqdm(total=total, desc=f"key statistics ({corpus.name})", unit="text",
                disable=not progress or rank != 0)  # fmt: skip
     try:
-        with torch.no_grad(), planner_precision(model, autocast):
+        with torch.no_grad(), frozen(model), planner_precision(model, autocast):
             texts = itertools.islice(corpus.iter_texts(), num_samples)
             batches = _token_batches(tokenizer, texts, batch_size, max_length)
             for number, (consumed, rows) in enumerate(batches):
@@ -139,7 +138,6 @@ def compute_second_moments(
                 del trace
     finally:
         bar.close()
-        model.train(was_training)
 
     if world > 1:  # every process's sums and counts, added up on every process (exact in float64)
         counts = torch.tensor([num_tokens, num_texts], dtype=torch.float64, device=acc_device)
