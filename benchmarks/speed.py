@@ -22,6 +22,7 @@ Run it on an otherwise idle machine: every figure is a wall-clock time.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -31,6 +32,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,6 +80,17 @@ class PeakMemory:
         return peak
 
 
+def this_checkouts_contention() -> ModuleType:
+    """``metake.evaluation.contention`` of this checkout (it imports nothing of metake), loaded
+    from its file, so that a child running a baseline checkout measures the same way."""
+    path = ROOT / "src" / "metake" / "evaluation" / "contention.py"
+    spec = importlib.util.spec_from_file_location("metake_contention_of_this_checkout", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def child(args: Any) -> dict[str, Any]:
     """One edit of one batch in this process (imports whatever ``metake`` PYTHONPATH gives)."""
     import torch
@@ -118,9 +131,10 @@ def child(args: Any) -> dict[str, Any]:
             peaks["stage1"] = max(peaks.get("stage1", 0.0), memory.reset())
 
     metake.editor.compute_targets = stage1
-    start = time.perf_counter()
+    meter = this_checkouts_contention().CpuMeter()  # also in a baseline without the module
     report = editor.edit(requests).report
-    wall = time.perf_counter() - start
+    cpu = meter.stop()
+    wall = cpu.seconds
     peaks["rest"] = memory.reset()
     start = time.perf_counter()
     scores = mean_metrics(evaluate_records(model, tok, records, "zsre"),
@@ -139,6 +153,7 @@ def child(args: Any) -> dict[str, Any]:
         "peak_stage1_gib": peaks["stage1"],
         "peak_after_stage1_gib": peaks["rest"],
         "stage1_rows_run": getattr(report, "stage1_rows_run", None),
+        "other_cores": cpu.other_cores,
         **scores,
     }
 
@@ -279,6 +294,10 @@ def allocator_environment() -> dict[str, str]:
             if k.startswith("MALLOC_") or k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}  # fmt: skip
 
 
+def _cores(other: float | None) -> str:
+    return "not recorded" if other is None else f"{other:.1f}"
+
+
 def table(result: dict[str, Any]) -> list[str]:
     """The Markdown report of a result."""
     n = result["records"][1] - result["records"][0]
@@ -292,12 +311,16 @@ def table(result: dict[str, Any]) -> list[str]:
         f"{result['overrides'] or 'none'}; environment: "
         f"{result.get('environment') or 'none set'}. Seconds per edit.",
         "",
+        "Other cores busy: the average number of cores that other processes used during the "
+        "edit (0: an idle machine).",
+        "",
         "Memory: the process's resident set (model and statistics included: *loaded*), its "
         "peak during Stage I and after it (look-ahead, Stage II), GiB.",
         "",
         "| method | code | Stage I | look-ahead | Stage II | evaluation | total | loaded | "
-        "peak Stage I | peak after | GFLOP/s (% of peak) | Eff. | Gen. | Spe. |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "peak Stage I | peak after | GFLOP/s (% of peak) | other cores busy | Eff. | Gen. | "
+        "Spe. |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["runs"].values():
         total = row["seconds_stage1"] + row["seconds_lookahead"] + row["seconds_stage2"]
@@ -310,8 +333,8 @@ def table(result: dict[str, Any]) -> list[str]:
             f"{row['seconds_lookahead'] / n:.2f} | {row['seconds_stage2'] / n:.2f} | "
             f"{row['seconds_evaluation'] / n:.2f} | {total / n:.2f} | {row['rss_loaded_gib']:.2f} "
             f"| {row['peak_stage1_gib']:.2f} | {row['peak_after_stage1_gib']:.2f} | "
-            f"{rate} | {row['efficacy']:.2f} | {row['generalization']:.2f} | "
-            f"{row['specificity']:.2f} |"
+            f"{rate} | {_cores(row.get('other_cores'))} | {row['efficacy']:.2f} | "
+            f"{row['generalization']:.2f} | {row['specificity']:.2f} |"
         )
     return lines
 

@@ -82,6 +82,9 @@ def test_bench_writes_results_and_resume_gives_identical_numbers(tmp_path):
     table = (out / "results.md").read_text(encoding="utf-8")
     assert "| memit |" in table and "| unedited |" in table and "±" in table
     assert "Eff. (generation)" in table and "Gen. (generation)" in table
+    assert "Timing: " in table and "cores busy" in table  # how busy the machine was
+    batch = run0["methods"]["memit"]["batches"][0]
+    assert batch["threads"] == torch.get_num_threads() and batch["cpu"]["seconds"] > 0
     assert all({"efficacy_gen", "perplexity"} <= set(p) for p in run0["methods"]["memit"]["curve"])
     for name, value in _weights(model).items():  # every method restored the model
         assert torch.equal(value, before[name]), name

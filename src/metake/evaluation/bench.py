@@ -37,7 +37,6 @@ import json
 import logging
 import platform
 import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -59,6 +58,7 @@ from metake.checkpoint import (
 from metake.corpus import TextCorpus, load_corpus
 from metake.editor import Editor
 from metake.errors import MetakeError
+from metake.evaluation.contention import CpuMeter, CpuUse
 from metake.evaluation.datasets import (
     EvalRecord,
     in_ranges,
@@ -531,11 +531,10 @@ class BenchRun:
                 if self.stop_after_batches is not None and number >= self.stop_after_batches:
                     return None
                 chunk = records[start : start + size]
-                begin = time.perf_counter()
+                meter = CpuMeter()
                 report = editor.edit([r.request for r in chunk]).report
                 editor.finalize()  # PRUNE: evaluate the restrained edit; the next batch goes on raw
-                wall = time.perf_counter() - begin
-                batches.append(_batch_summary(report, wall, len(chunk)))
+                batches.append(_batch_summary(report, meter.stop(), len(chunk)))
                 if self.config.curve:
                     edited = start + len(chunk)
                     sample = curve_sample(records, edited, self.config.curve_records, seed)
@@ -592,13 +591,16 @@ def curve_sample(
     return [records[i] for i in order if i < edited][:limit]
 
 
-def _batch_summary(report, wall: float, size: int) -> dict[str, Any]:
+def _batch_summary(report, cpu: CpuUse, size: int) -> dict[str, Any]:
     """What one batch took (``seconds``: Stage I + II; ``seconds_wall`` adds the first batch's
-    context prefixes), and how far Stage I / MetaKE's look-ahead got."""
+    context prefixes; ``cpu``: how busy the rest of the machine was meanwhile, ``threads``:
+    torch's), and how far Stage I / MetaKE's look-ahead got."""
     return {
         "size": size,
         "seconds": report.seconds,
-        "seconds_wall": wall,
+        "seconds_wall": cpu.seconds,
+        "cpu": cpu.to_dict(),
+        "threads": torch.get_num_threads(),
         "seconds_stage1": report.seconds_stage1,
         "seconds_lookahead": report.seconds_lookahead,
         "seconds_stage2": report.seconds_stage2,

@@ -8,11 +8,13 @@ Perplexity (drift) and fluency are absolute numbers, aggregated the same way.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from metake.evaluation.contention import contention_sentence, span_other_cores
 from metake.evaluation.datasets import EvalDataset
 from metake.evaluation.evaluate import (
     GENERATION_METRICS,
@@ -143,12 +145,28 @@ def _markdown(results: Mapping[str, Any], agg: Mapping[str, Any], config) -> str
         "",
         markdown_table(agg, kind),
         "",
+        _timing_sentence(results),
+        "",
         f"metake {versions['metake']}, torch {versions['torch']}, transformers "
         f"{versions['transformers']}, Python {versions['python']} ({versions['machine']}), "
         f"device {config.device}.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _timing_sentence(results: Mapping[str, Any]) -> str:
+    """How busy the machine was while the s / edit figures were measured, and on how many
+    threads (from every part's batches)."""
+    parts = [m for run in results["runs"].values() for m in run["methods"].values()]
+    others = [span_other_cores(part["batches"]) for part in parts]
+    threads = sorted({b["threads"] for part in parts for b in part["batches"] if "threads" in b})
+    cores = next((b["cpu"]["cores"] for part in parts for b in part["batches"] if "cpu" in b),
+                 os.cpu_count() or 1)  # fmt: skip
+    sentence = "Timing: " + contention_sentence(others, cores)
+    if threads:
+        sentence += f" torch threads: {', '.join(map(str, threads))}."
+    return sentence
 
 
 def _probe_sentence(config) -> str:
