@@ -14,7 +14,7 @@ from metake.corpus import TextCorpus
 from metake.editor import Editor
 from metake.errors import MetakeError
 from metake.evaluation.bench import BenchConfig, BenchRun, curve_sample, method_spec, run_bench
-from metake.evaluation.report import progress_table
+from metake.evaluation.report import progress_table, write_progress
 from metake.stats import StatsCache
 
 NAMES = ["Anna Berg", "Carl Dunn", "Eva Holm", "Ivan Roth", "Lena Ost", "Omar Said"]
@@ -96,6 +96,12 @@ def test_bench_writes_results_and_resume_gives_identical_numbers(tmp_path):
     progress = progress_table(part)
     assert "pending: memit (checkpointed), alphaedit (not started)" in progress
     assert "seed 1: not started" in progress
+    assert write_progress(part) == [part / "progress.md"]  # nothing finished: no curves yet
+    assert "pending: memit" in (part / "progress.md").read_text(encoding="utf-8")
+    written = write_progress(out)  # every method finished: curves of all of them
+    assert [p.name for p in written] == ["progress.md", "progress_metrics_vs_edits.png",
+                                         "progress_final_metrics.png"]  # fmt: skip
+    assert all(p.is_file() for p in written)
     for name, value in _weights(model).items():  # interruption restored the model too
         assert torch.equal(value, before[name]), name
     resumed = _run(BenchRun.read_config(part), part, model, tmp_path)

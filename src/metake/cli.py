@@ -666,7 +666,9 @@ def _add_bench_parser(sub) -> None:
         "--progress",
         metavar="DIR",
         default=None,
-        help="print what the run in DIR has finished so far, seed by seed, and exit",
+        help="print what the run in DIR has finished so far, seed by seed, write it to "
+        "DIR/progress.md with the curves of the methods finished on every started seed "
+        "(DIR/progress_metrics_vs_edits.png, progress_final_metrics.png), and exit",
     )
     bench.add_argument(
         "--no-curve",
@@ -749,10 +751,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.progress:
         from pathlib import Path
 
-        from metake.evaluation.report import progress_table
+        from metake.evaluation.report import progress_table, write_progress
 
         BenchRun.read_config(args.progress)  # a clear error for a folder that is not a run
         print(progress_table(Path(args.progress)))
+        written = write_progress(Path(args.progress))
+        print("\nwritten: " + ", ".join(str(path) for path in written))
         return 0
     if args.resume:
         config, out = BenchRun.read_config(args.resume), args.resume

@@ -180,9 +180,14 @@ def _probe_sentence(config) -> str:
 
 
 def write_plots(
-    out: Path, seeds: Mapping[int, Mapping[str, Any]], agg: Mapping[str, Any], kind: str
+    out: Path,
+    seeds: Mapping[int, Mapping[str, Any]],
+    agg: Mapping[str, Any],
+    kind: str,
+    prefix: str = "",
 ) -> list[Path]:
-    """``metrics_vs_edits.png`` (if the curve was recorded) and ``final_metrics.png``."""
+    """``metrics_vs_edits.png`` (if the curve was recorded) and ``final_metrics.png``, each name
+    after ``prefix``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,8 +202,13 @@ def write_plots(
     if all(run["methods"][m]["curve"] for run in runs for m in methods):
         wanted = [*names, "known_facts_kept", "perplexity"]
         plotted = [n for n in wanted if all(n in p for p in points)]  # older parts lack some
-        fig, axes = plt.subplots(1, len(plotted), figsize=(4.2 * len(plotted), 3.4), squeeze=False)
-        for ax, name in zip(axes[0], plotted, strict=True):
+        columns = min(4, len(plotted))  # rows of at most four panels
+        rows = -(-len(plotted) // columns)
+        fig, grid = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False)
+        axes = list(grid.flat)
+        for ax in axes[len(plotted) :]:
+            ax.set_visible(False)
+        for ax, name in zip(axes, plotted, strict=False):
             for method in methods:
                 curves = [run["methods"][method]["curve"] for run in runs]
                 xs = [p["edits"] for p in curves[0]]
@@ -211,10 +221,11 @@ def write_plots(
             ax.set_title(LABELS[name])
             if name != "perplexity":  # a percentage; perplexity keeps its own scale
                 ax.set_ylim(0, 100)
-        axes[0][0].set_ylabel("% (records edited so far)")
-        axes[0][-1].legend(fontsize=8)
+        for ax in grid[:, 0]:
+            ax.set_ylabel("% (records edited so far)")
+        axes[len(plotted) - 1].legend(fontsize=8)
         fig.tight_layout()
-        paths.append(out / "metrics_vs_edits.png")
+        paths.append(out / f"{prefix}metrics_vs_edits.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names) * (len(methods) + 1) / 3, 3.6))
@@ -230,7 +241,7 @@ def write_plots(
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out / "final_metrics.png")
+    paths.append(out / f"{prefix}final_metrics.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
@@ -268,6 +279,41 @@ def progress_table(out: Path) -> str:
         todo = f"\npending: {', '.join(pending)}" if pending else ""
         sections.append(f"seed {seed}:\n{table}{todo}")
     return "\n\n".join(sections)
+
+
+def write_progress(out: Path) -> list[Path]:
+    """Write ``progress.md`` (:func:`progress_table`) into a run folder and, for the methods
+    finished on every started seed, ``progress_metrics_vs_edits.png`` and
+    ``progress_final_metrics.png`` (means over those seeds); return the paths written.
+
+    Lets a long run's finished methods be looked at, and committed, before the others end.
+    """
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    paths = [out / "progress.md"]
+    paths[0].write_text(progress_table(out) + "\n", encoding="utf-8")
+    seeds = {}
+    for seed in config["seeds"]:
+        folder = out / "parts" / f"seed{seed}"
+        if (folder / "pre_edit.json").is_file():
+            seeds[seed] = {"pre_edit": _read_json(folder / "pre_edit.json"), "methods": {}}
+    done = {m for m in config["methods"] if all(_part_file(out, s, m).is_file() for s in seeds)}
+    finished = [m for m in config["methods"] if seeds and m in done]
+    if not finished:
+        return paths
+    for seed, run in seeds.items():
+        run["methods"] = {m: _read_json(_part_file(out, seed, m)) for m in finished}
+    agg = aggregate(seeds, config["dataset"])
+    return paths + write_plots(out, seeds, agg, config["dataset"], prefix="progress_")
+
+
+def _part_file(out: Path, seed: int, method: str) -> Path:
+    """Where a run folder keeps one finished (seed, method) part."""
+    return out / "parts" / f"seed{seed}" / f"{method}.json"
+
+
+def _read_json(path: Path) -> Any:
+    """A part file's contents."""
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _held(lock_path: Path) -> bool:
