@@ -17,7 +17,9 @@ Each run folder is resumable (run the same command again); ``--only base`` (or t
 label) runs one side now. ``--base-from DIR`` takes the base side from a finished ``metake
 bench`` folder instead (e.g. a Table 1 run with the same preset), after checking that it edited
 the same records of every seed with the same hyper-parameters as the variant run, bar the keys
-the variant sets. Writes ``OUT/comparison.json`` and ``OUT/comparison.md``. s/edit is only
+the variant sets. Writes ``OUT/comparison.json`` and ``OUT/comparison.md``. ``--finished`` runs
+nothing and compares, from the finished parts, the methods done on every seed on both sides so
+far (``OUT/comparison_partial.*``), while the runs go on. s/edit is only
 comparable between runs made alone on the machine.
 """
 
@@ -50,9 +52,12 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 
 def paired_difference(base: list[dict], other: list[dict], metric: str) -> tuple[float, float]:
-    """Mean and standard error (points) of ``other - base`` over records matched by index."""
-    by_index = {r["index"]: r[metric] for r in base}
-    diffs = [100 * (r[metric] - by_index[r["index"]]) for r in other]
+    """Mean and standard error (points) of ``other - base`` over records matched by seed and
+    index (seeds draw overlapping records, each edited in its own sequence)."""
+    by_index = {(r.get("seed"), r["index"]): r[metric] for r in base}
+    if len(by_index) != len(base) or len(other) != len(base):
+        raise SystemExit("paired records: each side needs every (seed, record) exactly once")
+    diffs = [100 * (r[metric] - by_index[r.get("seed"), r["index"]]) for r in other]
     n = len(diffs)
     mean = sum(diffs) / n
     var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
@@ -91,6 +96,9 @@ def main() -> None:
     parser.add_argument(
         "--out", default=None, help="run folder (default: benchmarks/results/LABEL_check_MODEL)"
     )
+    parser.add_argument("--finished", action="store_true",
+                        help="run nothing: compare the methods whose parts have finished on "
+                             "every seed on both sides so far (runs still going)")  # fmt: skip
     args = parser.parse_args()
     label, settings = parse_variant(args.variant)
     sides = {BASE: {}, label: settings}
@@ -99,6 +107,10 @@ def main() -> None:
     out = Path(args.out or f"benchmarks/results/{label}_check_{args.model}")
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
+    if args.finished:
+        results, methods = finished_sides(out, label, args.base_from, methods, seeds, settings)
+        _write_comparison(out, results, methods, seeds, label, args, partial=True)
+        return
     model, tokenizer = load_model(args.model, device=args.device)
     results = {}
     for side, overrides in sides.items():
@@ -118,11 +130,34 @@ def main() -> None:
         results[BASE] = borrowed_base(
             Path(args.base_from), results[label], methods, seeds, set(settings)
         )
+    _write_comparison(out, results, methods, seeds, label, args, partial=False)
+
+
+def _write_comparison(
+    out: Path,
+    results: dict[str, dict],
+    methods: list[str],
+    seeds: list[int],
+    label: str,
+    args: argparse.Namespace,
+    partial: bool,
+) -> None:
+    """``OUT/comparison.json`` and ``.md`` (``comparison_partial.*`` for ``--finished``)."""
     rows = _rows(results, methods, seeds, label)
+    name = "comparison_partial" if partial else "comparison"
     lines = [
         f"# {label} ({args.variant.partition(':')[2]}) vs the preset's settings: {args.model}, "
         f"zsRE, {args.edits} edits in batches of {args.batch_size}, seeds {args.seeds}",
         "",
+        *(
+            [
+                f"**Partial:** only the methods finished on every seed on both sides so far "
+                f"({', '.join(methods)}).",
+                "",
+            ]
+            if partial
+            else []
+        ),  # fmt: skip
         f"Command: `{command_line()}`",
         "",
         "Both sides edit the same records per seed. Difference: variant minus base per record, "
@@ -136,9 +171,48 @@ def main() -> None:
         "|---|" + "---:|" * 11 + "---|",
         *(_line(row, label) for row in rows),
     ]
-    write_json(out / "comparison", {"command": command_line(), "variant": args.variant,
-                                    "rows": rows})  # fmt: skip
-    write_table(out / "comparison", lines)
+    write_json(out / name, {"command": command_line(), "variant": args.variant,
+                            "partial": partial, "rows": rows})  # fmt: skip
+    write_table(out / name, lines)
+
+
+def finished_sides(
+    out: Path,
+    label: str,
+    base_from: str | None,
+    methods: list[str],
+    seeds: list[int],
+    settings: dict[str, str],
+) -> tuple[dict[str, dict], list[str]]:
+    """Both sides read from their finished parts (runs may still be going), checked as
+    :func:`borrowed_base` checks, and the methods finished on every seed of both."""
+    base_folder = Path(base_from) if base_from else out / BASE
+    sides = {BASE: side_from_parts(base_folder, seeds), label: side_from_parts(out / label, seeds)}
+    runs = [run for side in sides.values() for run in side["runs"].values()]
+    done = [m for m in methods if all(m in run["methods"] for run in runs)]
+    if not done:
+        raise SystemExit(f"--finished: no method of {', '.join(methods)} has finished on every "
+                         f"seed on both sides yet")  # fmt: skip
+    check_base(sides[BASE], base_folder, sides[label], done, seeds, set(settings))
+    return sides, done
+
+
+def side_from_parts(folder: Path, seeds: list[int]) -> dict[str, Any]:
+    """What :func:`_rows` reads of one side, from the finished parts of a bench folder: per seed
+    the records (those of the unedited scores) and the finished methods' parts."""
+    runs, seconds = {}, {}
+    for seed in seeds:
+        parts = folder / "parts" / f"seed{seed}"
+        if not (parts / "pre_edit.json").is_file():
+            raise SystemExit(f"--finished: {folder} has not started seed {seed}")
+        pre = json.loads((parts / "pre_edit.json").read_text(encoding="utf-8"))
+        methods = {path.stem: json.loads(path.read_text(encoding="utf-8"))
+                   for path in sorted(parts.glob("*.json")) if path.stem != "pre_edit"}  # fmt: skip
+        runs[str(seed)] = {"records": [r["index"] for r in pre["per_record"]], "methods": methods}
+        for method, part in methods.items():
+            seconds.setdefault(method, []).append(part["seconds_per_edit"])
+    aggregate = {m: {"seconds_per_edit": {"mean": sum(s) / len(s)}} for m, s in seconds.items()}
+    return {"runs": runs, "aggregate": aggregate}
 
 
 def borrowed_base(
@@ -151,6 +225,20 @@ def borrowed_base(
     if not path.is_file():
         raise SystemExit(f"--base-from: {path} does not exist (is that run finished?)")
     borrowed = json.loads(path.read_text(encoding="utf-8"))
+    check_base(borrowed, folder, variant, methods, seeds, keys)
+    return borrowed
+
+
+def check_base(
+    borrowed: dict[str, Any],
+    folder: Path,
+    variant: dict[str, Any],
+    methods: list[str],
+    seeds: list[int],
+    keys: set[str],
+) -> None:
+    """Refuse (SystemExit naming the difference) a base side that lacks a (seed, method) of the
+    variant, edited other records, or ran with other hyper-parameters bar ``keys``."""
     for seed in map(str, seeds):
         theirs, ours = borrowed["runs"].get(seed), variant["runs"][seed]
         if theirs is None:
@@ -165,7 +253,6 @@ def borrowed_base(
             if differ:
                 raise SystemExit(f"--base-from: {method} in {folder} ran with other "
                                  f"hyper-parameters: {', '.join(differ)}")  # fmt: skip
-    return borrowed
 
 
 def _hparam_differences(base: dict[str, Any], variant: dict[str, Any], keys: set[str]) -> list[str]:
@@ -179,7 +266,7 @@ def _rows(
     """Per method: each side's means, the paired differences and the verdicts."""
     rows = []
     for method in methods:
-        per = {side: [r for s in seeds
+        per = {side: [{**r, "seed": s} for s in seeds
                       for r in results[side]["runs"][str(s)]["methods"][method]["per_record"]]
                for side in (BASE, label)}  # fmt: skip
         row: dict[str, Any] = {"method": method}

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from paired_check import borrowed_base, paired_difference, parse_variant, verdict  # noqa: E402
+from paired_check import (  # noqa: E402
+    borrowed_base,
+    finished_sides,
+    paired_difference,
+    parse_variant,
+    verdict,
+)
 
 
 def test_paired_difference_matches_records_by_index():
@@ -70,3 +76,47 @@ def test_a_variant_names_a_label_and_its_settings():
     for bad in ("bare", "bare:", ":a=1", "base:a=1", "bare:a"):
         with pytest.raises(SystemExit, match="--variant"):
             parse_variant(bad)
+
+
+def test_records_are_paired_within_their_seed():
+    """Two seeds may draw the same record; each is edited in its own sequence."""
+    base = [{"seed": 0, "index": 5, "efficacy": 1.0}, {"seed": 1, "index": 5, "efficacy": 0.0}]
+    other = [{"seed": 1, "index": 5, "efficacy": 0.0}, {"seed": 0, "index": 5, "efficacy": 1.0}]
+    assert paired_difference(base, other, "efficacy") == (0.0, 0.0)
+    with pytest.raises(SystemExit, match="exactly once"):
+        paired_difference(base, other[:1], "efficacy")
+
+
+def _parts(folder, seed, records, methods, **hparams):
+    """A bench folder's finished parts for one seed: unedited scores and ``methods``."""
+    import json
+
+    parts = folder / "parts" / f"seed{seed}"
+    parts.mkdir(parents=True)
+    rows = [{"index": i, "efficacy": 0.5, "generalization": 0.5, "specificity": 0.5}
+            for i in records]  # fmt: skip
+    (parts / "pre_edit.json").write_text(json.dumps({"per_record": rows}))
+    for method, value in methods.items():
+        scored = [{**r, "efficacy": value} for r in rows]
+        part = {"hparams": {"v_lr": 0.5, **hparams}, "per_record": scored, "seconds_per_edit": 2.0}
+        (parts / f"{method}.json").write_text(json.dumps(part))
+
+
+def test_finished_compares_the_methods_done_on_every_seed_of_both_sides(tmp_path):
+    base, out = tmp_path / "table1", tmp_path / "check"
+    for seed, records in ((0, [1, 2]), (1, [2, 3])):
+        _parts(base, seed, records, {"alphaedit": 0.5, "metake": 0.5, "memit": 0.5})
+    _parts(out / "bf16", 0, [1, 2], {"alphaedit": 1.0, "metake": 1.0}, planner_autocast="bf16")
+    _parts(out / "bf16", 1, [2, 3], {"alphaedit": 0.0}, planner_autocast="bf16")  # metake: going
+    sides, done = finished_sides(out, "bf16", str(base), ["alphaedit", "metake"], [0, 1],
+                                 {"planner_autocast": "bf16"})  # fmt: skip
+    assert done == ["alphaedit"]
+    assert sides["base"]["aggregate"]["alphaedit"]["seconds_per_edit"]["mean"] == 2.0
+    records = sides["bf16"]["runs"]["0"]["methods"]["alphaedit"]["per_record"]
+    assert [r["efficacy"] for r in records] == [1.0, 1.0]
+    with pytest.raises(SystemExit, match="planner_autocast"):  # a setting the variant lacks
+        finished_sides(out, "bf16", str(base), ["alphaedit"], [0, 1], {})
+    with pytest.raises(SystemExit, match="no method"):
+        finished_sides(out, "bf16", str(base), ["memit"], [0, 1], {"planner_autocast": "bf16"})
+    with pytest.raises(SystemExit, match="not started seed 2"):
+        finished_sides(out, "bf16", str(base), ["alphaedit"], [2], {"planner_autocast": "bf16"})
