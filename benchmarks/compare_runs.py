@@ -51,9 +51,17 @@ def method_hparams(run: dict[str, Any], method: str) -> dict[str, Any]:
 
 
 def changed(old: dict[str, Any], new: dict[str, Any]) -> dict[str, list[Any]]:
-    """Keys whose values differ between two flat dicts: ``{key: [old, new]}`` (None if absent)."""
-    keys = sorted(set(old) | set(new))
-    return {k: [old.get(k), new.get(k)] for k in keys if old.get(k) != new.get(k)}
+    """Keys both flat dicts hold with different values: ``{key: [old, new]}``."""
+    keys = sorted(set(old) & set(new))
+    return {k: [old[k], new[k]] for k in keys if old[k] != new[k]}
+
+
+def recorded_only(old: dict[str, Any], new: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Keys only one side records (e.g. a field added to the code between the runs)."""
+    return {
+        "old": {k: old[k] for k in sorted(set(old) - set(new))},
+        "new": {k: new[k] for k in sorted(set(new) - set(old))},
+    }
 
 
 def compare(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -69,11 +77,20 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
             diff = None if None in pair else pair[1]["mean"] - pair[0]["mean"]
             scores[metric] = {"old": pair[0], "new": pair[1], "difference": diff}
         old_hparams, new_hparams = method_hparams(old, method), method_hparams(new, method)
-        hparams = changed(old_hparams, new_hparams) if old_hparams and new_hparams else {}
+        both = bool(old_hparams and new_hparams)
         ran_in = [side for side, h in (("old", old_hparams), ("new", new_hparams)) if h]
-        rows[method] = {"scores": scores, "hparams_changed": hparams, "ran_in": ran_in}
-    settings = changed(_settings(old), _settings(new))
-    return {"methods": rows, "settings_changed": settings}
+        rows[method] = {
+            "scores": scores,
+            "hparams_changed": changed(old_hparams, new_hparams) if both else {},
+            "hparams_recorded_only": recorded_only(old_hparams, new_hparams) if both else {},
+            "ran_in": ran_in,
+        }
+    old_settings, new_settings = _settings(old), _settings(new)
+    return {
+        "methods": rows,
+        "settings_changed": changed(old_settings, new_settings),
+        "settings_recorded_only": recorded_only(old_settings, new_settings),
+    }
 
 
 def _settings(run: dict[str, Any]) -> dict[str, Any]:
@@ -89,9 +106,14 @@ def _stat(run: dict[str, Any], method: str, metric: str) -> dict[str, float] | N
 def table(result: dict[str, Any], labels: tuple[str, str]) -> list[str]:
     """The comparison as Markdown: settings that differ, the score table, the changed settings."""
     old_label, new_label = labels
-    lines = ["Run settings that differ:" if result["settings_changed"] else "Same run settings."]
+    differ = result["settings_changed"] or any(result["settings_recorded_only"].values())
+    lines = ["Run settings that differ:" if differ else "Same run settings."]
     for key, (a, b) in result["settings_changed"].items():
         lines.append(f"- `{key}`: {old_label} {a!r}, {new_label} {b!r}")
+    for side, label in (("old", old_label), ("new", new_label)):
+        only = result["settings_recorded_only"][side]
+        if only:
+            lines.append(f"- recorded only by {label}: {_pairs(only, '`')}")
     metrics = [m for m in METRICS if any(m in r["scores"] for r in result["methods"].values())]
     head = [f"{METRICS[m]} {lab}" for m in metrics for lab in (*labels, "Δ")]
     lines += ["", "| Method | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
@@ -106,10 +128,27 @@ def table(result: dict[str, Any], labels: tuple[str, str]) -> list[str]:
         if method != "unedited" and len(row["ran_in"]) == 1:
             side = labels[0] if row["ran_in"] == ["old"] else labels[1]
             lines.append(f"- {method}: ran only in {side}")
-        elif row["hparams_changed"]:
-            diffs = ", ".join(f"{k} {a!r} → {b!r}" for k, (a, b) in row["hparams_changed"].items())
-            lines.append(f"- {method}: {diffs}")
+            continue
+        parts = [f"{k} {a!r} → {b!r}" for k, (a, b) in row["hparams_changed"].items()]
+        for side, label in (("old", old_label), ("new", new_label)):
+            only = row.get("hparams_recorded_only", {}).get(side)
+            if only:
+                parts.append(f"recorded only by {label} ({_pairs(only)})")
+        if parts:
+            lines.append(f"- {method}: " + ", ".join(parts))
+    if any(result["settings_recorded_only"].values()) or any(
+        any(r.get("hparams_recorded_only", {}).values()) for r in result["methods"].values()
+    ):
+        lines += [
+            "",
+            "A setting recorded by one run only is one the code did not record (or have) when "
+            "the other ran; the other ran with that setting's behaviour of its time.",
+        ]
     return lines
+
+
+def _pairs(values: dict[str, Any], quote: str = "") -> str:
+    return ", ".join(f"{quote}{k}{quote} {v!r}" for k, v in values.items())
 
 
 def _fmt(stat: dict[str, float] | None) -> str:

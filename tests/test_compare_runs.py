@@ -37,7 +37,8 @@ def test_differences_changed_hyperparameters_and_settings():
     assert rows["unedited"]["scores"]["efficacy"]["difference"] == 0.0
     assert rows["rome"]["scores"]["efficacy"]["new"] is None
     assert rows["rome"]["scores"]["efficacy"]["difference"] is None
-    assert rows["memit"]["hparams_changed"] == {"layers": [[4, 5], [5, 6]], "v_lr": [None, 0.5]}
+    assert rows["memit"]["hparams_changed"] == {"layers": [[4, 5], [5, 6]]}
+    assert rows["memit"]["hparams_recorded_only"] == {"old": {}, "new": {"v_lr": 0.5}}
     assert rows["metake_exact"]["ran_in"] == ["new"]
     assert result["settings_changed"] == {"exclude": [None, "900:1000"]}
     text = "\n".join(table(result, ("hand", "tuned")))
@@ -45,3 +46,19 @@ def test_differences_changed_hyperparameters_and_settings():
     assert "| rome | 80.00 ± 1.00 | – | – |" in text
     assert "- metake_exact: ran only in tuned" in text
     assert "- `exclude`: hand None, tuned '900:1000'" in text
+    assert "- memit: layers [4, 5] → [5, 6], recorded only by tuned (v_lr 0.5)" in text
+
+
+def test_a_setting_one_run_did_not_record_is_not_shown_as_changed():
+    old = _run({"memit": 82.0}, {"memit": {"layers": [4]}}, None)
+    new = _run({"memit": 80.0}, {"memit": {"layers": [4], "ridge": 0.0}}, None)
+    del old["config"]["exclude"]
+    result = compare(old, new)
+    assert result["settings_changed"] == {}
+    assert result["settings_recorded_only"] == {"old": {}, "new": {"exclude": None}}
+    assert result["methods"]["memit"]["hparams_changed"] == {}
+    text = "\n".join(table(result, ("hand", "tuned")))
+    assert "Run settings that differ:" in text
+    assert "- recorded only by tuned: `exclude` None" in text
+    assert "- memit: recorded only by tuned (ridge 0.0)" in text
+    assert "did not record (or have) when the other ran" in text
