@@ -386,3 +386,53 @@ def test_resume_refuses_parts_edited_with_another_preset(tmp_path, monkeypatch):
         _run(BenchRun.read_config(done), done, model, tmp_path)
     with pytest.raises(MetakeError, match="checkpoint was made with other hyper-parameters"):
         _run(BenchRun.read_config(halfway), halfway, model, tmp_path)
+
+
+def test_a_part_resumed_after_an_upgrade_records_both_versions(tmp_path, monkeypatch, caplog):
+    import metake.evaluation.bench as bench
+
+    model = tiny_model("llama")
+    config = _config(tmp_path, methods=["memit"], seeds=[0])
+    out = tmp_path / "run"
+    assert _run(config, out, model, tmp_path, stop_after_batches=1) == {}
+    first = bench.package_versions()
+    state = load_checkpoint(out / "parts" / "seed0" / "memit.state.safetensors")
+    assert state["versions"] == [first]  # the checkpoint knows what its batches ran with
+    upgraded = {**first, "transformers": "99.0.0"}
+    monkeypatch.setattr(bench, "package_versions", lambda: upgraded)
+    with caplog.at_level("WARNING", logger="metake.evaluation.bench"):
+        result = _run(BenchRun.read_config(out), out, model, tmp_path)
+    assert result["runs"]["0"]["methods"]["memit"]["versions"] == [first, upgraded]
+    assert "resumed with transformers 99.0.0; its earlier batches ran with transformers" in (
+        caplog.text
+    )
+    table = (out / "results.md").read_text(encoding="utf-8")
+    assert "transformers 99.0.0, Python" in table  # what wrote the report
+    both = ", ".join(f"{v} (1)" for v in sorted([first["transformers"], "99.0.0"]))
+    assert (
+        f"its 1 part ran with transformers {both} (number of parts; a part resumed across "
+        "versions counts under each)." in table
+    )
+
+
+def test_a_run_on_one_set_of_versions_says_them_once(tmp_path):
+    model = tiny_model("llama")
+    config = _config(tmp_path, methods=["memit"], seeds=[0])
+    result = _run(config, tmp_path / "run", model, tmp_path)
+    assert result["runs"]["0"]["methods"]["memit"]["versions"] == [result["versions"]]
+    table = (tmp_path / "run" / "results.md").read_text(encoding="utf-8")
+    assert "parts ran with" not in table
+
+
+def test_parts_of_older_code_say_their_versions_were_not_recorded():
+    from metake.evaluation.report import _versions_of_parts
+
+    writer = {"metake": "0.1.0", "torch": "2.13.0", "transformers": "5.25.0", "python": "3.11.7",
+              "machine": "x86_64"}  # fmt: skip
+    parts = {"a": {}, "b": {"versions": [writer]}}
+    results = {"versions": writer, "runs": {"0": {"methods": parts}}}
+    text = _versions_of_parts(results)
+    assert text == (
+        " That is what wrote this report; 1 of its 2 parts ran, in full or in part, "
+        "on code that did not record the versions."
+    )

@@ -237,6 +237,21 @@ def package_versions() -> dict[str, str]:
     }
 
 
+def versions_ran_with(
+    earlier: list[dict[str, str]], now: dict[str, str], seed: int, spec: str
+) -> list[dict[str, str]]:
+    """The package versions a resumed part's batches ran with: ``earlier`` (``{}`` for batches
+    of code that did not record them) and ``now`` if it is new; a change is logged."""
+    if now in earlier:
+        return earlier
+    changed = sorted({k for before in earlier if before for k in now if before.get(k) != now[k]})
+    if changed:
+        before = ", ".join(f"{k} {b.get(k)}" for b in earlier if b for k in changed)
+        log.warning("seed %d %s: resumed with %s; its earlier batches ran with %s", seed, spec,
+                    ", ".join(f"{k} {now[k]}" for k in changed), before)  # fmt: skip
+    return [*earlier, now]
+
+
 def held_out_texts(corpus: TextCorpus, count: int) -> list[str]:
     """The last ``count`` texts of ``corpus`` (statistics read its first texts)."""
     if count <= 0:
@@ -516,10 +531,12 @@ class BenchRun:
         except CheckpointError as err:
             log.warning("seed %d %s: %s; starting this method over", seed, spec, err)
             state = None
+        ran_with = [package_versions()]
         if state is not None:
             editor.load_state_dict(state["editor"])
             batches, curve = state["batches"], state["curve"]
             log.info("seed %d %s: resuming after batch %d", seed, spec, len(batches))
+            ran_with = versions_ran_with(state.get("versions", [{}]), ran_with[0], seed, spec)
         size = self.config.batch_size
         starts = list(range(0, len(records), size))
         names = metric_names(self.config.dataset)
@@ -550,7 +567,8 @@ class BenchRun:
                     if kept is not None:
                         point["known_facts_kept"] = 100 * kept
                     curve.append(point)
-                state = {"editor": editor.state_dict(), "batches": batches, "curve": curve}
+                state = {"editor": editor.state_dict(), "batches": batches, "curve": curve,
+                         "versions": ran_with}  # fmt: skip
                 save_checkpoint(state_path, state)
                 bar.update(1)
                 bar.set_postfix_str(f"{batches[-1]['seconds'] / len(chunk):.1f} s/edit")
@@ -568,6 +586,7 @@ class BenchRun:
             "batches": batches,
             "seconds_edit": seconds,
             "seconds_per_edit": seconds / len(records),
+            "versions": ran_with,
         }
         _write_json(done_path, result)
         state_path.unlink(missing_ok=True)

@@ -147,12 +147,49 @@ def _markdown(results: Mapping[str, Any], agg: Mapping[str, Any], config) -> str
         "",
         _timing_sentence(results),
         "",
-        f"metake {versions['metake']}, torch {versions['torch']}, transformers "
-        f"{versions['transformers']}, Python {versions['python']} ({versions['machine']}), "
-        f"device {config.device}.",
+        f"{_versions_text(versions)}, device {config.device}." + _versions_of_parts(results),
         "",
     ]
     return "\n".join(lines)
+
+
+VERSION_KEYS = ("metake", "torch", "transformers", "python", "machine")
+
+
+def _versions_text(versions: Mapping[str, str]) -> str:
+    return (f"metake {versions['metake']}, torch {versions['torch']}, transformers "
+            f"{versions['transformers']}, Python {versions['python']} "
+            f"({versions['machine']})")  # fmt: skip
+
+
+def _versions_of_parts(results: Mapping[str, Any]) -> str:
+    """Which package versions the parts ran with, where they differ from the report's own (a run
+    resumed after an upgrade) or were not recorded (parts of older code); "" if all agree."""
+    writer = results["versions"]
+    parts = [part.get("versions") or [{}] for run in results["runs"].values()
+             for part in run["methods"].values()]  # fmt: skip
+    if all(ran == [writer] for ran in parts):
+        return ""
+    counts: dict[str, dict[str, int]] = {key: {} for key in VERSION_KEYS}
+    for ran in parts:
+        for key in VERSION_KEYS:
+            for value in {v[key] for v in ran if v}:
+                counts[key][value] = counts[key].get(value, 0) + 1
+    varied = [
+        f"{key} " + ", ".join(f"{value} ({n})" for value, n in sorted(counts[key].items()))
+        for key in VERSION_KEYS
+        if set(counts[key]) - {writer[key]}
+    ]
+    counted = f"{len(parts)} part" + ("s" if len(parts) != 1 else "")
+    clauses = []
+    if varied:
+        clauses.append(f"its {counted} ran with " + "; ".join(varied) + " (number of parts; a "
+                       "part resumed across versions counts under each)")  # fmt: skip
+    unrecorded = sum(1 for ran in parts if {} in ran)
+    if unrecorded:
+        clauses.append(f"{unrecorded} of its {counted} ran, in full or in part, on code that did "
+                       "not record the versions")  # fmt: skip
+    return " That is what wrote this report; " + ", and ".join(clauses) + "."
 
 
 def _timing_sentence(results: Mapping[str, Any]) -> str:
