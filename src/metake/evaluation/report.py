@@ -147,19 +147,12 @@ def _markdown(results: Mapping[str, Any], agg: Mapping[str, Any], config) -> str
         "",
         _timing_sentence(results),
         "",
-        f"{_versions_text(versions)}, device {config.device}." + _versions_of_parts(results),
+        f"metake {versions['metake']}, torch {versions['torch']}, transformers "
+        f"{versions['transformers']}, Python {versions['python']} ({versions['machine']}), "
+        f"device {config.device}." + _versions_of_parts(results),
         "",
     ]
     return "\n".join(lines)
-
-
-VERSION_KEYS = ("metake", "torch", "transformers", "python", "machine")
-
-
-def _versions_text(versions: Mapping[str, str]) -> str:
-    return (f"metake {versions['metake']}, torch {versions['torch']}, transformers "
-            f"{versions['transformers']}, Python {versions['python']} "
-            f"({versions['machine']})")  # fmt: skip
 
 
 def _versions_of_parts(results: Mapping[str, Any]) -> str:
@@ -170,14 +163,14 @@ def _versions_of_parts(results: Mapping[str, Any]) -> str:
              for part in run["methods"].values()]  # fmt: skip
     if all(ran == [writer] for ran in parts):
         return ""
-    counts: dict[str, dict[str, int]] = {key: {} for key in VERSION_KEYS}
+    counts: dict[str, dict[str, int]] = {key: {} for key in writer}
     for ran in parts:
-        for key in VERSION_KEYS:
-            for value in {v[key] for v in ran if v}:
+        for key in writer:
+            for value in {v[key] for v in ran if key in v}:
                 counts[key][value] = counts[key].get(value, 0) + 1
     varied = [
         f"{key} " + ", ".join(f"{value} ({n})" for value, n in sorted(counts[key].items()))
-        for key in VERSION_KEYS
+        for key in writer
         if set(counts[key]) - {writer[key]}
     ]
     counted = f"{len(parts)} part" + ("s" if len(parts) != 1 else "")
