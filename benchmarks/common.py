@@ -30,11 +30,14 @@ def write_table(out: Path, lines: list[str]) -> None:
 
 def one_batch_parser(doc: str, out: str) -> argparse.ArgumentParser:
     """Arguments of the scripts that time one batch of zsRE requests (records START..+EDITS)."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="../shared/data/zsre/zsre_1k.json")
-    parser.add_argument("--start", type=int, default=500)
-    parser.add_argument("--edits", type=int, default=10)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default=out)
+    parser = argparse.ArgumentParser(
+        description=doc.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default="smollm2-135m", help="built-in name, folder or .gguf")
+    parser.add_argument("--data", default="../shared/data/zsre/zsre_1k.json", help="zsRE file")
+    parser.add_argument("--start", type=int, default=500, help="first record of the batch")
+    parser.add_argument("--edits", type=int, default=10, help="records edited as one batch")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--out", default=out, help="writes OUT.json and OUT.md")
     return parser

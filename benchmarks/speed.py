@@ -226,15 +226,17 @@ def main() -> int:
     """Measure every (checkout, method) and write the tables."""
     parser = one_batch_parser(__doc__, "benchmarks/results/speed_smollm2")
     parser.set_defaults(edits=100)
-    parser.add_argument("--methods", default="memit,alphaedit,metake,metake_exact")
+    parser.add_argument("--methods", default="memit,alphaedit,metake,metake_exact",
+                        help="comma-separated methods, one child process each")  # fmt: skip
     parser.add_argument("--baseline", default=None, help="commit to compare with (a worktree)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads of every child")  # fmt: skip
     parser.add_argument("--count-flops", action="store_true", help="a second child counts FLOPs")
     parser.add_argument(
         "--group-rows",
         default=None,
         help="comma-separated group sizes to run this checkout with (Editor's group_rows; "
-        "default: the library's own)",
+        "None: the library's own)",
     )
     parser.add_argument(
         "--set",
