@@ -27,7 +27,7 @@ from metake.planners.standard import compute_targets
 def main() -> int:
     """Time both look-aheads and write the results."""
     parser = one_batch_parser(__doc__, "benchmarks/results/exact_cost_smollm2")
-    parser.add_argument("--solver", default="alphaedit")
+    parser.add_argument("--solver", default="alphaedit", help="the solver MetaKE plans for")
     args = parser.parse_args()
     model, tok = load_model(args.model, device=args.device)
     requests = load_requests(args.data)[args.start : args.start + args.edits]

@@ -75,26 +75,30 @@ def verdict(mean: float, se: float, tolerance: float = TOLERANCE) -> str:
 
 def main() -> None:
     """Run (or resume) both bench runs and write the comparison table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="../shared/data/zsre/zsre_1k.json")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--edits", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=25)
+    parser = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default="smollm2-135m", help="built-in name, folder or .gguf")
+    parser.add_argument("--data", default="../shared/data/zsre/zsre_1k.json", help="zsRE file")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (record draws)")
+    parser.add_argument("--edits", type=int, default=100, help="records edited per seed")
+    parser.add_argument("--batch-size", type=int, default=25, help="requests per edit batch")
     parser.add_argument("--exclude", default="900:1000", help="records never edited (dev split)")
-    parser.add_argument("--methods", default="alphaedit,metake,metake_exact")
-    parser.add_argument("--preset", default=None, help="preset (default: the model's built-in)")
+    parser.add_argument("--methods", default="alphaedit,metake,metake_exact",
+                        help="comma-separated methods compared on both sides")  # fmt: skip
+    parser.add_argument("--preset", default=None, help="preset file (none: the model's built-in)")
     parser.add_argument("--variant", default="bfloat16:planner_autocast=bfloat16",
                         help="LABEL:KEY=VALUE[,KEY=VALUE], the setting compared with the "
-                             "preset's (default: the planners in bfloat16)")  # fmt: skip
-    parser.add_argument("--device", default="cpu")
+                             "preset's (the default: the planners in bfloat16)")  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto, ...")
     parser.add_argument("--only", default=None,
                         help=f"run one side now ({BASE!r} or the variant's label; the other "
                              "later: same command without --only)")  # fmt: skip
     parser.add_argument("--base-from", default=None,
                         help="finished bench folder for the base side (checked)")  # fmt: skip
     parser.add_argument(
-        "--out", default=None, help="run folder (default: benchmarks/results/LABEL_check_MODEL)"
+        "--out", default=None, help="run folder (none: benchmarks/results/LABEL_check_MODEL)"
     )
     parser.add_argument("--finished", action="store_true",
                         help="run nothing: compare the methods whose parts have finished on "

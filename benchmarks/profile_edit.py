@@ -135,7 +135,7 @@ def main() -> None:
     """Profile one batch and write the report."""
     parser = one_batch_parser(__doc__, "benchmarks/results/profile_smollm2")
     parser.add_argument("--method", default="alphaedit", help="a method, or metake+SOLVER")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--top", type=int, default=20, help="operators listed")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], type=key_value,
