@@ -128,25 +128,42 @@ def estimate(s: dict, args: argparse.Namespace) -> dict:
 
 def main() -> int:
     """Estimate every ``--model-config`` and write the tables."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--model-config", action="append", required=True, type=Path,
-                        help="a config.json (repeatable)")  # fmt: skip
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(BYTES))
-    parser.add_argument("--edit-layers", type=int, default=5)
+                        help="a model's config.json (from the hub or benchmarks/configs/); "
+                             "repeatable, one column each")  # fmt: skip
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(BYTES),
+                        help="dtype of the weights and activations (bytes per value)")  # fmt: skip
+    parser.add_argument("--edit-layers", type=int, default=5,
+                        help="edit layers (float64 d_in x d_in matrices each)")  # fmt: skip
     parser.add_argument("--last-edit-layer", type=int, default=8,
-                        help="Stage I runs from here up (reference: 4-8)")  # fmt: skip
+                        help="index of the last edit layer: Stage I runs from here up "
+                             "(reference: layers 4-8)")  # fmt: skip
     parser.add_argument("--batch", type=int, default=100, help="edits per batch")
-    parser.add_argument("--contexts", type=int, default=6, help="prompts per request")
-    parser.add_argument("--prompt-tokens", type=int, default=25, help="prefix tokens per row")
-    parser.add_argument("--suffix-tokens", type=int, default=12, help="tokens run per row")
-    parser.add_argument("--target-tokens", type=int, default=4)
-    parser.add_argument("--group-rows", type=int, default=32)
-    parser.add_argument("--stats-batch", type=int, default=8)
-    parser.add_argument("--stats-tokens", type=int, default=256)
-    parser.add_argument("--device-memory", type=float, default=80.0, help="GiB per device")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--methods", type=int, default=7, help="Table 1's rows")
-    parser.add_argument("--datasets", type=int, default=2, help="zsRE and CounterFact")
+    parser.add_argument("--contexts", type=int, default=6,
+                        help="prompts per request (a KL prompt is added to each)")  # fmt: skip
+    parser.add_argument("--prompt-tokens", type=int, default=25,
+                        help="prefix tokens per row (kept in the key/value cache)")  # fmt: skip
+    parser.add_argument("--suffix-tokens", type=int, default=12,
+                        help="tokens per row run (with autograd) in Stage I")  # fmt: skip
+    parser.add_argument("--target-tokens", type=int, default=4,
+                        help="target tokens per row whose logits are kept")  # fmt: skip
+    parser.add_argument("--group-rows", type=int, default=32,
+                        help="prompt rows per Stage I forward/backward group")  # fmt: skip
+    parser.add_argument("--stats-batch", type=int, default=8,
+                        help="texts per batch of the statistics pass")  # fmt: skip
+    parser.add_argument("--stats-tokens", type=int, default=256,
+                        help="tokens per text in the statistics pass")  # fmt: skip
+    parser.add_argument("--device-memory", type=float, default=80.0,
+                        help="GiB per device (90%% counted as usable)")  # fmt: skip
+    parser.add_argument("--seeds", type=int, default=3, help="seeds in the paper's protocol")
+    parser.add_argument("--methods", type=int, default=7,
+                        help="methods in the protocol (Table 1's rows)")  # fmt: skip
+    parser.add_argument("--datasets", type=int, default=2,
+                        help="datasets in the protocol (zsRE and CounterFact)")  # fmt: skip
     parser.add_argument("--out", required=True, help="output stem (OUT.json, OUT.md)")
     args = parser.parse_args()
 

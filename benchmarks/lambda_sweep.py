@@ -33,14 +33,23 @@ from metake.solvers.memit import apply_memit, keys_and_values
 
 def main() -> int:
     """Run the sweep and write the results."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--requests", default="examples/ten_edits.json")
-    parser.add_argument("--lambdas", default="15000,5000,2000,1000")
-    parser.add_argument("--heldout-texts", type=int, default=16)
-    parser.add_argument("--heldout-start", type=int, default=9000, help="corpus index of text 1")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default="benchmarks/results/lambda_sweep_smollm2")
+    parser = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default="smollm2-135m", help="built-in name, folder or .gguf")
+    parser.add_argument("--requests", default="examples/ten_edits.json",
+                        help="requests file (JSON or JSONL), edited as one batch")  # fmt: skip
+    parser.add_argument("--lambdas", default="15000,5000,2000,1000",
+                        help="comma-separated lambdas to try (MEMIT's weight on C0)")  # fmt: skip
+    parser.add_argument("--heldout-texts", type=int, default=16,
+                        help="held-out Wikipedia intros for the KL (64 tokens each)")  # fmt: skip
+    parser.add_argument("--heldout-start", type=int, default=9000,
+                        help="corpus index of the first held-out text (not below the "
+                             "statistics' text count)")  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--out", default="benchmarks/results/lambda_sweep_smollm2",
+                        help="output stem (OUT.json, OUT.md)")  # fmt: skip
     args = parser.parse_args()
     lambdas = [float(x) for x in args.lambdas.split(",")]
 

@@ -38,19 +38,33 @@ from metake.solvers.memit import keys_and_values
 
 def main() -> int:
     """Run the sweep and write the results."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--solver", default="alphaedit", choices=["memit", "alphaedit"])
-    parser.add_argument("--data", default="../shared/data/zsre/zsre_1k.json")
-    parser.add_argument("--start", type=int, default=500)
-    parser.add_argument("--edits", type=int, default=10)
-    parser.add_argument("--lrs", default="0.005,0.05,0.2,0.5")
-    parser.add_argument("--steps", default="15", help="look-ahead steps to try (comma list)")
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
-    parser.add_argument("--heldout-texts", type=int, default=16)
-    parser.add_argument("--heldout-start", type=int, default=9000)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default="benchmarks/results/metake_sweep_smollm2")
+    parser = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default="smollm2-135m", help="built-in name, folder or .gguf")
+    parser.add_argument("--solver", default="alphaedit", choices=["memit", "alphaedit"],
+                        help="the solver that executes the targets (Stage II)")  # fmt: skip
+    parser.add_argument("--data", default="../shared/data/zsre/zsre_1k.json", help="zsRE file")
+    parser.add_argument("--start", type=int, default=500,
+                        help="first record of the batch (500 on: a development slice)")  # fmt: skip
+    parser.add_argument("--edits", type=int, default=10, help="records edited as one batch")
+    parser.add_argument("--lrs", default="0.005,0.05,0.2,0.5",
+                        help="comma-separated look-ahead learning rates to try")  # fmt: skip
+    parser.add_argument("--steps", default="15",
+                        help="comma-separated look-ahead step counts to try (each with every "
+                             "--lrs)")  # fmt: skip
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="hyper-parameter override (VALUE read as JSON when it parses); "
+                             "repeatable")  # fmt: skip
+    parser.add_argument("--heldout-texts", type=int, default=16,
+                        help="held-out Wikipedia intros for the KL (64 tokens each)")  # fmt: skip
+    parser.add_argument("--heldout-start", type=int, default=9000,
+                        help="corpus index of the first held-out text (not below the "
+                             "statistics' text count)")  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--out", default="benchmarks/results/metake_sweep_smollm2",
+                        help="output stem (OUT.json, OUT.md)")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     overrides = dict(parse_key_value(x) for x in args.set)

@@ -41,31 +41,57 @@ HEADERS = ("Eff.", "Gen.", "Spe.", "Eff. (whole)", "Perplexity", "Known facts ke
 
 def main() -> None:
     """Run (or resume) both bench runs and write the comparison table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="../shared/data/zsre/zsre_1k.json")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--edits", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=25)
-    parser.add_argument("--exclude", default="900:1000", help="records never edited (dev split)")
-    parser.add_argument("--tuned", default=None, help="tuned preset (default: the built-in)")
-    parser.add_argument("--hand", default=None, help="hand-chosen preset file")
-    parser.add_argument("--methods", default="memit,alphaedit,metake,metake_exact")
-    parser.add_argument("--hand-methods", default="memit,alphaedit,metake")
+    parser = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--model", default="smollm2-135m",
+        help="built-in name, folder or .gguf (the name also gives --tuned and --hand defaults)",
+    )  # fmt: skip
+    parser.add_argument("--data", default="../shared/data/zsre/zsre_1k.json", help="zsRE file")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the record draw")
+    parser.add_argument("--edits", type=int, default=100, help="records edited with each preset")
+    parser.add_argument("--batch-size", type=int, default=25, help="requests per edit batch")
+    parser.add_argument(
+        "--exclude", default="900:1000",
+        help="records never edited, A:B[,C:D] (the dev split the tune used)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tuned", default=None,
+        help="tuned preset: a shipped name or a tuning run's preset.json (none: the model's "
+             "built-in)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--hand", default=None,
+        help="hand-chosen preset file (none: benchmarks/presets/MODEL-hand.json)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--methods", default="memit,alphaedit,metake,metake_exact",
+        help="comma-separated methods run with the tuned preset",
+    )  # fmt: skip
+    parser.add_argument(
+        "--hand-methods", default="memit,alphaedit,metake",
+        help="comma-separated methods run with the hand-chosen preset",
+    )  # fmt: skip
     parser.add_argument(
         "--probe-data", default="../shared/data/counterfact/counterfact_10k.json",
         help="CounterFact file of known facts to watch ('' for none)",
     )  # fmt: skip
     parser.add_argument(
         "--probe-records", default="2000:5000",
-        help="its records the known facts come from (default: outside the tune's 0:2000)",
+        help="--probe-data records the known facts come from, A:B[,C:D] (outside the tune's "
+             "0:2000)",
     )  # fmt: skip
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--only", choices=("tuned", "hand"), default=None,
         help="run one of the two presets now (the other later: same command without --only)",
     )  # fmt: skip
-    parser.add_argument("--out", default="benchmarks/results/preset_comparison_smollm2")
+    parser.add_argument(
+        "--out", default="benchmarks/results/preset_comparison_smollm2",
+        help="folder of both runs (OUT/tuned, OUT/hand) and of OUT/comparison.json/.md",
+    )  # fmt: skip
     args = parser.parse_args()
     out = Path(args.out)
     presets = {

@@ -76,13 +76,21 @@ def parse_layers(text: str) -> list[int]:
 
 def main() -> int:
     """Time both modes, compare the C0s, write the tables."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--layers", default="1-9", help="e.g. 1-9 or 4,5,6 (default: 1-9)")
-    parser.add_argument("--texts", type=int, default=2000, help="texts for the comparison")
-    parser.add_argument("--timing-texts", type=int, default=200, help="texts of a timed pass")
+    parser = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="built-in name, folder or .gguf (run on the CPU)")  # fmt: skip
+    parser.add_argument("--layers", default="1-9",
+                        help="layers whose statistics are computed: A-B (inclusive) or "
+                             "comma-separated, e.g. 4,5,6")  # fmt: skip
+    parser.add_argument("--texts", type=int, default=2000,
+                        help="first Wikipedia intros the C0 comparison uses")  # fmt: skip
+    parser.add_argument("--timing-texts", type=int, default=200,
+                        help="texts of a timed pass (the first of --texts)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=2, help="timed passes per mode (best)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--timing-only", action="store_true", help="skip the C0 comparison")
     parser.add_argument("--out", required=True, help="output stem (OUT.json, OUT.md)")
     args = parser.parse_args()

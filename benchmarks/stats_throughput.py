@@ -65,13 +65,23 @@ def max_relative_difference(a: Path, b: Path) -> float:
 
 def main() -> int:
     """Run every setting and write the table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--layers", default="5,6,7,8,9")
-    parser.add_argument("--samples", type=int, default=400)
-    parser.add_argument("--processes", default="1,2", help="comma-separated process counts")
-    parser.add_argument("--cores", type=int, default=2, help="threads in all, per setting")
-    parser.add_argument("--out", required=True, help="output stem (OUT.json, OUT.md)")
+    parser = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default="smollm2-135m", help="built-in name, folder or .gguf")
+    parser.add_argument("--layers", default="5,6,7,8,9",
+                        help="comma-separated layers whose statistics are computed")  # fmt: skip
+    parser.add_argument("--samples", type=int, default=400,
+                        help="first Wikipedia intros of the statistics pass")  # fmt: skip
+    parser.add_argument("--processes", default="1,2",
+                        help="comma-separated process counts, one setting each (more than 1: "
+                             "under torchrun); the first one's C0 is the reference")  # fmt: skip
+    parser.add_argument("--cores", type=int, default=2,
+                        help="threads in all, per setting (split over its processes)")  # fmt: skip
+    parser.add_argument("--out", required=True,
+                        help="output stem (OUT.json, OUT.md; OUT.Nproc.safetensors while it "
+                             "runs)")  # fmt: skip
     args = parser.parse_args()
     out = Path(args.out)
     exports = {int(n): out.parent / f"{out.name}.{n}proc.safetensors"

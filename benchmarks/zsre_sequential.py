@@ -78,7 +78,7 @@ def run_method(model, tok, requests, spec: str, args, overrides) -> dict:
         "hparams": editor.hparams.to_dict(),
         "efficacy": 100 * statistics.mean(scores),
         "efficacy_per_record": scores,
-        "seconds_total": seconds,  # edit() wall time, statistics loading included
+        "seconds_total": seconds,  # edit() wall time (statistics were loaded before)
         "seconds_per_edit": seconds / len(requests),
         "batches": batches,
     }
@@ -86,12 +86,17 @@ def run_method(model, tok, requests, spec: str, args, overrides) -> dict:
 
 def main() -> int:
     """Run every method and write the results."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default="../shared/data/zsre/zsre_1k.json")
+    parser = argparse.ArgumentParser(
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default="smollm2-135m", help="built-in name, folder or .gguf")
+    parser.add_argument("--data", default="../shared/data/zsre/zsre_1k.json",
+                        help="zsRE file (a JSON list)")  # fmt: skip
     parser.add_argument("--start", type=int, default=0, help="index of the first record")
-    parser.add_argument("--edits", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--edits", type=int, default=50, help="consecutive records edited")
+    parser.add_argument("--batch-size", type=int, default=10,
+                        help="requests per edit batch (applied one after another)")  # fmt: skip
     parser.add_argument(
         "--methods", default="memit,alphaedit,metake",
         help="comma list; a method may carry its own settings: metake:metake_lr=0.1",
@@ -99,9 +104,11 @@ def main() -> int:
     parser.add_argument("--solver", default="alphaedit", help="the solver under 'metake'")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="hyper-parameter override for every method (repeatable)")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default="benchmarks/results/zsre_sequential_smollm2")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed set before each batch")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--out", default="benchmarks/results/zsre_sequential_smollm2",
+                        help="output stem (OUT.json after each method, OUT.md at the "
+                             "end)")  # fmt: skip
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     overrides = dict(parse_key_value(x) for x in args.set)
