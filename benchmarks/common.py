@@ -38,6 +38,6 @@ def one_batch_parser(doc: str, out: str) -> argparse.ArgumentParser:
     parser.add_argument("--data", default="../shared/data/zsre/zsre_1k.json", help="zsRE file")
     parser.add_argument("--start", type=int, default=500, help="first record of the batch")
     parser.add_argument("--edits", type=int, default=10, help="records edited as one batch")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto, ...")
     parser.add_argument("--out", default=out, help="writes OUT.json and OUT.md")
     return parser

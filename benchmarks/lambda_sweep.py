@@ -47,7 +47,7 @@ def main() -> int:
     parser.add_argument("--heldout-start", type=int, default=9000,
                         help="corpus index of the first held-out text (not below the "
                              "statistics' text count)")  # fmt: skip
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto, ...")
     parser.add_argument("--out", default="benchmarks/results/lambda_sweep_smollm2",
                         help="output stem (OUT.json, OUT.md)")  # fmt: skip
     args = parser.parse_args()

@@ -83,7 +83,7 @@ def main() -> None:
         help="--probe-data records the known facts come from, A:B[,C:D] (outside the tune's "
              "0:2000)",
     )  # fmt: skip
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto, ...")
     parser.add_argument(
         "--only", choices=("tuned", "hand"), default=None,
         help="run one of the two presets now (the other later: same command without --only)",

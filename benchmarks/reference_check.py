@@ -59,7 +59,7 @@ def main() -> None:
                         help="zsRE file (records 0-99 edited, 4 batches of 25)")  # fmt: skip
     parser.add_argument("--methods", default="alphaedit,memit",
                         help="comma-separated methods run in the official settings")  # fmt: skip
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto, ...")
     parser.add_argument("--out", default="benchmarks/results/reference_check_smollm2",
                         help="bench run folder; OUT/reference_check.json/.md hold the "
                              "comparison")  # fmt: skip

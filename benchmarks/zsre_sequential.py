@@ -105,7 +105,7 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="hyper-parameter override for every method (repeatable)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="torch seed set before each batch")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto, ...")
     parser.add_argument("--out", default="benchmarks/results/zsre_sequential_smollm2",
                         help="output stem (OUT.json after each method, OUT.md at the "
                              "end)")  # fmt: skip

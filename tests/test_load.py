@@ -85,3 +85,19 @@ def test_hub_id_without_a_hub_says_so(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty hub cache
     with pytest.raises(ModelNotAvailableError, match="hub"):
         load_model("someone/no-such-model-here")
+
+
+def test_device_auto_picks_cuda_when_available_else_the_cpu(tmp_path, monkeypatch):
+    import torch
+
+    from metake.models.load import resolve_device
+
+    tiny_model("gpt2").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model, _ = load_model(str(tmp_path), device="auto")
+    assert next(model.parameters()).device.type == "cpu"
+    assert resolve_device("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cpu") == "cpu"

@@ -35,7 +35,7 @@ from metake.methods import (
     parse_solver,
     resolve_method,
 )
-from metake.models.load import BUILTIN_MODELS, DEFAULT_MODEL, load_model
+from metake.models.load import BUILTIN_MODELS, DEFAULT_MODEL, load_model, resolve_device
 from metake.requests import EditRequest, load_requests, parse_requests
 
 log = logging.getLogger("metake")
@@ -99,13 +99,6 @@ def _checked_name(check: Callable[[str], object], what: str) -> Callable[[str], 
 
 _method_name = _checked_name(resolve_method, "method")
 _solver_name = _checked_name(parse_solver, "solver")
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` when available, else ``cpu``; anything else is passed through."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def peak_memory_mb(device: str) -> float:

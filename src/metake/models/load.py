@@ -270,6 +270,13 @@ def own_aligned_memory(model: torch.nn.Module) -> int:
     return moved
 
 
+def resolve_device(device: str | torch.device) -> str | torch.device:
+    """``auto`` → ``cuda`` when available, else ``cpu``; anything else is passed through."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     device: str | torch.device = "cpu",
@@ -281,7 +288,8 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)``: built-in name, local HF folder, ``.gguf`` file or hub id.
 
-    The model is in eval mode with ``requires_grad`` off for every parameter; the tokenizer has a
+    ``device="auto"`` picks CUDA when available. The model is in eval mode with ``requires_grad``
+    off for every parameter; the tokenizer has a
     pad token (the EOS token where it had none). With ``device_map`` (see
     :func:`parse_device_map`; ``max_memory`` per device, :func:`parse_max_memory`) accelerate
     spreads the layers over devices instead of moving the model to ``device``; layers it cannot
@@ -314,7 +322,7 @@ def load_model(
             ) from exc
         raise ModelNotAvailableError(f"could not load model from {source}: {exc}") from exc
     if not placement:
-        model.to(device)
+        model.to(resolve_device(device))
     own_aligned_memory(model)
     model.eval()
     model.requires_grad_(False)
