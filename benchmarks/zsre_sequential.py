@@ -19,7 +19,6 @@ after every method, and ``OUT.md`` (a table with the command above it) at the en
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -112,11 +111,10 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     overrides = dict(parse_key_value(x) for x in args.set)
-    records = json.loads(Path(args.data).read_text(encoding="utf-8"))
-    chosen = records[args.start : args.start + args.edits]
-    if len(chosen) < args.edits:
-        parser.error(f"{args.data} has only {len(records)} records")
-    requests = load_requests(args.data)[args.start : args.start + args.edits]
+    every_request = load_requests(args.data)  # JSON or JSONL, validated
+    requests = every_request[args.start : args.start + args.edits]
+    if len(requests) < args.edits:
+        parser.error(f"{args.data} has only {len(every_request)} records")
     model, tok = load_model(args.model, device=args.device)
     command = command_line()
     out = Path(args.out)
