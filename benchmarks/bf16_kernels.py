@@ -76,6 +76,8 @@ def main() -> int:
     result = {
         "command": command_line(),
         "threads": args.threads,
+        "tokens": args.tokens,
+        "repeats": args.repeats,
         "matmul_gflops": {
             n: matmul_gflops(d, args.tokens, args.repeats) for n, d in dtypes.items()
         },  # fmt: skip
