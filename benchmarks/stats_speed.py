@@ -94,6 +94,9 @@ def main() -> int:
     parser.add_argument("--timing-only", action="store_true", help="skip the C0 comparison")
     parser.add_argument("--out", required=True, help="output stem (OUT.json, OUT.md)")
     args = parser.parse_args()
+    if args.timing_texts > args.texts:
+        parser.error(f"--timing-texts {args.timing_texts} exceeds --texts {args.texts}: the timed "
+                     "pass reads the first of those texts")  # fmt: skip
     torch.set_num_threads(args.threads)
     layers = parse_layers(args.layers)
     model, tokenizer = load_model(args.model)
