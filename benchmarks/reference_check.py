@@ -12,7 +12,7 @@ part of this project). MEMIT runs with the same planner settings and MEMIT's Lla
     python benchmarks/reference_check.py --out benchmarks/results/reference_check_smollm2
 
 The run folder is an ordinary ``metake bench`` folder (resumable: run the same command again);
-``reference_check.json``/``.md`` beside it compare the figures. Target: our AlphaEdit within 2
+``reference_check.json``/``.md`` inside it compare the figures. Target: our AlphaEdit within 2
 points of the official Eff. and Gen.
 """
 
@@ -64,6 +64,9 @@ def main() -> None:
                         help="bench run folder; OUT/reference_check.json/.md hold the "
                              "comparison")  # fmt: skip
     args = parser.parse_args()
+    if args.model != "smollm2-135m":
+        parser.error(f"--model {args.model}: the official figures this compares with were "
+                     "measured on smollm2-135m only")  # fmt: skip
     out = Path(args.out)
     config = BenchConfig(
         model=args.model,
