@@ -26,6 +26,7 @@ from typing import Any
 from common import command_line, write_json, write_table
 
 from metake.evaluation.bench import BenchConfig, BenchRun
+from metake.hparams import find_preset
 from metake.models import load_model
 
 METRICS = (
@@ -47,7 +48,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--model", default="smollm2-135m",
-        help="built-in name, folder or .gguf (the name also gives --tuned and --hand defaults)",
+        help="built-in name, folder or .gguf (the preset its config matches gives the --tuned "
+             "and --hand defaults)",
     )  # fmt: skip
     parser.add_argument("--data", default="../shared/data/zsre/zsre_1k.json", help="zsRE file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the record draw")
@@ -94,11 +96,17 @@ def main() -> None:
     )  # fmt: skip
     args = parser.parse_args()
     out = Path(args.out)
-    presets = {
-        "tuned": (args.tuned or args.model, args.methods),
-        "hand": (args.hand or f"benchmarks/presets/{args.model}-hand.json", args.hand_methods),
-    }
     model, tokenizer = load_model(args.model, device=args.device)
+    builtin = find_preset(model.config)  # by the config, so a local copy finds its preset too
+    if builtin is None and (args.tuned is None or args.hand is None):
+        parser.error(f"{args.model} has no built-in preset: give --tuned and --hand files")
+    hand = args.hand or f"benchmarks/presets/{builtin}-hand.json"
+    if not Path(hand).is_file():
+        parser.error(f"hand-chosen preset {hand} does not exist (give --hand FILE)")
+    presets = {
+        "tuned": (args.tuned or builtin, args.methods),
+        "hand": (hand, args.hand_methods),
+    }
     results = {}
     for label, (preset, methods) in presets.items():
         if args.only is not None and label != args.only:
