@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shlex
 import sys
@@ -41,3 +42,15 @@ def one_batch_parser(doc: str, out: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto, ...")
     parser.add_argument("--out", default=out, help="writes OUT.json and OUT.md")
     return parser
+
+
+def heldout_texts(parser: argparse.ArgumentParser, statistics_texts: int, start: int,
+                  count: int) -> list[str]:  # fmt: skip
+    """Wikipedia intros ``start..start+count`` for a drift measure; a clear error if they overlap
+    the first ``statistics_texts`` intros that the key statistics were computed from."""
+    from metake.corpus import load_corpus
+
+    if statistics_texts > start:
+        parser.error(f"held-out texts from {start} overlap the statistics' first "
+                     f"{statistics_texts} texts; raise --heldout-start")  # fmt: skip
+    return list(itertools.islice(load_corpus().iter_texts(), start, start + count))

@@ -15,17 +15,15 @@ Writes ``OUT.json`` (config and numbers) and ``OUT.md`` (a table with the comman
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import command_line, write_json, write_table
+from common import command_line, heldout_texts, write_json, write_table
 
 from metake import Editor, load_model, load_requests
-from metake.corpus import load_corpus
 from metake.planners.standard import compute_targets
 from metake.probe import greedy_completion, mean_kl, next_token_log_probs, target_probability
 from metake.solvers.memit import apply_memit, keys_and_values
@@ -57,14 +55,11 @@ def main() -> int:
     requests = load_requests(args.requests)
     editor = Editor(model, tok, model_id=args.model, progress=False)
     hp = editor.hparams
-    if hp.mom2_samples > args.heldout_start:
-        parser.error("held-out texts overlap the statistics' texts; raise --heldout-start")
+    texts = heldout_texts(parser, hp.mom2_samples, args.heldout_start, args.heldout_texts)
     editor.load_statistics()
     start = time.perf_counter()
     plan = compute_targets(model, tok, requests, hp, editor.contexts)
     stage1_seconds = time.perf_counter() - start
-    texts = list(itertools.islice(load_corpus().iter_texts(), args.heldout_start,
-                                  args.heldout_start + args.heldout_texts))  # fmt: skip
     base_logp, mask = next_token_log_probs(model, tok, texts, 64)
     originals = {layer: editor.adapter.weight(model, layer).detach().clone() for layer in hp.layers}
     rows = []

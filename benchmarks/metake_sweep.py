@@ -25,11 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-from common import command_line, write_json, write_table
+from common import command_line, heldout_texts, write_json, write_table
 
 from metake import Editor, load_model, load_requests
 from metake.cli import parse_key_value
-from metake.corpus import load_corpus
 from metake.planners.metake import lookahead_targets
 from metake.planners.standard import compute_targets
 from metake.probe import mean_kl, next_token_log_probs, target_probability, token_accuracy
@@ -74,10 +73,9 @@ def main() -> int:
     editor = Editor(model, tok, "metake", solver=args.solver, model_id=args.model,
                     progress=False, **overrides)  # fmt: skip
     hp = editor.hparams
+    texts = heldout_texts(parser, hp.mom2_samples, args.heldout_start, args.heldout_texts)
     editor.load_statistics()
     contexts = editor.contexts
-    texts = list(itertools.islice(load_corpus().iter_texts(), args.heldout_start,
-                                  args.heldout_start + args.heldout_texts))  # fmt: skip
     base_logp, mask = next_token_log_probs(model, tok, texts)
     start = time.perf_counter()
     plan = compute_targets(model, tok, requests, hp, contexts)
