@@ -86,6 +86,10 @@ def main() -> int:
     out = Path(args.out)
     exports = {int(n): out.parent / f"{out.name}.{n}proc.safetensors"
                for n in args.processes.split(",")}  # fmt: skip
+    uneven = [n for n in exports if n < 1 or args.cores % n]
+    if uneven:
+        parser.error(f"--cores {args.cores} does not split evenly over {uneven} process(es): "
+                     "every setting must use the same cores in all")  # fmt: skip
     rows = [run_setting(args, n, path) for n, path in exports.items()]
     first = next(iter(exports))
     for row in rows:  # the same statistics, however many processes computed them
