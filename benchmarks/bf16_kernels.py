@@ -11,7 +11,6 @@ Writes ``OUT.json`` and ``OUT.md``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from common import command_line, write_json, write_table
+from common import command_line, script_parser, write_json, write_table
 
 
 def best_seconds(run: Callable[[], object], repeats: int) -> float:
@@ -58,10 +57,7 @@ def attention_seconds(dtype: torch.dtype, batch: int, length: int, repeats: int)
 
 def main() -> int:
     """Measure both kernels in both dtypes and write the tables."""
-    parser = argparse.ArgumentParser(
-        description=" ".join(__doc__.split("\n\n")[0].split()),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--tokens", type=int, default=2048,
                         help="rows of the matmul (the attention's shape is fixed: 70 x 9 heads "

@@ -41,7 +41,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import command_line, write_json, write_table
+from common import command_line, script_parser, write_json, write_table
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from metake.models.adapters import get_adapter
@@ -128,10 +128,7 @@ def estimate(s: dict, args: argparse.Namespace) -> dict:
 
 def main() -> int:
     """Estimate every ``--model-config`` and write the tables."""
-    parser = argparse.ArgumentParser(
-        description=" ".join(__doc__.split("\n\n")[0].split()),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--model-config", action="append", required=True, type=Path,
                         help="a model's config.json (from the hub or benchmarks/configs/); "
                              "repeatable, one column each")  # fmt: skip

@@ -29,12 +29,18 @@ def write_table(out: Path, lines: list[str]) -> None:
     print("\n".join(lines))
 
 
-def one_batch_parser(doc: str, out: str) -> argparse.ArgumentParser:
-    """Arguments of the scripts that time one batch of zsRE requests (records START..+EDITS)."""
-    parser = argparse.ArgumentParser(
-        description=doc.splitlines()[0],
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark script's parser: the docstring's first paragraph as its description, and a
+    ``--help`` that shows every option's default."""
+    return argparse.ArgumentParser(
+        description=" ".join(doc.split("\n\n")[0].split()),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+
+
+def one_batch_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """Arguments of the scripts that time one batch of zsRE requests (records START..+EDITS)."""
+    parser = script_parser(doc)
     parser.add_argument("--model", default="smollm2-135m", help="built-in name, folder or .gguf")
     parser.add_argument("--data", default="../shared/data/zsre/zsre_1k.json", help="zsRE file")
     parser.add_argument("--start", type=int, default=500, help="first record of the batch")
@@ -54,3 +60,12 @@ def heldout_texts(parser: argparse.ArgumentParser, statistics_texts: int, start:
         parser.error(f"held-out texts from {start} overlap the statistics' first "
                      f"{statistics_texts} texts; raise --heldout-start")  # fmt: skip
     return list(itertools.islice(load_corpus().iter_texts(), start, start + count))
+
+
+def add_heldout_options(parser: argparse.ArgumentParser) -> None:
+    """``--heldout-texts`` and ``--heldout-start``: the Wikipedia intros of a KL drift measure."""
+    parser.add_argument("--heldout-texts", type=int, default=16,
+                        help="held-out Wikipedia intros for the KL (64 tokens each)")  # fmt: skip
+    parser.add_argument("--heldout-start", type=int, default=9000,
+                        help="corpus index of the first held-out text (not below the "
+                             "statistics' text count)")  # fmt: skip

@@ -13,13 +13,12 @@ Reads each run's ``results.json``; writes ``OUT.json`` and ``OUT.md``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from common import command_line, write_json, write_table
+from common import command_line, script_parser, write_json, write_table
 
 METRICS = {
     "efficacy": "Eff.",
@@ -165,11 +164,11 @@ def _signed(value: float | None) -> str:
 
 def main() -> None:
     """Read both runs, compare them, write OUT.json and OUT.md."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser(__doc__)
     parser.add_argument("old", type=Path, help="the first (earlier) bench run folder")
     parser.add_argument("new", type=Path, help="the second bench run folder")
     parser.add_argument(
-        "--labels", default="old,new", help="names of the two runs (default old,new)"
+        "--labels", default="old,new", help="names of the two runs, comma-separated"
     )
     parser.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     args = parser.parse_args()

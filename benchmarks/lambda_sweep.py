@@ -14,14 +14,20 @@ Writes ``OUT.json`` (config and numbers) and ``OUT.md`` (a table with the comman
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import command_line, heldout_texts, write_json, write_table
+from common import (
+    add_heldout_options,
+    command_line,
+    heldout_texts,
+    script_parser,
+    write_json,
+    write_table,
+)
 
 from metake import Editor, load_model, load_requests
 from metake.planners.standard import compute_targets
@@ -31,20 +37,13 @@ from metake.solvers.memit import apply_memit, keys_and_values
 
 def main() -> int:
     """Run the sweep and write the results."""
-    parser = argparse.ArgumentParser(
-        description=" ".join(__doc__.split("\n\n")[0].split()),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m", help="built-in name, folder or .gguf")
     parser.add_argument("--requests", default="examples/ten_edits.json",
                         help="requests file (JSON or JSONL), edited as one batch")  # fmt: skip
     parser.add_argument("--lambdas", default="15000,5000,2000,1000",
                         help="comma-separated lambdas to try (MEMIT's weight on C0)")  # fmt: skip
-    parser.add_argument("--heldout-texts", type=int, default=16,
-                        help="held-out Wikipedia intros for the KL (64 tokens each)")  # fmt: skip
-    parser.add_argument("--heldout-start", type=int, default=9000,
-                        help="corpus index of the first held-out text (not below the "
-                             "statistics' text count)")  # fmt: skip
+    add_heldout_options(parser)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto, ...")
     parser.add_argument("--out", default="benchmarks/results/lambda_sweep_smollm2",
                         help="output stem (OUT.json, OUT.md)")  # fmt: skip

@@ -16,7 +16,6 @@ Writes ``OUT.json`` and ``OUT.md`` (a table with the command above it).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
@@ -25,7 +24,14 @@ import sys
 import time
 from pathlib import Path
 
-from common import command_line, heldout_texts, write_json, write_table
+from common import (
+    add_heldout_options,
+    command_line,
+    heldout_texts,
+    script_parser,
+    write_json,
+    write_table,
+)
 
 from metake import Editor, load_model, load_requests
 from metake.cli import parse_key_value
@@ -37,10 +43,7 @@ from metake.solvers.memit import keys_and_values
 
 def main() -> int:
     """Run the sweep and write the results."""
-    parser = argparse.ArgumentParser(
-        description=" ".join(__doc__.split("\n\n")[0].split()),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m", help="built-in name, folder or .gguf")
     parser.add_argument("--solver", default="alphaedit", choices=["memit", "alphaedit"],
                         help="the solver that executes the targets (Stage II)")  # fmt: skip
@@ -56,11 +59,7 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="hyper-parameter override (VALUE read as JSON when it parses); "
                              "repeatable")  # fmt: skip
-    parser.add_argument("--heldout-texts", type=int, default=16,
-                        help="held-out Wikipedia intros for the KL (64 tokens each)")  # fmt: skip
-    parser.add_argument("--heldout-start", type=int, default=9000,
-                        help="corpus index of the first held-out text (not below the "
-                             "statistics' text count)")  # fmt: skip
+    add_heldout_options(parser)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, auto, ...")
     parser.add_argument("--out", default="benchmarks/results/metake_sweep_smollm2",
                         help="output stem (OUT.json, OUT.md)")  # fmt: skip

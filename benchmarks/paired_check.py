@@ -31,7 +31,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from common import command_line, write_json, write_table
+from common import command_line, script_parser, write_json, write_table
 
 from metake.evaluation.bench import BenchConfig, BenchRun
 from metake.models import load_model
@@ -75,10 +75,7 @@ def verdict(mean: float, se: float, tolerance: float = TOLERANCE) -> str:
 
 def main() -> None:
     """Run (or resume) both bench runs and write the comparison table."""
-    parser = argparse.ArgumentParser(
-        description=" ".join(__doc__.split("\n\n")[0].split()),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m", help="built-in name, folder or .gguf")
     parser.add_argument("--data", default="../shared/data/zsre/zsre_1k.json", help="zsRE file")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (record draws)")
@@ -90,7 +87,7 @@ def main() -> None:
     parser.add_argument("--preset", default=None, help="preset file (none: the model's built-in)")
     parser.add_argument("--variant", default="bfloat16:planner_autocast=bfloat16",
                         help="LABEL:KEY=VALUE[,KEY=VALUE], the setting compared with the "
-                             "preset's (the default: the planners in bfloat16)")  # fmt: skip
+                             "preset's; the default runs the planners in bfloat16")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto, ...")
     parser.add_argument("--only", default=None,
                         help=f"run one side now ({BASE!r} or the variant's label; the other "

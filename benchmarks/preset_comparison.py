@@ -19,11 +19,10 @@ made alone on the machine.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
-from common import command_line, write_json, write_table
+from common import command_line, script_parser, write_json, write_table
 
 from metake.evaluation.bench import BenchConfig, BenchRun
 from metake.hparams import find_preset
@@ -42,10 +41,7 @@ HEADERS = ("Eff.", "Gen.", "Spe.", "Eff. (whole)", "Perplexity", "Known facts ke
 
 def main() -> None:
     """Run (or resume) both bench runs and write the comparison table."""
-    parser = argparse.ArgumentParser(
-        description=" ".join(__doc__.split("\n\n")[0].split()),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument(
         "--model", default="smollm2-135m",
         help="built-in name, folder or .gguf (the preset its config matches gives the --tuned "

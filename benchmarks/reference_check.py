@@ -18,10 +18,9 @@ points of the official Eff. and Gen.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from common import command_line, write_json, write_table
+from common import command_line, script_parser, write_json, write_table
 
 from metake.evaluation.bench import BenchConfig, BenchRun
 from metake.models import load_model
@@ -48,10 +47,7 @@ METRICS = ("efficacy", "generalization", "specificity")
 
 def main() -> None:
     """Run (or resume) the check and write the comparison."""
-    parser = argparse.ArgumentParser(
-        description=" ".join(__doc__.split("\n\n")[0].split()),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m",
                         help="built-in name, folder or .gguf (the official figures are "
                              "SmolLM2-135M's)")  # fmt: skip

@@ -25,14 +25,13 @@ Edit results with either statistics come from ``metake bench --set mom2_autocast
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import command_line, write_json, write_table
+from common import command_line, script_parser, write_json, write_table
 
 from metake.corpus import TextCorpus, load_corpus
 from metake.hparams import memit_hparams
@@ -76,10 +75,7 @@ def parse_layers(text: str) -> list[int]:
 
 def main() -> int:
     """Time both modes, compare the C0s, write the tables."""
-    parser = argparse.ArgumentParser(
-        description=" ".join(__doc__.split("\n\n")[0].split()),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m",
                         help="built-in name, folder or .gguf (run on the CPU)")  # fmt: skip
     parser.add_argument("--layers", default="1-9",

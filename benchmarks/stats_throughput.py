@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import command_line, write_json, write_table
+from common import command_line, script_parser, write_json, write_table
 from safetensors import safe_open
 
 
@@ -65,10 +65,7 @@ def max_relative_difference(a: Path, b: Path) -> float:
 
 def main() -> int:
     """Run every setting and write the table."""
-    parser = argparse.ArgumentParser(
-        description=" ".join(__doc__.split("\n\n")[0].split()),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m", help="built-in name, folder or .gguf")
     parser.add_argument("--layers", default="5,6,7,8,9",
                         help="comma-separated layers whose statistics are computed")  # fmt: skip

@@ -18,7 +18,6 @@ after every method, and ``OUT.md`` (a table with the command above it) at the en
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import sys
@@ -26,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import command_line, write_json, write_table
+from common import command_line, script_parser, write_json, write_table
 from tqdm import tqdm
 
 import metake
@@ -85,10 +84,7 @@ def run_method(model, tok, requests, spec: str, args, overrides) -> dict:
 
 def main() -> int:
     """Run every method and write the results."""
-    parser = argparse.ArgumentParser(
-        description=" ".join(__doc__.split("\n\n")[0].split()),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--model", default="smollm2-135m", help="built-in name, folder or .gguf")
     parser.add_argument("--data", default="../shared/data/zsre/zsre_1k.json",
                         help="zsRE file (a JSON list)")  # fmt: skip
