@@ -94,9 +94,15 @@ def test_bench_writes_results_and_resume_gives_identical_numbers(tmp_path):
     assert _run(config, part, model, tmp_path, stop_after_batches=1) == {}
     assert (part / "parts" / "seed0" / "memit.state.safetensors").is_file()
     progress = progress_table(part)
-    assert "pending: memit (checkpointed), alphaedit (not started)" in progress
+    assert "pending: memit (checkpointed, 1 of 2 batches), alphaedit (not started)" in progress
     assert "seed 1: not started" in progress
-    assert write_progress(part) == [part / "progress.md"]  # nothing finished: no curves yet
+    # the unfinished part's last curve point, read from the checkpoint's header, labelled so
+    first_point = full["runs"]["0"]["methods"]["memit"]["curve"][0]
+    assert "Unfinished, at the last checkpoint" in progress
+    assert f"| memit | 2 | 2 | {first_point['efficacy']:.2f} |" in progress
+    # nothing finished: the unfinished curve alone, no final bars
+    written = write_progress(part)
+    assert [p.name for p in written] == ["progress.md", "progress_metrics_vs_edits.png"]
     assert "pending: memit" in (part / "progress.md").read_text(encoding="utf-8")
     written = write_progress(out)  # every method finished: curves of all of them
     assert [p.name for p in written] == ["progress.md", "progress_metrics_vs_edits.png",

@@ -12,6 +12,7 @@ from metake.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_legacy_checkpoint,
+    peek_checkpoint,
     save_checkpoint,
 )
 
@@ -67,6 +68,29 @@ def test_a_truncated_checkpoint_is_detected(tmp_path):
     (tmp_path / "other.safetensors").write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "other.safetensors")
+
+
+def _without_tensors(value):
+    """``value`` with every tensor replaced by None (what a peek returns)."""
+    if isinstance(value, torch.Tensor):
+        return None
+    if isinstance(value, dict):
+        return {k: _without_tensors(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_tensors(v) for v in value]
+    return value
+
+
+def test_a_peek_reads_everything_but_the_tensors(tmp_path):
+    path = save_checkpoint(tmp_path / "run.state.safetensors", _state())
+    peeked = peek_checkpoint(path)
+    _assert_equal(peeked, _without_tensors(_state()))
+    assert list(peeked["editor"]["weights"]) == [3, 4]  # int keys kept
+    path.write_bytes(path.read_bytes()[:6])  # the header cut: unreadable, not a half state
+    with pytest.raises(CheckpointError, match="unreadable"):
+        peek_checkpoint(path)
+    with pytest.raises(CheckpointError, match="unreadable"):
+        peek_checkpoint(tmp_path / "missing.safetensors")
 
 
 class _Payload:

@@ -92,6 +92,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} has a corrupt structure: {err}") from None
 
 
+def peek_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The state :func:`save_checkpoint` wrote to ``path`` with every tensor left out (``None``):
+    reads only the file's header, so a progress report need not load the edited weights."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            meta = handle.metadata() or {}
+            names = list(handle.keys())
+    except Exception as err:  # missing, truncated, corrupt, not safetensors
+        raise CheckpointError(f"checkpoint {path} is unreadable: {err}") from None
+    if meta.get("format") != FORMAT or "structure" not in meta:
+        raise CheckpointError(f"checkpoint {path} is not a metake checkpoint ({FORMAT})")
+    try:
+        return _decode(json.loads(meta["structure"]), dict.fromkeys(names))
+    except (json.JSONDecodeError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {path} has a corrupt structure: {err}") from None
+
+
 def load_legacy_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint of older metake versions (``torch.save``), read with ``weights_only=True``:
     plain containers and tensors only, so that a crafted pickle cannot run code."""

@@ -659,9 +659,10 @@ def _add_bench_parser(sub) -> None:
         "--progress",
         metavar="DIR",
         default=None,
-        help="print what the run in DIR has finished so far, seed by seed, write it to "
-        "DIR/progress.md with the curves of the methods finished on every started seed "
-        "(DIR/progress_metrics_vs_edits.png, progress_final_metrics.png), and exit",
+        help="print what the run in DIR has finished so far, seed by seed (unfinished methods "
+        "at their last checkpoint), write it to DIR/progress.md with the curves of the methods "
+        "finished on every started seed (DIR/progress_metrics_vs_edits.png, unfinished ones "
+        "dashed; progress_final_metrics.png), and exit",
     )
     bench.add_argument(
         "--no-curve",

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from metake.checkpoint import CheckpointError, peek_checkpoint
 from metake.evaluation.contention import contention_sentence, span_other_cores
 from metake.evaluation.datasets import EvalDataset
 from metake.evaluation.evaluate import (
@@ -215,9 +216,11 @@ def write_plots(
     agg: Mapping[str, Any],
     kind: str,
     prefix: str = "",
+    unfinished: Mapping[str, Sequence[Sequence[Mapping[str, float]]]] | None = None,
 ) -> list[Path]:
     """``metrics_vs_edits.png`` (if the curve was recorded) and ``final_metrics.png``, each name
-    after ``prefix``."""
+    after ``prefix``; ``unfinished`` (method -> its curve so far on each seed) adds dashed curves
+    to the first plot only, and ``final_metrics.png`` is left out when no method finished."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,8 +231,10 @@ def write_plots(
     paths = []
     methods = list(agg["methods"])
     runs = list(seeds.values())
+    partial = _common_prefix_means(unfinished or {})
     points = [p for run in runs for m in methods for p in run["methods"][m]["curve"]]
-    if all(run["methods"][m]["curve"] for run in runs for m in methods):
+    points += [p for curve in partial.values() for p in curve]
+    if all(run["methods"][m]["curve"] for run in runs for m in methods) and (methods or partial):
         wanted = [*names, "known_facts_kept", "perplexity"]
         plotted = [n for n in wanted if all(n in p for p in points)]  # older parts lack some
         columns = min(4, len(plotted))  # rows of at most four panels
@@ -244,6 +249,9 @@ def write_plots(
                 xs = [p["edits"] for p in curves[0]]
                 ys = [statistics.fmean(c[i][name] for c in curves) for i in range(len(xs))]
                 ax.plot(xs, ys, marker="o", label=method)
+            for method, curve in partial.items():
+                xs, ys = [p["edits"] for p in curve], [p[name] for p in curve]
+                ax.plot(xs, ys, marker="o", linestyle="--", label=f"{method} (unfinished)")
             pre = agg["pre_edit"].get(name)
             if pre:
                 ax.axhline(pre["mean"], color="grey", linestyle="--", label="unedited")
@@ -258,6 +266,31 @@ def write_plots(
         paths.append(out / f"{prefix}metrics_vs_edits.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
+    if methods:
+        paths.append(_final_metrics_plot(out / f"{prefix}final_metrics.png", agg, names))
+    return paths
+
+
+def _common_prefix_means(
+    curves_by_method: Mapping[str, Sequence[Sequence[Mapping[str, float]]]],
+) -> dict[str, list[dict[str, float]]]:
+    """Per method, the mean over seeds of the curve points every seed has reached so far."""
+    means = {}
+    for method, curves in curves_by_method.items():
+        length = min((len(c) for c in curves), default=0)
+        if length == 0:
+            continue
+        keys = [k for k in curves[0][0] if all(k in c[i] for c in curves for i in range(length))]
+        means[method] = [{k: statistics.fmean(c[i][k] for c in curves) for k in keys}
+                         for i in range(length)]  # fmt: skip
+    return means
+
+
+def _final_metrics_plot(path: Path, agg: Mapping[str, Any], names: Sequence[str]) -> Path:
+    """Bars of each metric after the last batch, one group per metric; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    methods = list(agg["methods"])
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(names) * (len(methods) + 1) / 3, 3.6))
     rows = [("unedited", agg["pre_edit"])] + list(agg["methods"].items())
     width = 0.8 / len(rows)
@@ -271,20 +304,22 @@ def write_plots(
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths.append(out / f"{prefix}final_metrics.png")
-    fig.savefig(paths[-1], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    return paths
+    return path
 
 
 def progress_table(out: Path) -> str:
-    """What a run folder holds so far, seed by seed (finished methods; pending ones named).
+    """What a run folder holds so far, seed by seed: finished methods' final figures, then the
+    last curve point of each checkpointed (unfinished) one; pending methods named.
 
-    Reads only the finished parts, so it works while a run is going or after it stopped.
+    Reads only part files and checkpoint headers, so it works while a run is going or after it
+    stopped.
     """
     config = json.loads((out / "config.json").read_text(encoding="utf-8"))
     kind = config["dataset"]
     names = metric_names(kind)
+    total = -(-config["edits"] // config["batch_size"])  # batches per method and seed
     sections = []
     for seed in config["seeds"]:
         folder = out / "parts" / f"seed{seed}"
@@ -293,28 +328,62 @@ def progress_table(out: Path) -> str:
             sections.append(f"seed {seed}: not started")
             continue
         rows = {"pre_edit": _load_figures(pre, names), "methods": {}}
-        pending = []
+        pending, partial = [], {}
         for method in config["methods"]:
             part = folder / f"{method}.json"
             if part.is_file():
                 rows["methods"][method] = _load_figures(part, names)
-            else:
-                states = [folder / f"{method}.state.{ext}" for ext in ("safetensors", "pt")]
-                started = any(state.is_file() for state in states)
-                status = "checkpointed" if started else "not started"
-                if _held(folder / f"{method}.lock"):
-                    status = "running" + (", checkpointed" if started else "")
-                pending.append(f"{method} ({status})")
+                continue
+            states = [folder / f"{method}.state.{ext}" for ext in ("safetensors", "pt")]
+            started = any(state.is_file() for state in states)
+            status = "checkpointed" if started else "not started"
+            curve = _curve_so_far(folder, method)
+            if curve:
+                partial[method] = curve
+                status += f", {len(curve)} of {total} batches"
+            if _held(folder / f"{method}.lock"):
+                status = "running" + (f", {status}" if started else "")
+            pending.append(f"{method} ({status})")
         table = markdown_table(rows, kind)
+        if partial:
+            table += "\n\n" + _last_points_table(partial)
         todo = f"\npending: {', '.join(pending)}" if pending else ""
         sections.append(f"seed {seed}:\n{table}{todo}")
     return "\n\n".join(sections)
 
 
+def _curve_so_far(folder: Path, method: str) -> list[dict[str, float]]:
+    """An unfinished part's curve up to its last checkpoint (``[]`` without a readable one)."""
+    state_path = folder / f"{method}.state.safetensors"
+    if not state_path.is_file():
+        return []
+    try:
+        return list(peek_checkpoint(state_path).get("curve") or [])
+    except CheckpointError:  # being replaced right now, or damaged: the run itself will say
+        return []
+
+
+def _last_points_table(curves: Mapping[str, Sequence[Mapping[str, float]]]) -> str:
+    """Unfinished methods at their last checkpoint: the curve's last point, labelled as such."""
+    points = {method: curve[-1] for method, curve in curves.items()}
+    columns = [c for c in LABELS if all(c in p for p in points.values())]
+    lines = ["Unfinished, at the last checkpoint (the curve's last point: scored on at most "
+             "the curve's sample of the records edited so far, not on all of them):",
+             "", "| Method | edits | scored | " + " | ".join(LABELS[c] for c in columns) + " |",
+             "|---|---:|---:|" + "---:|" * len(columns)]  # fmt: skip
+    for method, point in points.items():
+        cells = [f"{point[c]:.2f}" for c in columns]
+        lines.append(f"| {method} | {point['edits']} | {point.get('scored', '–')} | "
+                     + " | ".join(cells) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def write_progress(out: Path) -> list[Path]:
     """Write ``progress.md`` (:func:`progress_table`) into a run folder and, for the methods
     finished on every started seed, ``progress_metrics_vs_edits.png`` and
-    ``progress_final_metrics.png`` (means over those seeds); return the paths written.
+    ``progress_final_metrics.png`` (means over those seeds); methods checkpointed on every started
+    seed but unfinished join the first as dashed curves up to the batch all seeds reached.
+    Return the paths written.
 
     Lets a long run's finished methods be looked at, and committed, before the others end.
     """
@@ -328,12 +397,23 @@ def write_progress(out: Path) -> list[Path]:
             seeds[seed] = {"pre_edit": _read_json(folder / "pre_edit.json"), "methods": {}}
     done = {m for m in config["methods"] if all(_part_file(out, s, m).is_file() for s in seeds)}
     finished = [m for m in config["methods"] if seeds and m in done]
-    if not finished:
+    unfinished = {}
+    for method in config["methods"]:
+        if seeds and method not in done:
+            curves = [_read_json(_part_file(out, s, method))["curve"]
+                      if _part_file(out, s, method).is_file()
+                      else _curve_so_far(out / "parts" / f"seed{s}", method)
+                      for s in seeds]  # fmt: skip
+            if all(curves):
+                unfinished[method] = curves
+    if not finished and not unfinished:
         return paths
     for seed, run in seeds.items():
         run["methods"] = {m: _read_json(_part_file(out, seed, m)) for m in finished}
     agg = aggregate(seeds, config["dataset"])
-    return paths + write_plots(out, seeds, agg, config["dataset"], prefix="progress_")
+    return paths + write_plots(
+        out, seeds, agg, config["dataset"], prefix="progress_", unfinished=unfinished
+    )
 
 
 def _part_file(out: Path, seed: int, method: str) -> Path:
