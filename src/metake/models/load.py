@@ -288,9 +288,9 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)``: built-in name, local HF folder, ``.gguf`` file or hub id.
 
-    ``device="auto"`` picks CUDA when available. The model is in eval mode with ``requires_grad``
-    off for every parameter; the tokenizer has a
-    pad token (the EOS token where it had none). With ``device_map`` (see
+    ``device="auto"`` picks CUDA when available. The model is in eval mode with
+    ``requires_grad`` off for every parameter; the tokenizer has a pad token (the EOS token where
+    it had none). With ``device_map`` (see
     :func:`parse_device_map`; ``max_memory`` per device, :func:`parse_max_memory`) accelerate
     spreads the layers over devices instead of moving the model to ``device``; layers it cannot
     place go to ``offload_folder`` on disk (the edit layers must not: the edits change them).
