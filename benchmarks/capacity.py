@@ -23,7 +23,7 @@ gives the edited projection's key size ``d_in``. From these, for the settings gi
   on the CPU and four of them on the device during one layer's solve;
 - **the paper's protocol**: (seeds x methods x datasets) independent parts
   (``metake bench --only``, docs/distributed.md), the devices of ``--device-memory`` GiB one
-  part needs, and so how many such devices run the whole protocol at once.
+  part needs, and so how many such devices run the whole protocol at once (in both placements).
 
 The activation estimate counts what a decoder layer keeps for its backward (the inputs of its
 projections, its norms and the MLP's hidden states: ``4 d + 2 d + 3 d_ff`` values per token, the
@@ -122,7 +122,8 @@ def estimate(s: dict, args: argparse.Namespace) -> dict:
     per_part_cpu = math.ceil(out["edit_peak_matrices_on_cpu"] / (args.device_memory * 0.9))
     out.update(parts=parts, devices_per_part=per_part,
                devices_per_part_matrices_on_cpu=per_part_cpu,
-               devices_whole_protocol_at_once=parts * per_part)  # fmt: skip
+               devices_whole_protocol_at_once=parts * per_part,
+               devices_whole_protocol_matrices_on_cpu=parts * per_part_cpu)  # fmt: skip
     return out
 
 
@@ -226,6 +227,7 @@ def table(result: dict) -> list[str]:
         ("devices_per_part", f"{st['device_memory']:g} GiB devices per part (90% usable)"),
         ("devices_per_part_matrices_on_cpu", "… with the d_in² matrices on the CPU"),
         ("devices_whole_protocol_at_once", "devices to run every part at once"),
+        ("devices_whole_protocol_matrices_on_cpu", "… with the d_in² matrices on the CPU"),
     ]:  # fmt: skip
         values = [result["models"][n]["gib"][key] for n in names]
         lines.append(f"| {label} | " + " | ".join(str(v) for v in values) + " |")
