@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -83,6 +84,12 @@ def test_bench_writes_results_and_resume_gives_identical_numbers(tmp_path):
     assert "| memit |" in table and "| unedited |" in table and "±" in table
     assert "Eff. (generation)" in table and "Gen. (generation)" in table
     assert "Timing: " in table and "cores busy" in table  # how busy the machine was
+    curves = [full["runs"][s]["methods"]["alphaedit"]["curve"] for s in ("0", "1")]
+    mean_eff = statistics.fmean(c[1]["efficacy"] for c in curves)  # after 4 edits, over seeds
+    assert "After each batch (the curves, mean over seeds)" in table
+    alphaedit_curve = table.split("\nalphaedit:\n\n")[1].split("\n\n")[0]
+    assert alphaedit_curve.startswith("| edits | scored | Eff. |")
+    assert f"\n| 4 | 4 | {mean_eff:.2f} |" in alphaedit_curve
     batch = run0["methods"]["memit"]["batches"][0]
     assert batch["threads"] == torch.get_num_threads() and batch["cpu"]["seconds"] > 0
     assert all({"efficacy_gen", "perplexity"} <= set(p) for p in run0["methods"]["memit"]["curve"])
@@ -96,10 +103,11 @@ def test_bench_writes_results_and_resume_gives_identical_numbers(tmp_path):
     progress = progress_table(part)
     assert "pending: memit (checkpointed, 1 of 2 batches), alphaedit (not started)" in progress
     assert "seed 1: not started" in progress
-    # the unfinished part's last curve point, read from the checkpoint's header, labelled so
+    # the unfinished part's curve so far, read from the checkpoint's header
     first_point = full["runs"]["0"]["methods"]["memit"]["curve"][0]
-    assert "Unfinished, at the last checkpoint" in progress
-    assert f"| memit | 2 | 2 | {first_point['efficacy']:.2f} |" in progress
+    assert "memit:\n\n| edits | scored | Eff. |" in progress
+    assert f"| 2 | 2 | {first_point['efficacy']:.2f} |" in progress
+    assert "| 4 | " not in progress  # the second batch never ran
     # nothing finished: the unfinished curve alone, no final bars
     written = write_progress(part)
     assert [p.name for p in written] == ["progress.md", "progress_metrics_vs_edits.png"]

@@ -146,6 +146,7 @@ def _markdown(results: Mapping[str, Any], agg: Mapping[str, Any], config) -> str
         "",
         markdown_table(agg, kind),
         "",
+        *_curve_section(results, config),
         _timing_sentence(results),
         "",
         f"metake {versions['metake']}, torch {versions['torch']}, transformers "
@@ -154,6 +155,20 @@ def _markdown(results: Mapping[str, Any], agg: Mapping[str, Any], config) -> str
         "",
     ]
     return "\n".join(lines)
+
+
+def _curve_section(results: Mapping[str, Any], config) -> list[str]:
+    """results.md's lines of the curves (mean over seeds); none when no curve was recorded."""
+    runs = list(results["runs"].values())
+    methods = list(results["aggregate"])
+    means = _common_prefix_means({m: [run["methods"][m]["curve"] for run in runs]
+                                  for m in methods})  # fmt: skip
+    tables = curve_tables(means)
+    if not tables:
+        return []
+    return [f"After each batch (the curves, mean over seeds): a fixed sample of at most "
+            f"{config.curve_records} of the records edited so far scored (`scored`), beside the "
+            "known facts and perplexity at that point.", "", tables, ""]  # fmt: skip
 
 
 def _versions_of_parts(results: Mapping[str, Any]) -> str:
@@ -310,8 +325,8 @@ def _final_metrics_plot(path: Path, agg: Mapping[str, Any], names: Sequence[str]
 
 
 def progress_table(out: Path) -> str:
-    """What a run folder holds so far, seed by seed: finished methods' final figures, then the
-    last curve point of each checkpointed (unfinished) one; pending methods named.
+    """What a run folder holds so far, seed by seed: finished methods' final figures, pending
+    methods named, then the curves (those of unfinished methods up to their last checkpoint).
 
     Reads only part files and checkpoint headers, so it works while a run is going or after it
     stopped.
@@ -327,28 +342,52 @@ def progress_table(out: Path) -> str:
         if not pre.is_file():
             sections.append(f"seed {seed}: not started")
             continue
-        rows = {"pre_edit": _load_figures(pre, names), "methods": {}}
-        pending, partial = [], {}
+        rows = {"pre_edit": _one_seed_figures(_read_json(pre), names), "methods": {}}
+        pending, curves = [], {}
         for method in config["methods"]:
             part = folder / f"{method}.json"
             if part.is_file():
-                rows["methods"][method] = _load_figures(part, names)
+                scores = _read_json(part)
+                rows["methods"][method] = _one_seed_figures(scores, names)
+                curves[method] = scores.get("curve") or []
                 continue
             states = [folder / f"{method}.state.{ext}" for ext in ("safetensors", "pt")]
             started = any(state.is_file() for state in states)
             status = "checkpointed" if started else "not started"
             curve = _curve_so_far(folder, method)
             if curve:
-                partial[method] = curve
+                curves[method] = curve
                 status += f", {len(curve)} of {total} batches"
             if _held(folder / f"{method}.lock"):
                 status = "running" + (f", {status}" if started else "")
             pending.append(f"{method} ({status})")
         table = markdown_table(rows, kind)
-        if partial:
-            table += "\n\n" + _last_points_table(partial)
         todo = f"\npending: {', '.join(pending)}" if pending else ""
-        sections.append(f"seed {seed}:\n{table}{todo}")
+        after_each = curve_tables(curves)
+        after_each = (f"\n\nAfter each batch (the curves; `scored`: the edited records of the "
+                      "curve's fixed sample scored then; unfinished methods up to their last "
+                      f"checkpoint):\n\n{after_each}" if after_each else "")  # fmt: skip
+        sections.append(f"seed {seed}:\n{table}{todo}{after_each}")
+    return "\n\n".join(sections)
+
+
+def curve_tables(curves: Mapping[str, Sequence[Mapping[str, float]]]) -> str:
+    """Markdown, one table per method: its curve, the figures after each batch (a row per
+    point; columns the metrics every point has). Empty when no method has a curve."""
+    sections = []
+    for method, curve in curves.items():
+        if not curve:
+            continue
+        columns = [c for c in LABELS if all(c in p for p in curve)]
+        lines = [f"{method}:", "", "| edits | scored | "
+                 + " | ".join(LABELS[c] for c in columns) + " |",
+                 "|---:|---:|" + "---:|" * len(columns)]  # fmt: skip
+        for point in curve:
+            cells = [f"{point[c]:.2f}" for c in columns]
+            scored = point.get("scored")
+            scored = "–" if scored is None else f"{scored:g}"
+            lines.append(f"| {point['edits']:g} | {scored} | " + " | ".join(cells) + " |")
+        sections.append("\n".join(lines))
     return "\n\n".join(sections)
 
 
@@ -361,21 +400,6 @@ def _curve_so_far(folder: Path, method: str) -> list[dict[str, float]]:
         return list(peek_checkpoint(state_path).get("curve") or [])
     except CheckpointError:  # being replaced right now, or damaged: the run itself will say
         return []
-
-
-def _last_points_table(curves: Mapping[str, Sequence[Mapping[str, float]]]) -> str:
-    """Unfinished methods at their last checkpoint: the curve's last point, labelled as such."""
-    points = {method: curve[-1] for method, curve in curves.items()}
-    columns = [c for c in LABELS if all(c in p for p in points.values())]
-    lines = ["Unfinished, at the last checkpoint (the curve's last point: scored on at most "
-             "the curve's sample of the records edited so far, not on all of them):",
-             "", "| Method | edits | scored | " + " | ".join(LABELS[c] for c in columns) + " |",
-             "|---|---:|---:|" + "---:|" * len(columns)]  # fmt: skip
-    for method, point in points.items():
-        cells = [f"{point[c]:.2f}" for c in columns]
-        lines.append(f"| {method} | {point['edits']} | {point.get('scored', '–')} | "
-                     + " | ".join(cells) + " |")  # fmt: skip
-    return "\n".join(lines)
 
 
 def write_progress(out: Path) -> list[Path]:
@@ -437,7 +461,6 @@ def _held(lock_path: Path) -> bool:
     return False
 
 
-def _load_figures(path: Path, names: Sequence[str]) -> dict[str, dict[str, float]]:
-    """One part file's figures, in the shape :func:`markdown_table` reads (one seed: n = 1)."""
-    figures = _seed_figures(json.loads(path.read_text(encoding="utf-8")), names)
-    return {k: mean_std([v]) for k, v in figures.items()}
+def _one_seed_figures(scores: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """One part's figures, in the shape :func:`markdown_table` reads (one seed: n = 1)."""
+    return {k: mean_std([v]) for k, v in _seed_figures(scores, names).items()}
