@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -158,6 +160,15 @@ def test_bench_command_runs_and_resumes(model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith("seed 0:") and "| metake+memit |" in printed
     assert "pending" not in printed
+    # the output piped into a reader that closed early (`| head`): progress.md still written,
+    # no traceback
+    (out / "progress.md").unlink()
+    command = [sys.executable, "-m", "metake", "bench", "--progress", str(out)]
+    reader = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader.stdout.close()
+    assert reader.wait(timeout=120) == 1
+    assert "Traceback" not in reader.stderr.read().decode()
+    assert (out / "progress.md").is_file()
 
 
 def test_bench_without_data_is_a_clear_error(monkeypatch, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import resource
 import sys
 import textwrap
@@ -745,11 +746,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.progress:
         from pathlib import Path
 
-        from metake.evaluation.report import progress_table, write_progress
+        from metake.evaluation.report import write_progress
 
         BenchRun.read_config(args.progress)  # a clear error for a folder that is not a run
-        print(progress_table(Path(args.progress)))
-        written = write_progress(Path(args.progress))
+        written = write_progress(Path(args.progress))  # progress.md first: a closed pipe
+        print(written[0].read_text(encoding="utf-8").rstrip())  # loses nothing then
         print("\nwritten: " + ", ".join(str(path) for path in written))
         return 0
     if args.resume:
@@ -1113,6 +1114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler.setLevel(level)
     try:
         return args.func(args)
+    except BrokenPipeError:  # the output went to a reader that stopped early (| head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 1
     except (MetakeError, ValueError) as exc:  # user input: a message, not a traceback
         if args.verbose:
             raise
