@@ -11,6 +11,7 @@ import json
 import os
 import statistics
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +325,44 @@ def _final_metrics_plot(path: Path, agg: Mapping[str, Any], names: Sequence[str]
     return path
 
 
+@dataclass
+class SeedProgress:
+    """What one started seed of a run folder holds: its unedited scores, the finished methods'
+    part files and, per unfinished method, whether it has a checkpoint, its curve up to that
+    checkpoint and whether a process runs it now."""
+
+    pre_edit: dict[str, Any]
+    finished: dict[str, dict[str, Any]] = field(default_factory=dict)
+    checkpointed: dict[str, bool] = field(default_factory=dict)
+    curves_so_far: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    running: dict[str, bool] = field(default_factory=dict)
+
+
+def read_progress(out: Path) -> tuple[dict[str, Any], dict[int, SeedProgress | None]]:
+    """A run folder's ``config.json`` and, per seed, what it holds so far (``None``: not
+    started), each part file and checkpoint header read once. Works while a run is going."""
+    config = _read_json(out / "config.json")
+    seeds: dict[int, SeedProgress | None] = {}
+    for seed in config["seeds"]:
+        folder = out / "parts" / f"seed{seed}"
+        pre = folder / "pre_edit.json"
+        if not pre.is_file():
+            seeds[seed] = None
+            continue
+        progress = SeedProgress(pre_edit=_read_json(pre))
+        for method in config["methods"]:
+            part = folder / f"{method}.json"
+            if part.is_file():
+                progress.finished[method] = _read_json(part)
+                continue
+            states = [folder / f"{method}.state.{ext}" for ext in ("safetensors", "pt")]
+            progress.checkpointed[method] = any(state.is_file() for state in states)
+            progress.curves_so_far[method] = _curve_so_far(folder, method)
+            progress.running[method] = _held(folder / f"{method}.lock")
+        seeds[seed] = progress
+    return config, seeds
+
+
 def progress_table(out: Path) -> str:
     """What a run folder holds so far, seed by seed: finished methods' final figures, pending
     methods named, then the curves (those of unfinished methods up to their last checkpoint).
@@ -331,34 +370,34 @@ def progress_table(out: Path) -> str:
     Reads only part files and checkpoint headers, so it works while a run is going or after it
     stopped.
     """
-    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    return _progress_markdown(*read_progress(out))
+
+
+def _progress_markdown(config: Mapping[str, Any], seeds: Mapping[int, SeedProgress | None]) -> str:
+    """:func:`progress_table` from what :func:`read_progress` read."""
     kind = config["dataset"]
     names = metric_names(kind)
     total = -(-config["edits"] // config["batch_size"])  # batches per method and seed
     sections = []
-    for seed in config["seeds"]:
-        folder = out / "parts" / f"seed{seed}"
-        pre = folder / "pre_edit.json"
-        if not pre.is_file():
+    for seed, progress in seeds.items():
+        if progress is None:
             sections.append(f"seed {seed}: not started")
             continue
-        rows = {"pre_edit": _one_seed_figures(_read_json(pre), names), "methods": {}}
+        rows = {"pre_edit": _one_seed_figures(progress.pre_edit, names), "methods": {}}
         pending, curves = [], {}
         for method in config["methods"]:
-            part = folder / f"{method}.json"
-            if part.is_file():
-                scores = _read_json(part)
+            if method in progress.finished:
+                scores = progress.finished[method]
                 rows["methods"][method] = _one_seed_figures(scores, names)
                 curves[method] = scores.get("curve") or []
                 continue
-            states = [folder / f"{method}.state.{ext}" for ext in ("safetensors", "pt")]
-            started = any(state.is_file() for state in states)
+            started = progress.checkpointed[method]
             status = "checkpointed" if started else "not started"
-            curve = _curve_so_far(folder, method)
+            curve = progress.curves_so_far[method]
             if curve:
                 curves[method] = curve
                 status += f", {len(curve)} of {total} batches"
-            if _held(folder / f"{method}.lock"):
+            if progress.running[method]:
                 status = "running" + (f", {status}" if started else "")
             pending.append(f"{method} ({status})")
         table = markdown_table(rows, kind)
@@ -411,38 +450,29 @@ def write_progress(out: Path) -> list[Path]:
 
     Lets a long run's finished methods be looked at, and committed, before the others end.
     """
-    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    config, progress = read_progress(out)
     paths = [out / "progress.md"]
-    paths[0].write_text(progress_table(out) + "\n", encoding="utf-8")
-    seeds = {}
-    for seed in config["seeds"]:
-        folder = out / "parts" / f"seed{seed}"
-        if (folder / "pre_edit.json").is_file():
-            seeds[seed] = {"pre_edit": _read_json(folder / "pre_edit.json"), "methods": {}}
-    done = {m for m in config["methods"] if all(_part_file(out, s, m).is_file() for s in seeds)}
-    finished = [m for m in config["methods"] if seeds and m in done]
+    paths[0].write_text(_progress_markdown(config, progress) + "\n", encoding="utf-8")
+    started = {seed: p for seed, p in progress.items() if p is not None}
+    if not started:
+        return paths
+    finished = [m for m in config["methods"] if all(m in p.finished for p in started.values())]
     unfinished = {}
     for method in config["methods"]:
-        if seeds and method not in done:
-            curves = [_read_json(_part_file(out, s, method))["curve"]
-                      if _part_file(out, s, method).is_file()
-                      else _curve_so_far(out / "parts" / f"seed{s}", method)
-                      for s in seeds]  # fmt: skip
-            if all(curves):
-                unfinished[method] = curves
+        if method in finished:
+            continue
+        curves = [(p.finished[method].get("curve") or []) if method in p.finished
+                  else p.curves_so_far[method] for p in started.values()]  # fmt: skip
+        if all(curves):
+            unfinished[method] = curves
     if not finished and not unfinished:
         return paths
-    for seed, run in seeds.items():
-        run["methods"] = {m: _read_json(_part_file(out, seed, m)) for m in finished}
+    seeds = {seed: {"pre_edit": p.pre_edit, "methods": {m: p.finished[m] for m in finished}}
+             for seed, p in started.items()}  # fmt: skip
     agg = aggregate(seeds, config["dataset"])
     return paths + write_plots(
         out, seeds, agg, config["dataset"], prefix="progress_", unfinished=unfinished
     )
-
-
-def _part_file(out: Path, seed: int, method: str) -> Path:
-    """Where a run folder keeps one finished (seed, method) part."""
-    return out / "parts" / f"seed{seed}" / f"{method}.json"
 
 
 def _read_json(path: Path) -> Any:
