@@ -325,17 +325,24 @@ def _final_metrics_plot(path: Path, agg: Mapping[str, Any], names: Sequence[str]
     return path
 
 
+@dataclass(frozen=True)
+class PendingPart:
+    """An unfinished (seed, method) part: whether it has a checkpoint, its curve up to that
+    checkpoint (``[]``: none readable) and whether a process runs it now."""
+
+    checkpointed: bool
+    curve: list[dict[str, float]]
+    running: bool
+
+
 @dataclass
 class SeedProgress:
     """What one started seed of a run folder holds: its unedited scores, the finished methods'
-    part files and, per unfinished method, whether it has a checkpoint, its curve up to that
-    checkpoint and whether a process runs it now."""
+    part files and the unfinished methods' state."""
 
     pre_edit: dict[str, Any]
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)
-    checkpointed: dict[str, bool] = field(default_factory=dict)
-    curves_so_far: dict[str, list[dict[str, float]]] = field(default_factory=dict)
-    running: dict[str, bool] = field(default_factory=dict)
+    pending: dict[str, PendingPart] = field(default_factory=dict)
 
 
 def read_progress(out: Path) -> tuple[dict[str, Any], dict[int, SeedProgress | None]]:
@@ -356,9 +363,11 @@ def read_progress(out: Path) -> tuple[dict[str, Any], dict[int, SeedProgress | N
                 progress.finished[method] = _read_json(part)
                 continue
             states = [folder / f"{method}.state.{ext}" for ext in ("safetensors", "pt")]
-            progress.checkpointed[method] = any(state.is_file() for state in states)
-            progress.curves_so_far[method] = _curve_so_far(folder, method)
-            progress.running[method] = _held(folder / f"{method}.lock")
+            progress.pending[method] = PendingPart(
+                checkpointed=any(state.is_file() for state in states),
+                curve=_curve_so_far(folder, method),
+                running=_held(folder / f"{method}.lock"),
+            )
         seeds[seed] = progress
     return config, seeds
 
@@ -391,14 +400,13 @@ def _progress_markdown(config: Mapping[str, Any], seeds: Mapping[int, SeedProgre
                 rows["methods"][method] = _one_seed_figures(scores, names)
                 curves[method] = scores.get("curve") or []
                 continue
-            started = progress.checkpointed[method]
-            status = "checkpointed" if started else "not started"
-            curve = progress.curves_so_far[method]
-            if curve:
-                curves[method] = curve
-                status += f", {len(curve)} of {total} batches"
-            if progress.running[method]:
-                status = "running" + (f", {status}" if started else "")
+            part = progress.pending[method]
+            status = "checkpointed" if part.checkpointed else "not started"
+            if part.curve:
+                curves[method] = part.curve
+                status += f", {len(part.curve)} of {total} batches"
+            if part.running:
+                status = "running" + (f", {status}" if part.checkpointed else "")
             pending.append(f"{method} ({status})")
         table = markdown_table(rows, kind)
         todo = f"\npending: {', '.join(pending)}" if pending else ""
@@ -462,7 +470,7 @@ def write_progress(out: Path) -> list[Path]:
         if method in finished:
             continue
         curves = [(p.finished[method].get("curve") or []) if method in p.finished
-                  else p.curves_so_far[method] for p in started.values()]  # fmt: skip
+                  else p.pending[method].curve for p in started.values()]  # fmt: skip
         if all(curves):
             unfinished[method] = curves
     if not finished and not unfinished:
